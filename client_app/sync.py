@@ -1,0 +1,47 @@
+"""Bringing a node's copy of the global weights up to date from a train instruction.
+
+The node keeps the merged global weights of the adapted modules in ``context.state``
+(the SuperNode keeps it across the rounds of a run). See strategies/flora.py for the
+three forms the downlink takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from stamen import keys
+from strategies.flora import merge_stacked
+
+
+class OutOfSync(RuntimeError):
+    """The instruction assumes global weights this node does not hold."""
+
+
+def apply_downlink(
+    held: Mapping[str, np.ndarray] | None,
+    held_version: int,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    mode: str,
+    from_version: int,
+    to_version: int,
+) -> dict[str, np.ndarray]:
+    """Return the global adapted weights at ``to_version`` ({module: W})."""
+    if mode == keys.SYNC_DENSE:
+        return {k.removesuffix(".weight"): v for k, v in arrays.items() if k.endswith(".weight") and not k.startswith(keys.HEAD_PREFIX)}
+    if mode == keys.SYNC_CURRENT:
+        if held is None or held_version != to_version:
+            raise OutOfSync(f"server assumed version {to_version}, node holds {held_version}")
+        return dict(held)
+    if mode == keys.SYNC_STACKED:
+        if held is None or held_version != from_version:
+            raise OutOfSync(f"stacked delta from version {from_version}, node holds {held_version}")
+        stacked = {
+            k.removesuffix(keys.LORA_A): (v, arrays[k.removesuffix(keys.LORA_A) + keys.LORA_B])
+            for k, v in arrays.items()
+            if k.endswith(keys.LORA_A)
+        }
+        return merge_stacked(held, stacked)
+    raise ValueError(f"unknown sync mode {mode!r}")

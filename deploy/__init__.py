@@ -1,0 +1,1 @@
+"""Deployments: the loopback launcher (local.py); testbed and compose files come later."""

@@ -1,0 +1,250 @@
+"""A real deployment on loopback: one ``flower-superlink``, N ``flower-supernode``
+processes (each with its own --node-config) and ``flwr run``, all on 127.0.0.1.
+
+Every process gets its own FLWR_HOME and log file under ``<output>/_deploy/<stamp>/``.
+All of them are stopped when the run ends, fails, or is interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One SuperNode: its partition and what it claims to be (node-config)."""
+
+    partition_id: int
+    num_partitions: int
+    device_class: str | None = None
+    lora_rank: int | None = None
+    num_threads: int | None = None
+    extra: dict[str, str | int | float] = field(default_factory=dict)
+
+    def node_config(self) -> str:
+        items: dict[str, object] = {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
+        if self.device_class:
+            items["device-class"] = self.device_class
+        if self.lora_rank:
+            items["lora-rank"] = self.lora_rank
+        if self.num_threads:
+            items["num-threads"] = self.num_threads
+        items.update(self.extra)
+        return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
+
+
+def _git_describe(path: Path) -> str:
+    """HEAD's commit, with '-dirty' when the work tree has changes (for the run directory)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, name: str, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log_file}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f} s; see {log_file}")
+
+
+class LocalDeployment:
+    """Context manager: processes are up inside ``with``, and gone after it."""
+
+    def __init__(self, nodes: list[NodeSpec], *, workdir: Path, app_dir: Path = PROJECT_ROOT) -> None:
+        self.nodes = nodes
+        self.workdir = workdir
+        self.app_dir = app_dir
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.fleet_port = free_port()
+        self.http_port = free_port()
+        self.flwr_home = workdir / "flwr-cli"
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # SuperLink starts flower-superexec by name
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+            "STAMEN_GIT_COMMIT": _git_describe(app_dir),
+        }
+
+    def _spawn(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        log_file = self.workdir / f"{name}.log"
+        out = open(log_file, "w")
+        proc = subprocess.Popen(
+            cmd,
+            cwd=self.app_dir,
+            env={**self.env, "FLWR_HOME": str(home)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: we stop it and its children together
+        )
+        out.close()
+        self.procs.append((name, proc, log_file))
+        return proc
+
+    def __enter__(self) -> LocalDeployment:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        link = self._spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--disable-runtime-dependency-installation",
+                "--fleet-api-address",
+                f"127.0.0.1:{self.fleet_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.http_port),
+            ],
+            self.workdir / "superlink",
+        )
+        wait_for_port(self.fleet_port, 60, link, "flower-superlink", self.workdir / "superlink.log")
+        wait_for_port(self.http_port, 60, link, "flower-superlink", self.workdir / "superlink.log")
+        for i, node in enumerate(self.nodes):
+            self._spawn(
+                f"supernode-{i}",
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{self.fleet_port}",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    node.node_config(),
+                ],
+                self.workdir / f"supernode-{i}",
+            )
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deployment"\n\n'
+            f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.http_port}"\ninsecure = true\n'
+        )
+
+    def check_alive(self) -> None:
+        for name, proc, log_file in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log_file}")
+
+    def run(self, run_config: list[str] = (), *, echo=print, timeout: float = 3600) -> int:
+        """``flwr run`` the app, streaming its log; returns Flower's run id.
+
+        ``run_config``: overrides, each 'k=v ...' or the path of a TOML file (see conf/).
+        """
+        cmd = ["flwr", "run", str(self.app_dir), "local-deployment", "--stream"]
+        for item in run_config:
+            cmd += ["--run-config", item]
+        env = {**self.env, "FLWR_HOME": str(self.flwr_home)}
+        proc = subprocess.Popen(
+            cmd, cwd=self.app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        self.procs.append(("flwr-run", proc, self.workdir / "flwr-run.log"))
+        run_id = None
+        deadline = time.monotonic() + timeout
+        with open(self.workdir / "flwr-run.log", "w") as log:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                echo(line.rstrip("\n"))
+                if run_id is None and (m := re.search(r"run (?:ID )?(\d{6,})", line, re.IGNORECASE)):
+                    run_id = int(m.group(1))
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"flwr run exceeded {timeout:.0f} s")
+        if proc.wait() != 0:
+            raise RuntimeError(f"flwr run exited with code {proc.returncode}; see {self.workdir / 'flwr-run.log'}")
+        if run_id is None:
+            raise RuntimeError(f"could not find the run id in flwr run's output; see {self.workdir / 'flwr-run.log'}")
+        return run_id
+
+    def run_status(self, run_id: int) -> str:
+        out = subprocess.run(
+            ["flwr", "ls", "local-deployment", "--run-id", str(run_id), "--format", "json"],
+            cwd=self.app_dir,
+            env={**self.env, "FLWR_HOME": str(self.flwr_home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        try:
+            runs = json.loads(out.stdout).get("runs", [])
+            return str(runs[0].get("status", "unknown")) if runs else "unknown"
+        except (json.JSONDecodeError, AttributeError):
+            return "unknown"
+
+    def stop(self) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after 10 s."""
+        for _, proc, _ in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc, _ in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+
+def heterogeneous_nodes(
+    num_nodes: int, ranks: list[int], device_classes: list[str], num_threads: int | None
+) -> list[NodeSpec]:
+    return [
+        NodeSpec(
+            partition_id=i,
+            num_partitions=num_nodes,
+            device_class=device_classes[i % len(device_classes)] if device_classes else None,
+            lora_rank=ranks[i % len(ranks)] if ranks else None,
+            num_threads=num_threads,
+        )
+        for i in range(num_nodes)
+    ]
+
+
+def clean_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Tasks: how batches are built, what the loss is, and how a model is evaluated.
+
+Two tasks share everything else (LoRA, data, strategies):
+
+* ``text-classification``: an encoder + mean pooling + linear head; reports accuracy.
+* ``causal-lm``: a decoder trained on the articles' text, one article = one sequence;
+  reports loss and perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import TextDataset, batch_indices
+from .model import load_model, load_tokenizer
+
+
+class TextClassification:
+    name = "text-classification"
+    metric = "accuracy"
+
+    def __init__(self, model_path: str, *, max_seq_len: int, num_labels: int) -> None:
+        self.model_path = model_path
+        self.max_seq_len = max_seq_len
+        self.num_labels = num_labels
+        self.tokenizer = load_tokenizer(model_path)
+
+    def load_model(self) -> nn.Module:
+        return load_model(self.name, self.model_path, num_labels=self.num_labels)
+
+    def batch(self, data: TextDataset, index: np.ndarray) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            [data.texts[i] for i in index],
+            truncation=True,
+            max_length=self.max_seq_len,
+            padding=True,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.as_tensor(data.labels[index]),
+        }
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, _ = model(**batch)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TextDataset, batch_size: int) -> dict[str, float]:
+        model.eval()
+        total_loss, correct = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            batch = self.batch(data, np.arange(start, min(start + batch_size, len(data))))
+            loss, logits = model(**batch)
+            total_loss += loss.item() * len(batch["labels"])
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        return {"loss": total_loss / len(data), "accuracy": correct / len(data)}
+
+
+class CausalLM:
+    name = "causal-lm"
+    metric = "perplexity"
+
+    def __init__(self, model_path: str, *, max_seq_len: int) -> None:
+        self.model_path = model_path
+        self.max_seq_len = max_seq_len
+        self.tokenizer = load_tokenizer(model_path)
+
+    def load_model(self) -> nn.Module:
+        return load_model(self.name, self.model_path)
+
+    def batch(self, data: TextDataset, index: np.ndarray) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            [data.texts[i] for i in index],
+            truncation=True,
+            max_length=self.max_seq_len,
+            padding=True,
+            return_tensors="pt",
+        )
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: TextDataset, batch_size: int) -> dict[str, float]:
+        model.eval()
+        total_loss, total_tokens = 0.0, 0
+        for start in range(0, len(data), batch_size):
+            batch = self.batch(data, np.arange(start, min(start + batch_size, len(data))))
+            # HF shifts labels by one: the number of predicted tokens per row is (non-pad) - 1
+            n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+            total_loss += model(**batch).loss.item() * n_tokens
+            total_tokens += n_tokens
+        loss = total_loss / max(total_tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def make_task(task: str, model_path: str, *, max_seq_len: int, num_labels: int):
+    if task == "text-classification":
+        return TextClassification(model_path, max_seq_len=max_seq_len, num_labels=num_labels)
+    return CausalLM(model_path, max_seq_len=max_seq_len)
+
+
+def train_local(
+    model: nn.Module,
+    task,
+    data: TextDataset,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    head_learning_rate: float,
+    seed: int,
+) -> float:
+    """Run ``steps`` optimizer steps of AdamW on the trainable parameters; mean loss."""
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
+    groups = [{"params": lora, "lr": learning_rate}]
+    if head:
+        groups.append({"params": head, "lr": head_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    model.train()
+    batches: Iterator[np.ndarray] = batch_indices(len(data), batch_size, seed=seed)
+    losses = []
+    for _ in range(steps):
+        loss = task.loss(model, task.batch(data, next(batches)))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses))
+
+
+def build_task(cfg):
+    """The task and data split a :class:`stamen.config.StamenConfig` describes."""
+    from .data import FederatedSplit
+    from .model import materialize
+    from .model_path import locate_model
+
+    path = materialize(locate_model(cfg.model.path), cfg.model.cache_dir)
+    split = FederatedSplit.make(cfg.data.name, test_fraction=cfg.data.test_fraction, seed=cfg.data.seed)
+    task = make_task(cfg.model.task, path, max_seq_len=cfg.model.max_seq_len, num_labels=len(split.test.class_names))
+    return task, split

@@ -1,0 +1,1 @@
+"""The ServerApp: configuration, device profiles, strategy, rounds, run directory."""

@@ -1,0 +1,113 @@
+"""The ServerApp. Its main reads top to bottom as the run happens."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from ml.model import adapted_weights, head_state, load_adapted_weights, load_head_state, target_module_names
+from ml.tasks import build_task
+from stamen.config import ConfigError, StamenConfig
+from strategies import STRATEGIES
+from strategies.lora_records import from_record, join_global, to_record
+
+from .profiles import query_profiles, ranks_from_profiles
+from .run_dir import RunDirectory
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = StamenConfig.from_run_config(context.run_config)
+        task, split = build_task(cfg)  # checks model.path and data before anything trains
+        model = task.load_model()
+        targets = target_module_names(model, cfg.lora.target_modules)
+    except ConfigError as err:
+        log(ERROR, "configuration error: %s", err)
+        raise
+    run = RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict())
+    log(INFO, "run directory: %s", run.path)
+
+    profiles = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout)
+    run.write_json("profiles.json", {str(n): p for n, p in profiles.items()})
+    node_ranks = ranks_from_profiles(profiles, cfg.lora)
+    for node, rank in sorted(node_ranks.items()):
+        log(INFO, "node %d: %s, LoRA rank %d", node, profiles[node].get("device-class"), rank)
+
+    strategy = STRATEGIES[cfg.strategy.name](
+        node_ranks=node_ranks,
+        default_rank=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        fraction_train=cfg.strategy.fraction_train,
+        min_nodes=cfg.strategy.min_nodes,
+        message_ttl=cfg.strategy.round_timeout,
+    )
+    initial = join_global(adapted_weights(model, targets), head_state(model))
+    evaluate = ServerEvaluation(cfg, task, model, split.test, run, strategy)
+    result = strategy.start(
+        grid,
+        to_record(initial),
+        num_rounds=cfg.strategy.num_rounds,
+        timeout=cfg.strategy.round_timeout,
+        evaluate_fn=evaluate,
+    )
+    run.save_arrays("global_model.npz", from_record(result.arrays if len(result.arrays) else to_record(initial)))
+    log(INFO, "done: %s", evaluate.summary())
+    log(INFO, "run directory: %s", run.path)
+
+
+class ServerEvaluation:
+    """Evaluates the global model on the held-out split after every round and writes
+    the round's row of metrics.csv (Strategy.start calls it with round 0 first)."""
+
+    def __init__(self, cfg: StamenConfig, task, model, test, run: RunDirectory, strategy) -> None:
+        self.cfg, self.task, self.model, self.run, self.strategy = cfg, task, model, run, strategy
+        n = cfg.eval.max_examples or len(test)
+        keep = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(test))[: min(n, len(test))])
+        self.test = test.subset(keep)
+        self.t0 = time.monotonic()
+        self.last: dict[str, float] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = from_record(arrays)
+        load_adapted_weights(self.model, {k.removesuffix(".weight"): v for k, v in state.items() if not k.startswith("head.")})
+        load_head_state(self.model, {k: v for k, v in state.items() if k.startswith("head.")})
+        with torch.inference_mode():
+            metrics = self.task.evaluate(self.model, self.test, self.cfg.eval.batch_size)
+        row = {f"eval_{k}": v for k, v in metrics.items()}
+        row.update(round=server_round, elapsed_s=time.monotonic() - self.t0)
+        rec = next((r for r in self.strategy.rounds if r.server_round == server_round), None)
+        if rec is not None:
+            row.update(
+                train_loss=rec.train_loss,
+                num_clients=len(rec.participants) - len(rec.dropped),
+                global_rank=rec.global_rank,
+                dropped=len(rec.dropped),
+                downlink_bytes=sum(rec.downlink_bytes.values()),
+            )
+        self.run.append_metrics(row)
+        self.last = {"round": server_round, **metrics}
+        log(
+            INFO,
+            "round %d/%d: %s | clients %s, global rank %s, dropped %s, downlink %.2f MB, %.0f s elapsed",
+            server_round,
+            self.cfg.strategy.num_rounds,
+            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            row.get("num_clients", "-"),
+            row.get("global_rank", "-"),
+            row.get("dropped", "-"),
+            row.get("downlink_bytes", 0) / 1e6,
+            row["elapsed_s"],
+        )
+        return MetricRecord(metrics)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last.items())

@@ -1,0 +1,1 @@
+"""Stamen: shared pieces of the app (configuration, message keys, command line)."""

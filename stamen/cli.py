@@ -1,0 +1,108 @@
+"""``stamen``: the project's command line.
+
+    stamen local   run the app on a real SuperLink + N SuperNodes on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def _names(text: str) -> list[str]:
+    return [x for x in text.replace(",", " ").split() if x]
+
+
+def merge_overrides(items: list[str]) -> str:
+    """One --run-config string from 'k=v ...' strings and TOML files, later ones winning.
+
+    (``flwr run`` keeps only the last --run-config flag, so they are merged here.)
+    """
+    import shlex
+    import tomllib
+
+    merged: dict[str, str] = {}
+    for item in items:
+        path = Path(item)
+        if item.endswith(".toml") and path.is_file():
+            for key, value in tomllib.loads(path.read_text()).items():
+                merged[key] = json.dumps(value)
+        else:
+            for pair in shlex.split(item, posix=False):
+                key, sep, value = pair.partition("=")
+                if not sep:
+                    raise SystemExit(f"--run-config: {pair!r} is not key=value")
+                merged[key] = value
+    return " ".join(f"{k}={v}" for k, v in merged.items())
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from deploy.local import LocalDeployment, heterogeneous_nodes
+
+    output = Path(args.output).resolve()
+    workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
+    nodes = heterogeneous_nodes(args.nodes, _ints(args.ranks), _names(args.device_classes), args.threads)
+    overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
+    print(f"[stamen] starting flower-superlink and {args.nodes} flower-supernode processes on 127.0.0.1", flush=True)
+    for i, node in enumerate(nodes):
+        print(f"[stamen]   supernode-{i}: --node-config '{node.node_config()}'", flush=True)
+    print(f"[stamen] process logs: {workdir}", flush=True)
+
+    def on_sigterm(signum, frame):  # turn SIGTERM into the same clean shutdown as Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    t0 = time.monotonic()
+    try:
+        with LocalDeployment(nodes, workdir=workdir) as dep:
+            run_id = dep.run([overrides], echo=lambda line: print(line, flush=True), timeout=args.timeout)
+            status = dep.run_status(run_id)
+    except KeyboardInterrupt:
+        print("\n[stamen] interrupted: all processes stopped", file=sys.stderr)
+        return 130
+    run_dir = output / str(run_id)
+    print(f"[stamen] run {run_id} finished ({status}) in {time.monotonic() - t0:.0f} s; all processes stopped", flush=True)
+    if not (run_dir / "metrics.csv").is_file():
+        print(f"[stamen] error: {run_dir}/metrics.csv was not written; see {workdir}/flwr-run.log", file=sys.stderr)
+        return 1
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    if rows:
+        last = {k: v for k, v in rows[-1].items() if v != ""}
+        print(f"[stamen] final round: {json.dumps(last)}", flush=True)
+    print(f"[stamen] run directory: {run_dir}", flush=True)
+    return 0 if "fail" not in status.lower() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stamen", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    local = sub.add_parser("local", help="run on a real SuperLink + SuperNodes on 127.0.0.1")
+    local.add_argument("--nodes", type=int, default=4)
+    local.add_argument("--ranks", default="4,8,8,16", help="node-config lora-rank per node (cycled); '' = from device class")
+    local.add_argument(
+        "--device-classes", default="raspberry-pi,jetson,jetson,nvidia-gpu", help="node-config device-class per node (cycled)"
+    )
+    local.add_argument("--threads", type=int, default=1, help="torch threads per node (node-config num-threads)")
+    local.add_argument("--output", default="runs", help="where run directories go")
+    local.add_argument(
+        "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"
+    )
+    local.add_argument("--timeout", type=float, default=3600.0)
+    local.set_defaults(func=cmd_local)
+    args = parser.parse_args(argv)
+    if args.command == "local" and args.nodes < 1:
+        parser.error("--nodes must be at least 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The run configuration: every default lives in pyproject.toml's [tool.flwr.app.config].
+
+Flower hands the ServerApp and every ClientApp the same flat ``run_config`` mapping
+(``"lora.rank": 8``, ...). It is parsed here, once, into frozen dataclasses. A bad value
+raises :class:`ConfigError` naming the key, the value and what is accepted, before any
+training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+STRATEGIES = ("flora",)
+TASKS = ("text-classification", "causal-lm")
+DATASETS = ("bbc-news",)
+DEVICE_CLASSES = ("raspberry-pi", "jetson", "nvidia-gpu", "cpu")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str
+    num_rounds: int
+    fraction_train: float
+    min_nodes: int
+    round_timeout: float
+    query_timeout: float
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    task: str
+    max_seq_len: int
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]  # empty: the architecture's default
+    rank_by_class: Mapping[str, int]
+
+    def rank_for(self, device_class: str) -> int:
+        """The LoRA rank a node of this device class trains with."""
+        return self.rank_by_class.get(device_class, self.rank)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    head_learning_rate: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    dirichlet_alpha: float
+    test_fraction: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_examples: int  # 0: the whole held-out split
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str
+
+
+@dataclass(frozen=True)
+class StamenConfig:
+    strategy: StrategyConfig
+    model: ModelConfig
+    lora: LoraConfig
+    train: TrainConfig
+    data: DataConfig
+    eval: EvalConfig
+    output: OutputConfig
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> StamenConfig:
+        """Parse and validate Flower's flat run config (``{"lora.rank": 8, ...}``)."""
+        r = _Reader(run_config)
+        cfg = cls(
+            strategy=StrategyConfig(
+                name=r.choice("strategy.name", STRATEGIES),
+                num_rounds=r.integer("strategy.num-rounds", minimum=1),
+                fraction_train=r.number("strategy.fraction-train", low=0.0, high=1.0, low_open=True),
+                min_nodes=r.integer("strategy.min-nodes", minimum=1),
+                round_timeout=r.number("strategy.round-timeout", low=0.0, low_open=True),
+                query_timeout=r.number("strategy.query-timeout", low=0.0, low_open=True),
+            ),
+            model=ModelConfig(
+                path=r.text("model.path"),
+                task=r.choice("model.task", TASKS),
+                max_seq_len=r.integer("model.max-seq-len", minimum=8),
+                cache_dir=r.text("model.cache-dir", allow_empty=True),
+            ),
+            lora=LoraConfig(
+                rank=r.integer("lora.rank", minimum=1),
+                alpha=r.number("lora.alpha", low=0.0, low_open=True),
+                target_modules=r.names("lora.target-modules"),
+                rank_by_class=r.rank_table("lora.rank-by-class"),
+            ),
+            train=TrainConfig(
+                local_steps=r.integer("train.local-steps", minimum=1),
+                batch_size=r.integer("train.batch-size", minimum=1),
+                learning_rate=r.number("train.learning-rate", low=0.0, low_open=True),
+                head_learning_rate=r.number("train.head-learning-rate", low=0.0, low_open=True),
+                seed=r.integer("train.seed", minimum=0),
+            ),
+            data=DataConfig(
+                name=r.choice("data.name", DATASETS),
+                dirichlet_alpha=r.number("data.dirichlet-alpha", low=0.0, low_open=True),
+                test_fraction=r.number("data.test-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
+                seed=r.integer("data.seed", minimum=0),
+            ),
+            eval=EvalConfig(
+                max_examples=r.integer("eval.max-examples", minimum=0),
+                batch_size=r.integer("eval.batch-size", minimum=1),
+            ),
+            output=OutputConfig(dir=r.text("output.dir")),
+        )
+        r.reject_unknown()
+        return cfg
+
+    def as_flat_dict(self) -> dict[str, Any]:
+        """The resolved configuration, for the run directory."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            for field in dataclasses.fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), field.name)
+                if isinstance(value, tuple):
+                    value = list(value)
+                elif isinstance(value, Mapping):
+                    value = dict(value)
+                out[f"{section.name}.{field.name.replace('_', '-')}"] = value
+        return out
+
+
+class _Reader:
+    """Reads typed values out of the flat mapping and remembers which keys it used."""
+
+    def __init__(self, raw: Mapping[str, Any]) -> None:
+        self._raw = dict(raw)
+        self._used: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self._used.add(key)
+        if key not in self._raw:
+            raise ConfigError(
+                f"missing config key '{key}': set it in [tool.flwr.app.config] of pyproject.toml "
+                f"or with `flwr run --run-config '{key}=...'`"
+            )
+        return self._raw[key]
+
+    def choice(self, key: str, accepted: tuple[str, ...]) -> str:
+        value = self._get(key)
+        if value not in accepted:
+            raise ConfigError(f"{key} = {value!r} is not known; accepted values: {', '.join(accepted)}")
+        return value
+
+    def integer(self, key: str, *, minimum: int) -> int:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key} = {value!r}: must be an integer >= {minimum}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> float:
+        value = self._get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: must be a number")
+        value = float(value)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'(' if low_open else '['}{low}"
+            hi = "" if high is None else f"{high}{')' if high_open else ']'}"
+            raise ConfigError(f"{key} = {value!r}: must lie in {lo or '(-inf'}, {hi or 'inf)'}")
+        return value
+
+    def text(self, key: str, *, allow_empty: bool = False) -> str:
+        value = self._get(key)
+        if not isinstance(value, str) or (not allow_empty and not value.strip()):
+            raise ConfigError(f"{key} = {value!r}: must be a non-empty string")
+        return value.strip()
+
+    def names(self, key: str) -> tuple[str, ...]:
+        """A comma- or space-separated list of module names; "auto" means the default."""
+        value = self.text(key)
+        if value == "auto":
+            return ()
+        return tuple(n for n in value.replace(",", " ").split() if n)
+
+    def rank_table(self, key: str) -> dict[str, int]:
+        """``"raspberry-pi=4 jetson=8"`` -> {"raspberry-pi": 4, "jetson": 8}."""
+        value = self.text(key, allow_empty=True)
+        table: dict[str, int] = {}
+        for item in value.replace(",", " ").split():
+            cls, sep, rank = item.partition("=")
+            if not sep or cls not in DEVICE_CLASSES or not rank.isdigit() or int(rank) < 1:
+                raise ConfigError(
+                    f"{key}: cannot read {item!r}; write CLASS=RANK pairs with a positive rank and "
+                    f"CLASS one of {', '.join(DEVICE_CLASSES)}, e.g. 'raspberry-pi=4 jetson=8'"
+                )
+            table[cls] = int(rank)
+        return table
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self._raw) - self._used)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}; see [tool.flwr.app.config]")

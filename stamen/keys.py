@@ -1,0 +1,43 @@
+"""Names that travel inside Flower Messages, shared by the ServerApp and the ClientApp.
+
+One module, imported by both sides, so that a key renamed on one side cannot silently
+miss on the other.
+"""
+
+# RecordDict entries
+ARRAYS = "arrays"  # ArrayRecord: model tensors (down: global state, up: the client's update)
+CONFIG = "config"  # ConfigRecord: instructions for this node and round
+METRICS = "metrics"  # MetricRecord: numbers the client reports back
+PROFILE = "profile"  # ConfigRecord: the node's device profile (reply to a query)
+
+# ConfigRecord keys of a train instruction
+SERVER_ROUND = "server-round"
+LORA_RANK = "lora-rank"
+LORA_ALPHA = "lora-alpha"
+SYNC_MODE = "sync-mode"  # how the global model travels down, see strategies/flora.py
+FROM_VERSION = "from-version"  # the global version the node must hold to apply a delta
+TO_VERSION = "to-version"  # the global version the node holds after applying the downlink
+
+SYNC_DENSE = "dense"  # the full adapted weights; the node needs nothing
+SYNC_STACKED = "stacked"  # last round's stacked adapter; the node holds from-version
+SYNC_CURRENT = "current"  # nothing but the head; the node already holds to-version
+
+# MetricRecord keys of a train reply
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+# ArrayRecord key suffixes of a LoRA update: "<module>.lora_A" is (r, in), "<module>.lora_B" (out, r)
+LORA_A = ".lora_A"
+LORA_B = ".lora_B"
+HEAD_PREFIX = "head."  # trainable, fully shared parameters (classification head)
+
+# node-config keys (set with `flower-supernode --node-config`)
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DEVICE_CLASS = "device-class"
+NODE_LORA_RANK = "lora-rank"
+NODE_NUM_THREADS = "num-threads"
+
+# node state (context.state) entries
+STATE_GLOBAL = "stamen.global-weights"
+STATE_META = "stamen.global-meta"

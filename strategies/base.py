@@ -1,0 +1,178 @@
+"""What every LoRA strategy of the project shares: per-node ranks, per-node messages,
+checked replies, and a record of each round for the run directory.
+
+Built on Flower's FedAvg for sampling and its ``start`` round loop; a subclass overrides
+two hooks: :meth:`downlink` (what a node receives) and :meth:`aggregate_lora` (the math).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from stamen import keys
+
+from .lora_records import ClientLoRA, InvalidUpdate, from_record, parse_reply, split_global, to_record
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one training round, for logs and metrics.csv."""
+
+    server_round: int
+    participants: list[int] = field(default_factory=list)
+    ranks: dict[int, int] = field(default_factory=dict)
+    dropped: dict[int, str] = field(default_factory=dict)  # node -> reason
+    downlink_bytes: dict[int, int] = field(default_factory=dict)
+    sync_modes: dict[int, str] = field(default_factory=dict)
+    train_loss: float = float("nan")
+    global_rank: int = 0
+
+
+class LoRAStrategy(FedAvg):
+    """Base for heterogeneous-LoRA strategies (sampling and reply checks from here)."""
+
+    def __init__(
+        self,
+        *,
+        node_ranks: Mapping[int, int],
+        default_rank: int,
+        lora_alpha: float,
+        fraction_train: float = 1.0,
+        min_nodes: int = 2,
+        message_ttl: float | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,  # evaluation is server-side, on a held-out split
+            min_train_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+        )
+        self.node_ranks = dict(node_ranks)
+        self.default_rank = default_rank
+        self.lora_alpha = lora_alpha
+        self.message_ttl = message_ttl
+        self.rounds: list[RoundRecord] = []
+        self._current: RoundRecord | None = None
+        self._global: dict[str, np.ndarray] = {}
+
+    # --- hooks for subclasses -------------------------------------------------------
+    def downlink(self, node_id: int, global_arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays and extra config for one node; default: the whole global state."""
+        return global_arrays, {}
+
+    def aggregate_lora(
+        self, updates: list[ClientLoRA], heads: list[dict[str, np.ndarray]], global_arrays: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """New global state from the checked updates of one round."""
+        raise NotImplementedError
+
+    def forget_node(self, node_id: int) -> None:
+        """Called when a node failed or went silent: its local state is unknown."""
+
+    # --- Flower Strategy ---------------------------------------------------------------
+    def rank_of(self, node_id: int) -> int:
+        return self.node_ranks.get(node_id, self.default_rank)
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t└──> LoRA: alpha %s, ranks by node %s", self.lora_alpha, self.node_ranks)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = from_record(arrays)
+        wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        record = RoundRecord(server_round)
+        messages = []
+        for node_id in node_ids:
+            rank = self.rank_of(node_id)
+            down, extra = self.downlink(node_id, self._global)
+            node_config = ConfigRecord(
+                {
+                    **dict(config),
+                    keys.SERVER_ROUND: server_round,
+                    keys.LORA_RANK: rank,
+                    keys.LORA_ALPHA: float(self.lora_alpha),
+                    **extra,
+                }
+            )
+            arrays_down = to_record(down)
+            content = RecordDict({keys.ARRAYS: arrays_down, keys.CONFIG: node_config})
+            messages.append(
+                Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=self.message_ttl)
+            )
+            record.participants.append(node_id)
+            record.ranks[node_id] = rank
+            record.downlink_bytes[node_id] = arrays_down.count_bytes()
+            record.sync_modes[node_id] = str(extra.get(keys.SYNC_MODE, "full"))
+        self._current = record
+        self.rounds.append(record)
+        log(INFO, "configure_train: %d nodes, ranks %s", len(node_ids), sorted(record.ranks.values()))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self._current or RoundRecord(server_round)
+        weights_now, head_now = split_global(self._global)
+        module_shapes = {m: tuple(w.shape) for m, w in weights_now.items()}
+        head_shapes = {k: tuple(v.shape) for k, v in head_now.items()}
+        updates, heads, losses, answered = [], [], [], set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            answered.add(node_id)
+            if msg.has_error():
+                self._drop(record, node_id, f"client error: {msg.error.reason}")
+                self.forget_node(node_id)
+                continue
+            try:
+                update, head = parse_reply(
+                    msg.content, module_shapes=module_shapes, head_shapes=head_shapes, rank=record.ranks.get(node_id, -1)
+                )
+            except InvalidUpdate as err:
+                self._drop(record, node_id, f"invalid update: {err}")
+                continue
+            updates.append(update)
+            heads.append(head)
+            losses.append(msg.content.metric_records[keys.METRICS].get(keys.TRAIN_LOSS, float("nan")))
+        for node_id in set(record.participants) - answered:
+            self._drop(record, node_id, "no reply before the round timeout")
+            self.forget_node(node_id)
+        if not updates:
+            log(WARNING, "aggregate_train: no valid update in round %d; the global model is unchanged", server_round)
+            return None, None
+        weights = [u.num_examples for u in updates]
+        record.train_loss = float(np.average(losses, weights=weights))
+        record.global_rank = sum(next(iter(u.factors.values()))[0].shape[0] for u in updates)
+        new_global = self.aggregate_lora(updates, heads, self._global)
+        metrics = MetricRecord(
+            {
+                keys.TRAIN_LOSS: record.train_loss,
+                "num-clients": len(updates),
+                "global-rank": record.global_rank,
+                "dropped": len(record.dropped),
+            }
+        )
+        return to_record(new_global), metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    @staticmethod
+    def _drop(record: RoundRecord, node_id: int, reason: str) -> None:
+        record.dropped[node_id] = reason
+        log(WARNING, "dropping node %d from round %d: %s", node_id, record.server_round, reason)
+

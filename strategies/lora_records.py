@@ -1,0 +1,116 @@
+"""LoRA updates as Flower records: encoding, decoding, and checking a client's reply.
+
+A reply is checked against what the server asked for (the modules, their shapes, the
+node's rank). Anything else is an :class:`InvalidUpdate` with a reason that names the
+problem, so one bad client is dropped with a clear log line instead of breaking the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from stamen import keys
+
+Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A (r, in), B (out, r))
+
+
+class InvalidUpdate(ValueError):
+    """A client update that cannot be aggregated; the message says why."""
+
+
+@dataclass(frozen=True)
+class ClientLoRA:
+    """One client's trained adapter and its aggregation weight inputs."""
+
+    factors: Factors
+    num_examples: int
+    scaling: float  # s_k = alpha_k / r_k
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def factors_to_arrays(factors: Factors) -> dict[str, np.ndarray]:
+    out = {}
+    for module, (a, b) in factors.items():
+        out[module + keys.LORA_A] = a
+        out[module + keys.LORA_B] = b
+    return out
+
+
+def split_global(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Global state -> ({module: merged weight}, {head.*: tensor})."""
+    weights = {k.removesuffix(".weight"): v for k, v in arrays.items() if not k.startswith(keys.HEAD_PREFIX)}
+    head = {k: v for k, v in arrays.items() if k.startswith(keys.HEAD_PREFIX)}
+    return weights, head
+
+
+def join_global(weights: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**{f"{m}.weight": w for m, w in weights.items()}, **head}
+
+
+def parse_reply(
+    content: RecordDict,
+    *,
+    module_shapes: Mapping[str, tuple[int, int]],
+    head_shapes: Mapping[str, tuple[int, ...]],
+    rank: int,
+) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
+    """Decode and check one train reply; raise InvalidUpdate naming what is wrong."""
+    if keys.ARRAYS not in content.array_records:
+        raise InvalidUpdate(f"no ArrayRecord '{keys.ARRAYS}' in the reply")
+    if keys.METRICS not in content.metric_records:
+        raise InvalidUpdate(f"no MetricRecord '{keys.METRICS}' in the reply")
+    metrics = content.metric_records[keys.METRICS]
+    num_examples = metrics.get(keys.NUM_EXAMPLES)
+    if not isinstance(num_examples, (int, float)) or not num_examples > 0:
+        raise InvalidUpdate(f"metric '{keys.NUM_EXAMPLES}' missing or not positive: {num_examples!r}")
+    alpha = metrics.get(keys.LORA_ALPHA)
+    if not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
+        raise InvalidUpdate(f"metric '{keys.LORA_ALPHA}' missing or not positive: {alpha!r}")
+
+    arrays = from_record(content.array_records[keys.ARRAYS])
+    expected = {m + s for m in module_shapes for s in (keys.LORA_A, keys.LORA_B)} | set(head_shapes)
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing:
+        raise InvalidUpdate(f"missing keys: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if extra:
+        raise InvalidUpdate(f"unexpected keys: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+
+    factors = {}
+    for module, (out_dim, in_dim) in module_shapes.items():
+        a, b = arrays[module + keys.LORA_A], arrays[module + keys.LORA_B]
+        if a.shape != (rank, in_dim) or b.shape != (out_dim, rank):
+            raise InvalidUpdate(
+                f"{module}: got A {a.shape}, B {b.shape}; expected A {(rank, in_dim)}, B {(out_dim, rank)} (rank {rank})"
+            )
+        factors[module] = (a, b)
+    head = {k: arrays[k] for k in head_shapes}
+    for k, v in head.items():
+        if v.shape != tuple(head_shapes[k]):
+            raise InvalidUpdate(f"{k}: got shape {v.shape}, expected {tuple(head_shapes[k])}")
+    for k, v in arrays.items():
+        if not np.all(np.isfinite(v)):
+            raise InvalidUpdate(f"{k}: non-finite values")
+    return ClientLoRA(factors, int(num_examples), float(alpha) / rank), head
+
+
+def weighted_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """Per-key weighted average (FedAvg) of same-shaped tensors."""
+    if not states:
+        return {}
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return {
+        k: sum(wi * s[k].astype(np.float64) for wi, s in zip(w, states)).astype(states[0][k].dtype)
+        for k in states[0]
+    }
