@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,13 @@ def materialize(source: ModelSource, cache_dir: str = "") -> str:
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # The tensors are already fp32; transformers only keeps a GGUF "quantizer"
+            # marker, which makes save_pretrained refuse. Drop the marker, keep the weights.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             tmp = target.with_name(target.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             tmp.rename(target)
