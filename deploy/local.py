@@ -215,19 +215,36 @@ class LocalDeployment:
             return "unknown"
 
     def stop(self) -> None:
-        """SIGTERM every process group, then SIGKILL what is left after 10 s."""
+        """Stop every process we started and everything they started.
+
+        Descendants are collected first (a SuperNode's ClientApp or the SuperLink's
+        ServerApp may run in a session of its own, out of reach of its parent's group),
+        then SIGTERM goes to each process group and each descendant, and whatever is
+        still alive after 10 s gets SIGKILL.
+        """
+        import psutil
+
+        family: dict[int, psutil.Process] = {}
+        for _, proc, _ in self.procs:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(proc.pid)
+                for p in [root, *root.children(recursive=True)]:
+                    family[p.pid] = p
         for _, proc, _ in reversed(self.procs):
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        for p in family.values():
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
         for _, proc, _ in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                proc.wait(timeout=5)
         self.procs.clear()
 
 

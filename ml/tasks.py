@@ -20,11 +20,12 @@ from .data import TextDataset, batch_indices
 from .model import load_model, load_tokenizer
 
 
-class TextClassification:
-    name = "text-classification"
-    metric = "accuracy"
+class _TextTask:
+    """Shared by the tasks: the tokenizer, truncation, and loading the model."""
 
-    def __init__(self, model_path: str, *, max_seq_len: int, num_labels: int) -> None:
+    name = ""
+
+    def __init__(self, model_path: str, *, max_seq_len: int, num_labels: int = 0) -> None:
         self.model_path = model_path
         self.max_seq_len = max_seq_len
         self.num_labels = num_labels
@@ -33,14 +34,22 @@ class TextClassification:
     def load_model(self) -> nn.Module:
         return load_model(self.name, self.model_path, num_labels=self.num_labels)
 
-    def batch(self, data: TextDataset, index: np.ndarray) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
+    def tokenize(self, data: TextDataset, index: np.ndarray):
+        return self.tokenizer(
             [data.texts[i] for i in index],
             truncation=True,
             max_length=self.max_seq_len,
             padding=True,
             return_tensors="pt",
         )
+
+
+class TextClassification(_TextTask):
+    name = "text-classification"
+    metric = "accuracy"
+
+    def batch(self, data: TextDataset, index: np.ndarray) -> dict[str, torch.Tensor]:
+        enc = self.tokenize(data, index)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -63,26 +72,12 @@ class TextClassification:
         return {"loss": total_loss / len(data), "accuracy": correct / len(data)}
 
 
-class CausalLM:
+class CausalLM(_TextTask):
     name = "causal-lm"
     metric = "perplexity"
 
-    def __init__(self, model_path: str, *, max_seq_len: int) -> None:
-        self.model_path = model_path
-        self.max_seq_len = max_seq_len
-        self.tokenizer = load_tokenizer(model_path)
-
-    def load_model(self) -> nn.Module:
-        return load_model(self.name, self.model_path)
-
     def batch(self, data: TextDataset, index: np.ndarray) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            [data.texts[i] for i in index],
-            truncation=True,
-            max_length=self.max_seq_len,
-            padding=True,
-            return_tensors="pt",
-        )
+        enc = self.tokenize(data, index)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 

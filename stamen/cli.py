@@ -62,6 +62,9 @@ def cmd_local(args: argparse.Namespace) -> int:
         return 130
     run_dir = output / str(run_id)
     print(f"[stamen] run {run_id} finished ({status}) in {time.monotonic() - t0:.0f} s; all processes stopped", flush=True)
+    if "failed" in status.lower():
+        print(f"[stamen] error: the run failed; the ServerApp's error is above and in {workdir}/flwr-run.log", file=sys.stderr)
+        return 1
     if not (run_dir / "metrics.csv").is_file():
         print(f"[stamen] error: {run_dir}/metrics.csv was not written; see {workdir}/flwr-run.log", file=sys.stderr)
         return 1
@@ -70,7 +73,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         last = {k: v for k, v in rows[-1].items() if v != ""}
         print(f"[stamen] final round: {json.dumps(last)}", flush=True)
     print(f"[stamen] run directory: {run_dir}", flush=True)
-    return 0 if "fail" not in status.lower() else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
