@@ -33,7 +33,7 @@ def train(msg: Message, context: Context) -> Message:
 
     from ml.lora import attach_fresh_lora, lora_factors
     from ml.model import head_state, load_adapted_weights, load_head_state, target_module_names
-    from ml.tasks import build_task, train_local
+    from ml.tasks import build_task, pick_device, train_local
 
     t_start = time.perf_counter()
     cfg = StamenConfig.from_run_config(context.run_config)
@@ -50,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
         alpha=cfg.data.dirichlet_alpha,
         seed=cfg.data.seed,
     )
-    model = task.load_model()
+    model = task.load_model().to(pick_device(str(node.get(keys.NODE_DEVICE, "auto"))))
     targets = target_module_names(model, cfg.lora.target_modules)
 
     # The global model: adapted weights from the downlink (and the node's state), the head.

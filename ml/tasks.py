@@ -20,6 +20,21 @@ from .data import TextDataset, batch_indices
 from .model import load_model, load_tokenizer
 
 
+def pick_device(requested: str = "auto") -> torch.device:
+    """"auto": the first CUDA device if there is one (Jetson, GPU server), else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} was asked for, but torch sees no CUDA device")
+    return device
+
+
+def to_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 class _TextTask:
     """Shared by the tasks: the tokenizer, truncation, and loading the model."""
 
@@ -65,7 +80,7 @@ class TextClassification(_TextTask):
         model.eval()
         total_loss, correct = 0.0, 0
         for start in range(0, len(data), batch_size):
-            batch = self.batch(data, np.arange(start, min(start + batch_size, len(data))))
+            batch = to_device(self.batch(data, np.arange(start, min(start + batch_size, len(data)))), model)
             loss, logits = model(**batch)
             total_loss += loss.item() * len(batch["labels"])
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
@@ -89,7 +104,7 @@ class CausalLM(_TextTask):
         model.eval()
         total_loss, total_tokens = 0.0, 0
         for start in range(0, len(data), batch_size):
-            batch = self.batch(data, np.arange(start, min(start + batch_size, len(data))))
+            batch = to_device(self.batch(data, np.arange(start, min(start + batch_size, len(data)))), model)
             # HF shifts labels by one: the number of predicted tokens per row is (non-pad) - 1
             n_tokens = int((batch["labels"][:, 1:] != -100).sum())
             total_loss += model(**batch).loss.item() * n_tokens
@@ -126,7 +141,7 @@ def train_local(
     batches: Iterator[np.ndarray] = batch_indices(len(data), batch_size, seed=seed)
     losses = []
     for _ in range(steps):
-        loss = task.loss(model, task.batch(data, next(batches)))
+        loss = task.loss(model, to_device(task.batch(data, next(batches)), model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

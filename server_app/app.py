@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from ml.model import adapted_weights, head_state, load_adapted_weights, load_head_state, target_module_names
-from ml.tasks import build_task
+from ml.tasks import build_task, pick_device
 from stamen.config import ConfigError, StamenConfig
 from strategies import STRATEGIES
 from strategies.lora_records import from_record, join_global, to_record
@@ -28,7 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = StamenConfig.from_run_config(context.run_config)
         task, split = build_task(cfg)  # checks model.path and data before anything trains
-        model = task.load_model()
+        model = task.load_model().to(pick_device())
         targets = target_module_names(model, cfg.lora.target_modules)
     except ConfigError as err:
         log(ERROR, "configuration error: %s", err)

@@ -37,6 +37,7 @@ NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DEVICE_CLASS = "device-class"
 NODE_LORA_RANK = "lora-rank"
 NODE_NUM_THREADS = "num-threads"
+NODE_DEVICE = "device"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
 
 # node state (context.state) entries
 STATE_GLOBAL = "stamen.global-weights"

@@ -22,3 +22,16 @@ def test_profile_rejects_unknown_class():
 
     with pytest.raises(ValueError, match="device-class='toaster'"):
         detect_profile({"device-class": "toaster"})
+
+
+def test_pick_device():
+    import pytest
+    import torch
+
+    from ml.tasks import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            pick_device("cuda")
