@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from measurements.aggregation import TimedStrategy
 from ml.model import adapted_weights, head_state, load_adapted_weights, load_head_state, target_module_names
 from ml.tasks import build_task, pick_device
 from stamen.config import ConfigError, StamenConfig
@@ -28,6 +29,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = StamenConfig.from_run_config(context.run_config)
         task, split = build_task(cfg)  # checks model.path and data before anything trains
+        torch.manual_seed(cfg.train.seed)  # the head's initial weights, sent to every node
         model = task.load_model().to(pick_device())
         targets = target_module_names(model, cfg.lora.target_modules)
     except ConfigError as err:
@@ -42,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     for node, rank in sorted(node_ranks.items()):
         log(INFO, "node %d: %s, LoRA rank %d", node, profiles[node].get("device-class"), rank)
 
-    strategy = STRATEGIES[cfg.strategy.name](
+    algorithm = STRATEGIES[cfg.strategy.name](
         node_ranks=node_ranks,
         default_rank=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
@@ -50,8 +52,9 @@ def main(grid: Grid, context: Context) -> None:
         min_nodes=cfg.strategy.min_nodes,
         message_ttl=cfg.strategy.round_timeout,
     )
+    strategy = TimedStrategy(algorithm, on_round=run.append_round_timing)  # -> rounds.csv
     initial = join_global(adapted_weights(model, targets), head_state(model))
-    evaluate = ServerEvaluation(cfg, task, model, split.test, run, strategy)
+    evaluate = ServerEvaluation(cfg, task, model, split.test, run, algorithm)
     result = strategy.start(
         grid,
         to_record(initial),

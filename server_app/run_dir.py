@@ -1,9 +1,9 @@
 """``runs/<run-id>/``: everything a run leaves behind.
 
 config.json (resolved configuration), versions.json (packages, Python, git commit),
-profiles.json (device profiles of the nodes), metrics.csv (one row per round), and
-global_model.npz (the final adapted weights and head). Phase timings (issue 3) are
-written beside these by the instrumentation layer.
+profiles.json (device profiles of the nodes), metrics.csv (one row per round: model
+quality), rounds.csv (one row per round: server-side phase timings), and
+global_model.npz (the final adapted weights and head).
 """
 
 from __future__ import annotations
@@ -32,6 +32,19 @@ METRICS_COLUMNS = (
     "downlink_bytes",
     "elapsed_s",
 )
+# Server-side phase timings per round (measurements/aggregation.py); the server clock.
+ROUNDS_COLUMNS = (
+    "round",
+    "started_unix_s",
+    "configure_s",
+    "aggregation_s",
+    "round_s",
+    "nodes_sent",
+    "nodes_replied",
+    "nodes_error",
+    "nodes_late",
+    "payload_down_bytes",
+)
 _PACKAGES = ("flwr", "torch", "transformers", "peft", "numpy", "flwr-datasets", "datasets", "grpcio", "protobuf", "psutil")
 
 
@@ -49,6 +62,7 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.metrics_csv = path / "metrics.csv"
+        self.rounds_csv = path / "rounds.csv"
 
     @classmethod
     def create(cls, root: str, run_id: int | str, config: dict[str, Any]) -> RunDirectory:
@@ -63,24 +77,48 @@ class RunDirectory:
             except metadata.PackageNotFoundError:
                 versions[name] = None
         run.write_json("versions.json", versions)
-        with open(run.metrics_csv, "w", newline="") as f:
-            csv.writer(f).writerow(METRICS_COLUMNS)
+        for table, columns in ((run.metrics_csv, METRICS_COLUMNS), (run.rounds_csv, ROUNDS_COLUMNS)):
+            with open(table, "w", newline="") as f:
+                csv.writer(f).writerow(columns)
         return run
 
     def write_json(self, name: str, data: Any) -> None:
         (self.path / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        unknown = set(row) - set(METRICS_COLUMNS)
-        if unknown:
-            raise KeyError(f"metrics.csv has no columns {sorted(unknown)}")
-        with open(self.metrics_csv, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row.get(c, "")) for c in METRICS_COLUMNS])
+        _append(self.metrics_csv, METRICS_COLUMNS, row)
+
+    def append_round_timing(self, timing) -> None:
+        """One rounds.csv row from a measurements.aggregation.RoundTiming."""
+        _append(
+            self.rounds_csv,
+            ROUNDS_COLUMNS,
+            {
+                "round": timing.server_round,
+                "started_unix_s": f"{timing.started_at:.3f}",
+                "configure_s": timing.configure_s,
+                "aggregation_s": timing.aggregation_s,
+                "round_s": timing.round_s,
+                "nodes_sent": len(timing.sent),
+                "nodes_replied": len(timing.replied),
+                "nodes_error": len(timing.errors),
+                "nodes_late": len(timing.late),
+                "payload_down_bytes": timing.payload_down_bytes,
+            },
+        )
 
     def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
         target = self.path / name
         np.savez(target, **arrays)
         return target
+
+
+def _append(path: Path, columns: tuple[str, ...], row: dict[str, Any]) -> None:
+    unknown = set(row) - set(columns)
+    if unknown:
+        raise KeyError(f"{path.name} has no columns {sorted(unknown)}")
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([_fmt(row.get(c, "")) for c in columns])
 
 
 def _fmt(value: Any) -> Any:

@@ -65,3 +65,13 @@ def test_run_directory_holds_config_versions_and_profiles(finished_run):
     profiles = json.loads((finished_run / "profiles.json").read_text())
     assert sorted((p["device-class"], p["lora-rank"]) for p in profiles.values()) == [("jetson", 8), ("raspberry-pi", 4)]
     assert all(p["detected-class"] == "cpu" and p["cpu-count"] >= 1 for p in profiles.values())
+
+
+def test_rounds_csv_has_server_side_timings(finished_run):
+    rows = list(csv.DictReader(open(finished_run / "rounds.csv")))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert row["nodes_sent"] == "2" and row["nodes_replied"] == "2" and row["nodes_late"] == "0"
+        assert 0.0 < float(row["aggregation_s"]) < float(row["round_s"])
+        assert 0.0 < float(row["configure_s"]) < float(row["round_s"])
+        assert int(row["payload_down_bytes"]) > 0

@@ -1,0 +1,86 @@
+"""Server-side phase timing of any strategy, by composition (like Flower's DP wrappers).
+
+``TimedStrategy(strategy)`` is itself a Strategy: Flower's ``Strategy.start`` drives it,
+it hands every call to the wrapped strategy and times two of them on the server clock:
+
+* ``configure_s``: building the round's messages (``configure_train``);
+* ``aggregation_s``: ``aggregate_train`` on the replies in hand.
+
+``round_s`` runs from the start of ``configure_train`` to the end of ``aggregate_train``
+(so it holds the downlink, training, uplink and Flower's polling of every node). Every
+strategy of the project gets this without code of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+
+@dataclass
+class RoundTiming:
+    server_round: int
+    configure_s: float = 0.0
+    aggregation_s: float = 0.0
+    round_s: float = 0.0
+    sent: list[int] = field(default_factory=list)  # node ids a train message went to
+    replied: list[int] = field(default_factory=list)
+    errors: list[int] = field(default_factory=list)  # replies that carried an error
+    payload_down_bytes: int = 0  # arrays of all train messages (before framing)
+    started_at: float = 0.0  # server wall clock (time.time()) at configure_train
+
+    @property
+    def late(self) -> list[int]:
+        """Nodes that did not reply before the round's timeout."""
+        return sorted(set(self.sent) - set(self.replied))
+
+
+class TimedStrategy(Strategy):
+    def __init__(self, strategy: Strategy, *, on_round: Callable[[RoundTiming], None] | None = None) -> None:
+        self.strategy = strategy
+        self.on_round = on_round
+        self.timings: dict[int, RoundTiming] = {}
+        self._t0: dict[int, float] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        timing = self.timings[server_round] = RoundTiming(server_round, started_at=time.time())
+        t0 = self._t0[server_round] = time.perf_counter()
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        timing.configure_s = time.perf_counter() - t0
+        timing.sent = [m.metadata.dst_node_id for m in messages]
+        timing.payload_down_bytes = sum(
+            rec.count_bytes() for m in messages for rec in m.content.array_records.values()
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        timing = self.timings.setdefault(server_round, RoundTiming(server_round))
+        timing.replied = [m.metadata.src_node_id for m in replies]
+        timing.errors = [m.metadata.src_node_id for m in replies if m.has_error()]
+        t0 = time.perf_counter()
+        result = self.strategy.aggregate_train(server_round, replies)
+        t1 = time.perf_counter()
+        timing.aggregation_s = t1 - t0
+        timing.round_s = t1 - self._t0.pop(server_round, t0)
+        if self.on_round is not None:
+            self.on_round(timing)
+        return result
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
