@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 
 from stamen import keys
 from stamen.config import StamenConfig
-from strategies.lora_records import factors_to_arrays, from_record, to_record
+from strategies.lora_records import factors_to_arrays, from_record, split_global, to_record
 
 from .device import detect_profile
 from .sync import apply_downlink
@@ -67,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     context.state[keys.STATE_GLOBAL] = to_record(weights)
     context.state[keys.STATE_META] = ConfigRecord({"version": int(instr[keys.TO_VERSION])})
     load_adapted_weights(model, weights)
-    load_head_state(model, {k: v for k, v in down.items() if k.startswith(keys.HEAD_PREFIX)})
+    load_head_state(model, split_global(down)[1])
     t_prepared = time.perf_counter()
 
     model = attach_fresh_lora(model, targets, rank=rank, alpha=alpha, seed=cfg.train.seed + 1000 * server_round + partition_id)

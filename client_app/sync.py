@@ -13,6 +13,7 @@ import numpy as np
 
 from stamen import keys
 from strategies.flora import merge_stacked
+from strategies.lora_records import split_global
 
 
 class OutOfSync(RuntimeError):
@@ -30,7 +31,7 @@ def apply_downlink(
 ) -> dict[str, np.ndarray]:
     """Return the global adapted weights at ``to_version`` ({module: W})."""
     if mode == keys.SYNC_DENSE:
-        return {k.removesuffix(".weight"): v for k, v in arrays.items() if k.endswith(".weight") and not k.startswith(keys.HEAD_PREFIX)}
+        return split_global(arrays)[0]
     if mode == keys.SYNC_CURRENT:
         if held is None or held_version != to_version:
             raise OutOfSync(f"server assumed version {to_version}, node holds {held_version}")

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -163,11 +162,6 @@ class LocalDeployment:
             f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.http_port}"\ninsecure = true\n'
         )
 
-    def check_alive(self) -> None:
-        for name, proc, log_file in self.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log_file}")
-
     def run(self, run_config: list[str] = (), *, echo=print, timeout: float = 3600) -> int:
         """``flwr run`` the app, streaming its log; returns Flower's run id.
 
@@ -262,6 +256,3 @@ def heterogeneous_nodes(
         for i in range(num_nodes)
     ]
 
-
-def clean_workdir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

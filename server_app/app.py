@@ -16,7 +16,7 @@ from ml.model import adapted_weights, head_state, load_adapted_weights, load_hea
 from ml.tasks import build_task, pick_device
 from stamen.config import ConfigError, StamenConfig
 from strategies import STRATEGIES
-from strategies.lora_records import from_record, join_global, to_record
+from strategies.lora_records import from_record, join_global, split_global, to_record
 
 from .profiles import query_profiles, ranks_from_profiles
 from .run_dir import RunDirectory
@@ -62,7 +62,7 @@ def main(grid: Grid, context: Context) -> None:
         timeout=cfg.strategy.round_timeout,
         evaluate_fn=evaluate,
     )
-    run.save_arrays("global_model.npz", from_record(result.arrays if len(result.arrays) else to_record(initial)))
+    run.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
     log(INFO, "done: %s", evaluate.summary())
     log(INFO, "run directory: %s", run.path)
 
@@ -80,9 +80,9 @@ class ServerEvaluation:
         self.last: dict[str, float] = {}
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        state = from_record(arrays)
-        load_adapted_weights(self.model, {k.removesuffix(".weight"): v for k, v in state.items() if not k.startswith("head.")})
-        load_head_state(self.model, {k: v for k, v in state.items() if k.startswith("head.")})
+        weights, head = split_global(from_record(arrays))
+        load_adapted_weights(self.model, weights)
+        load_head_state(self.model, head)
         with torch.inference_mode():
             metrics = self.task.evaluate(self.model, self.test, self.cfg.eval.batch_size)
         row = {f"eval_{k}": v for k, v in metrics.items()}
