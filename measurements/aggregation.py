@@ -33,6 +33,7 @@ class RoundTiming:
     errors: list[int] = field(default_factory=list)  # replies that carried an error
     payload_down_bytes: int = 0  # arrays of all train messages (before framing)
     started_at: float = 0.0  # server wall clock (time.time()) at configure_train
+    started_perf: float | None = field(default=None, repr=False)  # monotonic clock, same instant
 
     @property
     def late(self) -> list[int]:
@@ -45,15 +46,15 @@ class TimedStrategy(Strategy):
         self.strategy = strategy
         self.on_round = on_round
         self.timings: dict[int, RoundTiming] = {}
-        self._t0: dict[int, float] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        timing = self.timings[server_round] = RoundTiming(server_round, started_at=time.time())
-        t0 = self._t0[server_round] = time.perf_counter()
+        timing = self.timings[server_round] = RoundTiming(
+            server_round, started_at=time.time(), started_perf=time.perf_counter()
+        )
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        timing.configure_s = time.perf_counter() - t0
+        timing.configure_s = time.perf_counter() - timing.started_perf
         timing.sent = [m.metadata.dst_node_id for m in messages]
         timing.payload_down_bytes = sum(
             rec.count_bytes() for m in messages for rec in m.content.array_records.values()
@@ -71,7 +72,7 @@ class TimedStrategy(Strategy):
         result = self.strategy.aggregate_train(server_round, replies)
         t1 = time.perf_counter()
         timing.aggregation_s = t1 - t0
-        timing.round_s = t1 - self._t0.pop(server_round, t0)
+        timing.round_s = t1 - (timing.started_perf if timing.started_perf is not None else t0)
         if self.on_round is not None:
             self.on_round(timing)
         return result
