@@ -4,12 +4,13 @@ LoRA of the node's rank on the current global model and sends the factors back."
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from measurements.client_mod import measurement_mod
+from measurements.phases import phase
 from stamen import keys
 from stamen.config import StamenConfig
 from strategies.lora_records import factors_to_arrays, from_record, split_global, to_record
@@ -18,28 +19,67 @@ from .device import detect_profile
 from .sync import apply_downlink
 
 log = logging.getLogger("stamen.client")
-app = ClientApp()
+app = ClientApp(mods=[measurement_mod])  # phase timings and resource samples: measurements/
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
+    if msg.content.config_records.get(keys.CONFIG, {}).get(keys.FLUSH):
+        return Message(RecordDict(), reply_to=msg)  # the mod attaches the events this node still holds
     profile = detect_profile(dict(context.node_config))
     return Message(RecordDict({keys.PROFILE: ConfigRecord(profile)}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    cfg = StamenConfig.from_run_config(context.run_config)
+    instr = msg.content.config_records[keys.CONFIG]
+    server_round = int(instr[keys.SERVER_ROUND])
+    partition_id = int(context.node_config.get(keys.NODE_PARTITION_ID, 0))
+    with phase("load"):  # the ML libraries, model, data, the downlinked global weights, a fresh LoRA
+        from ml.lora import lora_factors
+        from ml.model import head_state
+        from ml.tasks import train_local
+
+        task, data, model, targets = _prepare(msg, context, cfg)
+    with phase("loop"):
+        loss = train_local(
+            model,
+            task,
+            data,
+            steps=cfg.train.local_steps,
+            batch_size=cfg.train.batch_size,
+            learning_rate=cfg.train.learning_rate,
+            head_learning_rate=cfg.train.head_learning_rate,
+            seed=cfg.train.seed + 7919 * server_round + partition_id,
+        )
+    with phase("serialize"):
+        update = to_record({**factors_to_arrays(lora_factors(model, targets)), **head_state(model)})
+    rank = int(instr[keys.LORA_RANK])
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: len(data),
+            keys.TRAIN_LOSS: loss,
+            keys.LORA_RANK: rank,
+            keys.LORA_ALPHA: float(instr[keys.LORA_ALPHA]),
+        }
+    )
+    log.info("round %d: partition %d, %d examples, rank %d, loss %.4f", server_round, partition_id, len(data), rank, loss)
+    return Message(RecordDict({keys.ARRAYS: update, keys.METRICS: metrics}), reply_to=msg)
+
+
+def _prepare(msg: Message, context: Context, cfg: StamenConfig):
+    """The model this round trains: the global model (from the downlink and the node's
+    state) with a fresh LoRA of the node's rank, and the node's data partition."""
     import torch
 
-    from ml.lora import attach_fresh_lora, lora_factors
-    from ml.model import head_state, load_adapted_weights, load_head_state, target_module_names
-    from ml.tasks import build_task, pick_device, train_local
+    from ml.lora import attach_fresh_lora
+    from ml.model import load_adapted_weights, load_head_state, target_module_names
+    from ml.tasks import build_task, pick_device
 
-    t_start = time.perf_counter()
-    cfg = StamenConfig.from_run_config(context.run_config)
     node = context.node_config
     instr = msg.content.config_records[keys.CONFIG]
-    server_round, rank, alpha = int(instr[keys.SERVER_ROUND]), int(instr[keys.LORA_RANK]), float(instr[keys.LORA_ALPHA])
+    server_round = int(instr[keys.SERVER_ROUND])
     partition_id = int(node.get(keys.NODE_PARTITION_ID, 0))
     torch.set_num_threads(int(node.get(keys.NODE_NUM_THREADS, torch.get_num_threads())))
 
@@ -53,7 +93,6 @@ def train(msg: Message, context: Context) -> Message:
     model = task.load_model().to(pick_device(str(node.get(keys.NODE_DEVICE, "auto"))))
     targets = target_module_names(model, cfg.lora.target_modules)
 
-    # The global model: adapted weights from the downlink (and the node's state), the head.
     down = from_record(msg.content.array_records[keys.ARRAYS])
     held, held_version = _held_global(context)
     weights = apply_downlink(
@@ -68,34 +107,11 @@ def train(msg: Message, context: Context) -> Message:
     context.state[keys.STATE_META] = ConfigRecord({"version": int(instr[keys.TO_VERSION])})
     load_adapted_weights(model, weights)
     load_head_state(model, split_global(down)[1])
-    t_prepared = time.perf_counter()
-
-    model = attach_fresh_lora(model, targets, rank=rank, alpha=alpha, seed=cfg.train.seed + 1000 * server_round + partition_id)
-    loss = train_local(
-        model,
-        task,
-        data,
-        steps=cfg.train.local_steps,
-        batch_size=cfg.train.batch_size,
-        learning_rate=cfg.train.learning_rate,
-        head_learning_rate=cfg.train.head_learning_rate,
-        seed=cfg.train.seed + 7919 * server_round + partition_id,
+    seed = cfg.train.seed + 1000 * server_round + partition_id
+    model = attach_fresh_lora(
+        model, targets, rank=int(instr[keys.LORA_RANK]), alpha=float(instr[keys.LORA_ALPHA]), seed=seed
     )
-    t_trained = time.perf_counter()
-
-    update = {**factors_to_arrays(lora_factors(model, targets)), **head_state(model)}
-    metrics = MetricRecord(
-        {
-            keys.NUM_EXAMPLES: len(data),
-            keys.TRAIN_LOSS: loss,
-            keys.LORA_RANK: rank,
-            keys.LORA_ALPHA: alpha,
-            "prepare-s": t_prepared - t_start,
-            "train-loop-s": t_trained - t_prepared,
-        }
-    )
-    log.info("round %d: partition %d, %d examples, rank %d, loss %.4f", server_round, partition_id, len(data), rank, loss)
-    return Message(RecordDict({keys.ARRAYS: to_record(update), keys.METRICS: metrics}), reply_to=msg)
+    return task, data, model, targets
 
 
 def _held_global(context: Context) -> tuple[dict[str, np.ndarray] | None, int]:

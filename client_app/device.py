@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from measurements.client_mod import transport
 from stamen import keys
 from stamen.config import DEVICE_CLASSES
 
@@ -60,6 +61,8 @@ def detect_profile(node_config: dict[str, Any]) -> dict[str, Any]:
         keys.NODE_DEVICE_CLASS: device_class,
         "torch": torch.__version__,
     }
+    profile[keys.NODE_NETWORK] = str(node_config.get(keys.NODE_NETWORK, "unknown"))
+    profile["transport"] = transport()
     for key in (keys.NODE_PARTITION_ID, keys.NODE_NUM_PARTITIONS, keys.NODE_LORA_RANK):
         if key in node_config:
             profile[key] = node_config[key]

@@ -1,5 +1,8 @@
-"""A real deployment on loopback: one ``flower-superlink``, N ``flower-supernode``
-processes (each with its own --node-config) and ``flwr run``, all on 127.0.0.1.
+"""A real deployment on loopback: one ``flower-superlink``, N SuperNodes (each with its
+own --node-config) and ``flwr run``, all on 127.0.0.1.
+
+SuperNodes are ``stamen-supernode`` (flower-supernode plus transfer timing and telemetry,
+streaming to the ServerApp's collector on a free port) or plain ``flower-supernode``.
 
 Every process gets its own FLWR_HOME and log file under ``<output>/_deploy/<stamp>/``.
 All of them are stopped when the run ends, fails, or is interrupted (Ctrl-C).
@@ -20,6 +23,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SUPERNODES = {"stamen": "stamen-supernode", "flower": "flower-supernode"}
+
+
+def merge_overrides(items: list[str]) -> str:
+    """One --run-config string from 'k=v ...' strings and TOML files, later ones winning.
+
+    (``flwr run`` keeps only the last --run-config flag, so they are merged here with
+    Flower's own parser.)
+    """
+    from flwr.common.config import parse_config_args
+
+    merged: dict[str, object] = {}
+    for item in items:
+        merged.update(parse_config_args([item]))
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in merged.items())
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,7 @@ class NodeSpec:
     lora_rank: int | None = None
     num_threads: int | None = None
     extra: dict[str, str | int | float] = field(default_factory=dict)
+    supernode: str | None = None  # "stamen" or "flower"; None: the deployment's choice
 
     def node_config(self) -> str:
         items: dict[str, object] = {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
@@ -77,8 +96,14 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, name: str, 
 class LocalDeployment:
     """Context manager: processes are up inside ``with``, and gone after it."""
 
-    def __init__(self, nodes: list[NodeSpec], *, workdir: Path, app_dir: Path = PROJECT_ROOT) -> None:
+    def __init__(
+        self, nodes: list[NodeSpec], *, workdir: Path, app_dir: Path = PROJECT_ROOT, supernode: str = "stamen"
+    ) -> None:
+        if supernode not in SUPERNODES:
+            raise ValueError(f"supernode must be one of {', '.join(SUPERNODES)}, got {supernode!r}")
         self.nodes = nodes
+        self.supernode = supernode
+        self.collector_port = free_port()
         self.workdir = workdir
         self.app_dir = app_dir
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
@@ -142,10 +167,15 @@ class LocalDeployment:
         wait_for_port(self.fleet_port, 60, link, "flower-superlink", self.workdir / "superlink.log")
         wait_for_port(self.http_port, 60, link, "flower-superlink", self.workdir / "superlink.log")
         for i, node in enumerate(self.nodes):
+            kind = node.supernode or self.supernode
+            if kind not in SUPERNODES:
+                raise ValueError(f"node {i}: supernode must be one of {', '.join(SUPERNODES)}, got {kind!r}")
+            measure = ["--telemetry-address", f"127.0.0.1:{self.collector_port}"] if kind == "stamen" else []
             self._spawn(
                 f"supernode-{i}",
                 [
-                    "flower-supernode",
+                    SUPERNODES[kind],
+                    *measure,
                     "--insecure",
                     "--superlink",
                     f"127.0.0.1:{self.fleet_port}",
@@ -167,9 +197,9 @@ class LocalDeployment:
 
         ``run_config``: overrides, each 'k=v ...' or the path of a TOML file (see conf/).
         """
+        collector = f'measure.collector="127.0.0.1:{self.collector_port}"'
         cmd = ["flwr", "run", str(self.app_dir), "local-deployment", "--stream"]
-        for item in run_config:
-            cmd += ["--run-config", item]
+        cmd += ["--run-config", merge_overrides([collector, *run_config])]
         env = {**self.env, "FLWR_HOME": str(self.flwr_home)}
         proc = subprocess.Popen(
             cmd, cwd=self.app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -243,7 +273,12 @@ class LocalDeployment:
 
 
 def heterogeneous_nodes(
-    num_nodes: int, ranks: list[int], device_classes: list[str], num_threads: int | None
+    num_nodes: int,
+    ranks: list[int],
+    device_classes: list[str],
+    num_threads: int | None,
+    networks: list[str] = (),
+    supernodes: list[str] = (),
 ) -> list[NodeSpec]:
     return [
         NodeSpec(
@@ -252,6 +287,8 @@ def heterogeneous_nodes(
             device_class=device_classes[i % len(device_classes)] if device_classes else None,
             lora_rank=ranks[i % len(ranks)] if ranks else None,
             num_threads=num_threads,
+            extra={"network": networks[i % len(networks)]} if networks else {},
+            supernode=supernodes[i % len(supernodes)] if supernodes else None,
         )
         for i in range(num_nodes)
     ]

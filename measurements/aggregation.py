@@ -1,18 +1,22 @@
 """Server-side phase timing of any strategy, by composition (like Flower's DP wrappers).
 
 ``TimedStrategy(strategy)`` is itself a Strategy: Flower's ``Strategy.start`` drives it,
-it hands every call to the wrapped strategy and times two of them on the server clock:
+it hands every call to the wrapped strategy, and it measures on the server clock:
 
 * ``configure_s``: building the round's messages (``configure_train``);
-* ``aggregation_s``: ``aggregate_train`` on the replies in hand.
+* ``aggregation_s``: ``aggregate_train`` on the replies in hand;
+* ``round_s``: from the start of ``configure_train`` to the end of ``aggregate_train``
+  (the downlink, training, uplink and Flower's polling of every node);
+* per message, through ``TimingGrid``: when it was sent and when its reply came back.
 
-``round_s`` runs from the start of ``configure_train`` to the end of ``aggregate_train``
-(so it holds the downlink, training, uplink and Flower's polling of every node). Every
-strategy of the project gets this without code of its own.
+It also takes the device-side events that replies carry (``stamen.telemetry``, the
+path used when the telemetry collector did not get them) into the run's
+``TelemetryStore``. Every strategy of the project gets all this without code of its own.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -20,6 +24,14 @@ from dataclasses import dataclass, field
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from stamen import keys
+
+from . import events as ev
+from .grid import TimingGrid
+from .telemetry import VIA_REPLY, TelemetryStore
+
+log = logging.getLogger("stamen.measurements")
 
 
 @dataclass
@@ -41,11 +53,43 @@ class RoundTiming:
         return sorted(set(self.sent) - set(self.replied))
 
 
+def ingest_replies(replies: Iterable[Message], store: TelemetryStore) -> int:
+    """Move the events that replies carry into ``store``; a malformed record is logged and
+    skipped (a node's telemetry never breaks a round). Returns how many were read."""
+    count = 0
+    for reply in replies:
+        if reply.has_error() or keys.TELEMETRY not in reply.content.config_records:
+            continue
+        try:
+            events = ev.loads(str(reply.content.config_records[keys.TELEMETRY][keys.TELEMETRY_EVENTS]))
+        except (KeyError, ValueError, TypeError) as err:
+            log.warning("node %s sent unreadable telemetry: %s", reply.metadata.src_node_id, err)
+            continue
+        for e in events:  # the server knows who sent the reply
+            e.node_id = e.node_id or int(reply.metadata.src_node_id)
+        store.add(events, VIA_REPLY)
+        count += len(events)
+    return count
+
+
 class TimedStrategy(Strategy):
-    def __init__(self, strategy: Strategy, *, on_round: Callable[[RoundTiming], None] | None = None) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        on_round: Callable[[RoundTiming], None] | None = None,
+        telemetry: TelemetryStore | None = None,
+    ) -> None:
         self.strategy = strategy
         self.on_round = on_round
+        self.telemetry = telemetry if telemetry is not None else TelemetryStore()
         self.timings: dict[int, RoundTiming] = {}
+        self.grid: TimingGrid | None = None
+
+    def start(self, grid: Grid, *args, **kwargs):
+        """Flower's own round loop, run on a TimingGrid around ``grid``."""
+        self.grid = grid if isinstance(grid, TimingGrid) else TimingGrid(grid)
+        return super().start(self.grid, *args, **kwargs)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -55,6 +99,9 @@ class TimedStrategy(Strategy):
         )
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         timing.configure_s = time.perf_counter() - timing.started_perf
+        for m in messages:
+            if not m.metadata.group_id:  # ties each message to its round in clients.csv
+                m.metadata.group_id = str(server_round)
         timing.sent = [m.metadata.dst_node_id for m in messages]
         timing.payload_down_bytes = sum(
             rec.count_bytes() for m in messages for rec in m.content.array_records.values()
@@ -73,6 +120,7 @@ class TimedStrategy(Strategy):
         t1 = time.perf_counter()
         timing.aggregation_s = t1 - t0
         timing.round_s = t1 - (timing.started_perf if timing.started_perf is not None else t0)
+        ingest_replies(replies, self.telemetry)
         if self.on_round is not None:
             self.on_round(timing)
         return result
@@ -81,6 +129,8 @@ class TimedStrategy(Strategy):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        replies = list(replies)
+        ingest_replies(replies, self.telemetry)
         return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:

@@ -2,8 +2,9 @@
 
 config.json (resolved configuration), versions.json (packages, Python, git commit),
 profiles.json (device profiles of the nodes), metrics.csv (one row per round: model
-quality), rounds.csv (one row per round: server-side phase timings), and
-global_model.npz (the final adapted weights and head).
+quality), rounds.csv (one row per round: server-side phase timings), clients.csv (one
+row per round x node: every phase), resources.csv (resource samples over time), and
+global_model.npz (the final adapted weights and head). Schemas: docs/measurements.md.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ ROUNDS_COLUMNS = (
     "aggregation_s",
     "round_s",
     "nodes_sent",
+    "participants",
     "nodes_replied",
     "nodes_error",
     "nodes_late",
@@ -100,12 +102,29 @@ class RunDirectory:
                 "aggregation_s": timing.aggregation_s,
                 "round_s": timing.round_s,
                 "nodes_sent": len(timing.sent),
+                "participants": len(set(timing.replied) - set(timing.errors)),
                 "nodes_replied": len(timing.replied),
                 "nodes_error": len(timing.errors),
                 "nodes_late": len(timing.late),
                 "payload_down_bytes": timing.payload_down_bytes,
             },
         )
+
+    def write_table(self, name: str, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> Path:
+        """(Re)write a whole CSV: tables whose rows fill in late (an uplink is measured
+        after its reply has been aggregated) are rewritten as figures arrive."""
+        target = self.path / name
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for row in rows:
+                unknown = set(row) - set(columns)
+                if unknown:
+                    raise KeyError(f"{name} has no columns {sorted(unknown)}")
+                writer.writerow([_fmt(row.get(c)) for c in columns])
+        tmp.replace(target)
+        return target
 
     def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
         target = self.path / name
@@ -122,6 +141,12 @@ def _append(path: Path, columns: tuple[str, ...], row: dict[str, Any]) -> None:
 
 
 def _fmt(value: Any) -> Any:
+    if value is None:
+        return ""
     if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return int(value)  # byte counts and the like
+        if abs(value) >= 1e5:
+            return f"{value:.3f}"  # unix times: keep the milliseconds
         return f"{value:.6g}"
     return value

@@ -22,28 +22,21 @@ def _names(text: str) -> list[str]:
     return [x for x in text.replace(",", " ").split() if x]
 
 
-def merge_overrides(items: list[str]) -> str:
-    """One --run-config string from 'k=v ...' strings and TOML files, later ones winning.
-
-    (``flwr run`` keeps only the last --run-config flag, so they are merged here with
-    Flower's own parser.)
-    """
-    from flwr.common.config import parse_config_args
-
-    merged: dict[str, object] = {}
-    for item in items:
-        merged.update(parse_config_args([item]))
-    return " ".join(f"{k}={json.dumps(v)}" for k, v in merged.items())
-
-
 def cmd_local(args: argparse.Namespace) -> int:
-    from deploy.local import LocalDeployment, heterogeneous_nodes
+    from deploy.local import SUPERNODES, LocalDeployment, heterogeneous_nodes, merge_overrides
 
     output = Path(args.output).resolve()
     workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
-    nodes = heterogeneous_nodes(args.nodes, _ints(args.ranks), _names(args.device_classes), args.threads)
+    kinds = _names(args.supernode)
+    if not kinds or any(k not in SUPERNODES for k in kinds):
+        print(f"[stamen] error: --supernode takes {' or '.join(SUPERNODES)} (a list is cycled over nodes)", file=sys.stderr)
+        return 2
+    nodes = heterogeneous_nodes(
+        args.nodes, _ints(args.ranks), _names(args.device_classes), args.threads, _names(args.networks), kinds
+    )
+    supernode = "/".join(SUPERNODES[k] for k in dict.fromkeys(kinds))
     overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
-    print(f"[stamen] starting flower-superlink and {args.nodes} flower-supernode processes on 127.0.0.1", flush=True)
+    print(f"[stamen] starting flower-superlink and {args.nodes} {supernode} processes on 127.0.0.1", flush=True)
     for i, node in enumerate(nodes):
         print(f"[stamen]   supernode-{i}: --node-config '{node.node_config()}'", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
@@ -86,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         "--device-classes", default="raspberry-pi,jetson,jetson,nvidia-gpu", help="node-config device-class per node (cycled)"
     )
     local.add_argument("--threads", type=int, default=1, help="torch threads per node (node-config num-threads)")
+    local.add_argument(
+        "--networks", default="loopback", help="node-config network label per node (cycled); reports group by it"
+    )
+    local.add_argument(
+        "--supernode",
+        default="stamen",
+        help="'stamen' (stamen-supernode: transfer timing + telemetry) or 'flower' (plain flower-supernode); "
+        "a list is cycled over nodes",
+    )
     local.add_argument("--output", default="runs", help="where run directories go")
     local.add_argument(
         "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"

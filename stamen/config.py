@@ -82,6 +82,32 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class MeasureConfig:
+    """The instrumentation layer (measurements/). Also read on its own by the ClientApp
+    mod, which serves any app: there a missing key takes the default below."""
+
+    enabled: bool = True  # off: the mod and the resource sampler step aside
+    sample_interval: float = 0.5  # seconds between two resource samples
+    collector: str = "0.0.0.0:9400"  # where the ServerApp's telemetry collector listens; "" = none
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], *, lenient: bool = False) -> MeasureConfig:
+        r = _Reader(run_config)
+        defaults = cls()
+
+        def get(key: str, read, default):
+            return read(key) if (key in run_config or not lenient) else default
+
+        return cls(
+            enabled=get("measure.enabled", r.boolean, defaults.enabled),
+            sample_interval=get(
+                "measure.sample-interval", lambda k: r.number(k, low=0.0, low_open=True), defaults.sample_interval
+            ),
+            collector=get("measure.collector", lambda k: r.text(k, allow_empty=True), defaults.collector),
+        )
+
+
+@dataclass(frozen=True)
 class StamenConfig:
     strategy: StrategyConfig
     model: ModelConfig
@@ -90,6 +116,7 @@ class StamenConfig:
     data: DataConfig
     eval: EvalConfig
     output: OutputConfig
+    measure: MeasureConfig
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StamenConfig:
@@ -134,7 +161,9 @@ class StamenConfig:
                 batch_size=r.integer("eval.batch-size", minimum=1),
             ),
             output=OutputConfig(dir=r.text("output.dir")),
+            measure=MeasureConfig.from_run_config(run_config),
         )
+        r.mark_used(k for k in run_config if k.startswith("measure."))
         r.reject_unknown()
         return cfg
 
@@ -167,6 +196,17 @@ class _Reader:
                 f"or with `flwr run --run-config '{key}=...'`"
             )
         return self._raw[key]
+
+    def mark_used(self, keys) -> None:
+        self._used.update(keys)
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ConfigError(f"{key} = {value!r}: must be true or false")
 
     def choice(self, key: str, accepted: tuple[str, ...]) -> str:
         value = self._get(key)

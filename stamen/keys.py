@@ -42,3 +42,10 @@ NODE_DEVICE = "device"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
 # node state (context.state) entries
 STATE_GLOBAL = "stamen.global-weights"
 STATE_META = "stamen.global-meta"
+NODE_NETWORK = "network"  # a label for the node's link ("ethernet", "wifi", "5g"); reports group by it
+
+# Measurements (measurements/): device-side events travel to the server in a reply's
+# ConfigRecord under this key when the telemetry collector did not take them.
+TELEMETRY = "stamen.telemetry"
+TELEMETRY_EVENTS = "events"  # its one entry: a JSON list of events
+FLUSH = "stamen.flush"  # a query's ConfigRecord: "send what you still hold", at the end of a run

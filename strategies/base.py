@@ -109,7 +109,13 @@ class LoRAStrategy(FedAvg):
             arrays_down = to_record(down)
             content = RecordDict({keys.ARRAYS: arrays_down, keys.CONFIG: node_config})
             messages.append(
-                Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=self.message_ttl)
+                Message(
+                    content,
+                    dst_node_id=node_id,
+                    message_type=MessageType.TRAIN,
+                    ttl=self.message_ttl,
+                    group_id=str(server_round),
+                )
             )
             record.participants.append(node_id)
             record.ranks[node_id] = rank

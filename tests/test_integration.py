@@ -1,5 +1,6 @@
-"""A real flower-superlink and two flower-supernode processes on 127.0.0.1, started by
-the `stamen local` command, run 2 FLoRA rounds of the real model on a small config."""
+"""A real flower-superlink and two SuperNodes on 127.0.0.1, started by the `stamen local`
+command, run 2 FLoRA rounds of the real model on a small config. Node 0 is
+stamen-supernode (transfer timing + telemetry), node 1 plain flower-supernode."""
 
 import csv
 import json
@@ -26,6 +27,7 @@ def finished_run(tmp_path_factory):
     )
     code = main(
         ["local", "--nodes", "2", "--ranks", "4,8", "--device-classes", "raspberry-pi,jetson",
+         "--supernode", "stamen,flower", "--networks", "wifi,ethernet",
          "--output", str(out), "--run-config", overrides, "--timeout", "600"]
     )
     assert code == 0, f"stamen local failed; logs under {out}/_deploy"
@@ -75,3 +77,53 @@ def test_rounds_csv_has_server_side_timings(finished_run):
         assert 0.0 < float(row["aggregation_s"]) < float(row["round_s"])
         assert 0.0 < float(row["configure_s"]) < float(row["round_s"])
         assert int(row["payload_down_bytes"]) > 0
+
+
+def _clients(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "clients.csv")))
+    profiles = json.loads((run_dir / "profiles.json").read_text())
+    by_class = {p["device-class"]: int(n) for n, p in profiles.items()}
+    return rows, by_class["raspberry-pi"], by_class["jetson"]
+
+
+def test_clients_csv_stamen_supernode_has_every_phase(finished_run):
+    rows, stamen_node, _ = _clients(finished_run)
+    mine = [r for r in rows if int(r["node_id"]) == stamen_node]
+    assert [r["round"] for r in mine] == ["1", "2"]
+    for r in mine:
+        assert r["transport"] == "stamen-supernode" and r["status"] == "ok"
+        assert r["network"] == "wifi" and r["device_class"] == "raspberry-pi"
+        assert r["transfer_via"] in ("telemetry", "reply") and r["phases_via"] in ("telemetry", "reply")
+        e2e, down, train, up, wait = (float(r[k]) for k in ("e2e_s", "downlink_s", "train_s", "uplink_s", "wait_s"))
+        assert down > 0 and up > 0 and train > 0 and wait >= 0
+        assert abs(e2e - (down + train + up + wait)) < 1e-3
+        parts = float(r["load_s"]) + float(r["loop_s"]) + float(r["serialize_s"])
+        assert 0 < parts <= train + 1e-6
+        # what crossed the wire is at least the arrays it carried
+        assert int(r["bytes_down"]) >= int(r["payload_down_bytes"]) > 0
+        assert int(r["bytes_up"]) >= int(r["payload_up_bytes"]) > 0
+        assert int(r["rss_peak_bytes"]) > 50e6 and float(r["cpu_max_pct"]) > 0
+        # loopback: one clock, so the offset estimate is tiny
+        assert abs(float(r["clock_offset_s"])) < 0.05
+    # the dense first downlink is larger than the stacked second one
+    assert int(mine[0]["bytes_down"]) > int(mine[1]["bytes_down"])
+
+
+def test_clients_csv_plain_flower_supernode_marks_transfers_unavailable(finished_run):
+    rows, _, flower_node = _clients(finished_run)
+    theirs = [r for r in rows if int(r["node_id"]) == flower_node]
+    assert len(theirs) == 2
+    for r in theirs:
+        assert r["transport"] == "flower-supernode" and r["transfer_via"] == "unavailable"
+        assert r["downlink_s"] == "" and r["uplink_s"] == "" and r["wait_s"] == "" and r["bytes_down"] == ""
+        assert float(r["train_s"]) > 0 and float(r["e2e_s"]) > float(r["train_s"])
+        assert r["phases_via"] == "reply"
+
+
+def test_resources_csv_has_samples_of_both_nodes(finished_run):
+    rows = list(csv.DictReader(open(finished_run / "resources.csv")))
+    _, stamen_node, flower_node = _clients(finished_run)
+    nodes = {int(r["node_id"]) for r in rows}
+    assert nodes == {stamen_node, flower_node}
+    assert all(int(r["rss_bytes"]) > 0 and float(r["t_s"]) >= 0 for r in rows)
+    assert {r["via"] for r in rows if int(r["node_id"]) == flower_node} == {"reply"}

@@ -1,0 +1,86 @@
+"""The server's view of every message: when it left, when its reply came back.
+
+``TimingGrid(grid)`` stands in for Flower's Grid in ``Strategy.start``. It runs the
+wrapped grid's own ``send_and_receive`` (the same loop and the same polling interval, so
+timing changes nothing about how a round runs) with itself as ``self``, so that every
+push and pull passes through it and is timed on the server clock:
+
+* ``sent_unix_s``: just before the message is pushed to the SuperLink;
+* ``received_unix_s``: when the poll that returned its reply came back. The ServerApp
+  polls every 3 s (flwr 1.39), so this includes up to one polling interval: that is part
+  of what a round costs, and part of ``wait_s``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+
+@dataclass
+class SentMessage:
+    message_id: str
+    node_id: int
+    message_type: str
+    group_id: str  # the round, as Strategy.start labels it
+    sent_unix_s: float
+    payload_bytes: int  # arrays of the instruction (ArrayRecord bytes)
+    received_unix_s: float | None = None
+    reply_payload_bytes: int = 0
+    error: str = ""
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.received_unix_s is None else self.received_unix_s - self.sent_unix_s
+
+
+def _payload(msg: Message) -> int:
+    if not msg.has_content():
+        return 0
+    return sum(rec.count_bytes() for rec in msg.content.array_records.values())
+
+
+class TimingGrid:
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self._lock = threading.Lock()
+        self.sent: dict[str, SentMessage] = {}
+
+    def __getattr__(self, name):  # everything not timed goes to the real grid
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        sizes = [_payload(m) for m in messages]
+        t = time.time()
+        ids = list(self._grid.push_messages(messages))
+        with self._lock:
+            for msg, mid, size in zip(messages, ids, sizes, strict=False):
+                if mid:
+                    self.sent[mid] = SentMessage(
+                        mid, int(msg.metadata.dst_node_id), str(msg.metadata.message_type), str(msg.metadata.group_id), t, size
+                    )
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        t = time.time()
+        with self._lock:
+            for reply in replies:
+                entry = self.sent.get(reply.metadata.reply_to_message_id)
+                if entry is not None and entry.received_unix_s is None:
+                    entry.received_unix_s = t
+                    entry.reply_payload_bytes = _payload(reply)
+                    entry.error = reply.error.reason if reply.has_error() else ""
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return type(self._grid).send_and_receive(self, messages, timeout=timeout)
+
+    def messages(self, message_type: str | None = None) -> list[SentMessage]:
+        with self._lock:
+            return [m for m in self.sent.values() if message_type is None or m.message_type == message_type]

@@ -1,0 +1,136 @@
+"""Resource samples of the process that trains: RSS, CPU, temperature, GPU memory.
+
+A background thread samples every ``interval`` seconds with psutil while a handler runs.
+Temperatures come from the kernel's thermal zones (``/sys/class/thermal``: Raspberry Pi's
+``cpu-thermal``, Jetson's ``cpu-thermal``/``gpu-thermal``/...) or psutil's hwmon sensors;
+machines without sensors (VMs, containers) leave the column empty. GPU memory is
+torch's allocator figure, read only when this process has initialised CUDA.
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+
+def read_temperature_c() -> float | None:
+    """The hottest thermal zone, in degrees Celsius, or None without sensors."""
+    temps = []
+    for path in glob.glob("/sys/class/thermal/thermal_zone*/temp"):
+        try:
+            with open(path) as f:
+                temps.append(int(f.read().strip()) / 1000.0)
+        except (OSError, ValueError):
+            continue
+    if not temps and hasattr(psutil, "sensors_temperatures"):
+        try:
+            temps = [s.current for entries in psutil.sensors_temperatures().values() for s in entries if s.current]
+        except (OSError, RuntimeError):
+            temps = []
+    return max(temps) if temps else None
+
+
+def _cuda():
+    torch = sys.modules.get("torch")  # never import torch just to sample
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda
+    return None
+
+
+def gpu_memory_bytes() -> int | None:
+    cuda = _cuda()
+    return int(cuda.memory_allocated()) if cuda is not None else None
+
+
+def gpu_peak_memory_bytes() -> int | None:
+    cuda = _cuda()
+    return int(cuda.max_memory_allocated()) if cuda is not None else None
+
+
+def reset_gpu_peak() -> None:
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+
+
+@dataclass
+class Sample:
+    unix_s: float
+    rss_bytes: int
+    cpu_pct: float  # this process; 100 = one core busy
+    system_cpu_pct: float  # the whole machine; 100 = every core busy
+    temp_c: float | None
+    gpu_mem_bytes: int | None
+
+
+class ResourceSampler:
+    """``with ResourceSampler(0.5) as s: ...`` then ``s.samples`` and ``s.summary()``."""
+
+    def __init__(
+        self,
+        interval: float = 0.5,
+        process: psutil.Process | None = None,
+        on_sample: Callable[[Sample], None] | None = None,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"sample interval must be > 0 seconds, got {interval}")
+        self.interval = interval
+        self.process = process or psutil.Process()
+        self.samples: list[Sample] = []
+        self.on_sample = on_sample
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ResourceSampler:
+        self.process.cpu_percent(None)  # the first call only starts psutil's counters
+        psutil.cpu_percent(None)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="stamen-resource-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()  # the interval since the last sample
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        try:
+            sample = Sample(
+                unix_s=time.time(),
+                rss_bytes=self.process.memory_info().rss,
+                cpu_pct=self.process.cpu_percent(None),
+                system_cpu_pct=psutil.cpu_percent(None),
+                temp_c=read_temperature_c(),
+                gpu_mem_bytes=gpu_memory_bytes(),
+            )
+        except psutil.Error:
+            return
+        self.samples.append(sample)
+        if self.on_sample is not None:
+            self.on_sample(sample)
+
+    def summary(self) -> dict[str, float]:
+        """Peak RSS, mean and max CPU, max temperature; keys carry units."""
+        out: dict[str, float] = {}
+        if not self.samples:
+            return out
+        cpu = [s.cpu_pct for s in self.samples]
+        out["rss_peak_bytes"] = float(max(s.rss_bytes for s in self.samples))
+        out["cpu_mean_pct"] = sum(cpu) / len(cpu)
+        out["cpu_max_pct"] = max(cpu)
+        temps = [s.temp_c for s in self.samples if s.temp_c is not None]
+        if temps:
+            out["temp_max_c"] = max(temps)
+        return out

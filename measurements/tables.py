@@ -1,0 +1,160 @@
+"""clients.csv and resources.csv: joining what the server saw with what the nodes measured.
+
+Pure functions over plain data (``SentMessage`` rows from the TimingGrid, events from the
+TelemetryStore, device profiles), so the arithmetic is testable without Flower. The
+columns and their clocks are documented in docs/measurements.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from . import events as ev
+from .grid import SentMessage
+
+CLIENTS_COLUMNS = (
+    "round",
+    "node_id",
+    "device_class",
+    "network",
+    "transport",
+    "status",  # ok | error | late
+    "e2e_s",  # server: sent -> reply pulled
+    "downlink_s",  # device: pull RPCs of the instruction
+    "train_s",  # device: the handler (load + loop + serialize + the rest)
+    "load_s",
+    "loop_s",
+    "serialize_s",
+    "uplink_s",  # device: push RPCs of the reply
+    "wait_s",  # e2e - downlink - train - uplink: Flower's polling, queueing, process start
+    "queue_s",  # server send -> device starts pulling (two clocks: uses clock_offset_s)
+    "app_start_s",  # device: ClientApp process start -> handler start
+    "reply_wait_s",  # device uplink done -> server pulls the reply (two clocks)
+    "setup_s",  # device: GetRun + GetFab (first message of a run)
+    "bytes_down",  # serialized protobuf bytes of the pull RPCs' responses
+    "bytes_up",  # serialized protobuf bytes of the push RPCs' requests
+    "payload_down_bytes",  # ArrayRecord bytes of the instruction
+    "payload_up_bytes",  # ArrayRecord bytes of the reply
+    "rss_peak_bytes",
+    "cpu_mean_pct",
+    "cpu_max_pct",
+    "temp_max_c",
+    "gpu_mem_peak_bytes",
+    "clock_offset_s",  # server clock - device clock (min-RTT NTP estimate)
+    "clock_rtt_s",
+    "transfer_via",  # telemetry | reply | unavailable | missing
+    "phases_via",  # telemetry | reply | missing
+)
+RESOURCES_COLUMNS = (
+    "round",
+    "node_id",
+    "unix_s",  # device clock
+    "t_s",  # since the handler started (device clock)
+    "rss_bytes",
+    "cpu_pct",  # this process; 100 = one core
+    "system_cpu_pct",  # whole machine; 100 = all cores
+    "temp_c",
+    "gpu_mem_bytes",
+    "via",
+)
+_RESOURCE_SUMMARY = ("rss_peak_bytes", "cpu_mean_pct", "cpu_max_pct", "temp_max_c", "gpu_mem_peak_bytes")
+TIMES_TRANSFERS = "stamen-supernode"
+
+
+def _round(group_id: str) -> int | str:
+    return int(group_id) if group_id.isdigit() else group_id
+
+
+def client_rows(
+    sent: Iterable[SentMessage],
+    events: Iterable[tuple[ev.Event, str]],
+    profiles: dict[int, dict[str, Any]] | None = None,
+    *,
+    message_type: str = "train",
+) -> list[dict[str, Any]]:
+    profiles = profiles or {}
+    by_message: dict[tuple[str, str], tuple[ev.Event, str]] = {}
+    clocks: dict[int, ev.Event] = {}
+    for e, via in events:
+        if e.kind == ev.CLOCK:
+            if e.node_id not in clocks or e.values.get("rtt_s", 1e9) < clocks[e.node_id].values.get("rtt_s", 1e9):
+                clocks[e.node_id] = e
+        elif e.kind != ev.SAMPLE and e.message_id:
+            by_message.setdefault((e.message_id, e.kind), (e, via))
+
+    rows = []
+    for m in sorted(sent, key=lambda m: (str(m.group_id).zfill(8), m.node_id)):
+        if m.message_type != message_type:
+            continue
+        profile = profiles.get(m.node_id, {})
+        train, train_via = by_message.get((m.message_id, message_type), (None, "missing"))
+        down, down_via = by_message.get((m.message_id, ev.DOWNLINK), (None, None))
+        up, up_via = by_message.get((m.message_id, ev.UPLINK), (None, None))
+        clock = clocks.get(m.node_id)
+        offset = clock.values.get("offset_s") if clock else None
+        transport = (train or down or up).labels.get("transport", "") if (train or down or up) else ""
+
+        row: dict[str, Any] = {
+            "round": _round(m.group_id),
+            "node_id": m.node_id,
+            "device_class": profile.get("device-class") or (train.labels.get("device-class") if train else "") or "",
+            "network": profile.get("network") or (train.labels.get("network") if train else "") or "unknown",
+            "transport": transport,
+            "status": "late" if m.received_unix_s is None else ("error" if m.error else "ok"),
+            "e2e_s": m.e2e_s,
+            "payload_down_bytes": m.payload_bytes,
+            "payload_up_bytes": m.reply_payload_bytes if m.received_unix_s is not None else None,
+            "phases_via": train_via if train else "missing",
+        }
+        if down is not None:
+            row.update(downlink_s=down.duration_s, bytes_down=down.values.get("bytes"), setup_s=down.values.get("setup_s"))
+        if up is not None:
+            row.update(uplink_s=up.duration_s, bytes_up=up.values.get("bytes"))
+        if train is not None:
+            row["train_s"] = train.duration_s
+            for name in ("load_s", "loop_s", "serialize_s", "app_start_s", *_RESOURCE_SUMMARY):
+                row[name] = train.values.get(name)
+        if down is not None and up is not None and train is not None and m.e2e_s is not None:
+            row["wait_s"] = m.e2e_s - down.duration_s - train.duration_s - up.duration_s
+        if clock is not None:
+            row.update(clock_offset_s=offset, clock_rtt_s=clock.values.get("rtt_s"))
+            if down is not None:
+                row["queue_s"] = down.start_unix_s + offset - m.sent_unix_s
+            if up is not None and m.received_unix_s is not None:
+                row["reply_wait_s"] = m.received_unix_s - (up.end_unix_s + offset)
+        if down is not None or up is not None:
+            vias = {v for v in (down_via, up_via) if v}
+            row["transfer_via"] = vias.pop() if len(vias) == 1 else "+".join(sorted(vias))
+            if down is None or up is None:
+                row["transfer_via"] += " (partial)"
+        elif transport and transport != TIMES_TRANSFERS:
+            row["transfer_via"] = "unavailable"
+        else:
+            row["transfer_via"] = "missing"
+        rows.append(row)
+    return rows
+
+
+def resource_rows(sent: Iterable[SentMessage], events: Iterable[tuple[ev.Event, str]]) -> list[dict[str, Any]]:
+    rounds = {m.message_id: m for m in sent}
+    events = list(events)
+    starts = {e.message_id: e.start_unix_s for e, _ in events if e.kind in ("train", "evaluate")}
+    rows = []
+    for e, via in events:
+        if e.kind != ev.SAMPLE or e.message_id not in rounds:
+            continue
+        m = rounds[e.message_id]
+        start = starts.get(e.message_id)
+        rows.append(
+            {
+                "round": _round(m.group_id),
+                "node_id": m.node_id,
+                "unix_s": e.start_unix_s,
+                "t_s": e.start_unix_s - start if start is not None else None,
+                **{k: e.values.get(k) for k in ("rss_bytes", "cpu_pct", "system_cpu_pct", "temp_c", "gpu_mem_bytes")},
+                "via": via,
+            }
+        )
+    rows.sort(key=lambda r: (str(r["round"]).zfill(8), r["node_id"], r["unix_s"]))
+    return rows

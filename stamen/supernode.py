@@ -1,0 +1,103 @@
+"""``stamen-supernode``: flwr's ``flower-supernode`` with transfer timing and telemetry.
+
+It takes every flag ``flower-supernode`` takes, plus the measurement options below, and
+then runs flwr's own SuperNode in this process with two additions:
+
+* a gRPC client interceptor on the Fleet channel that times the pull RPCs of each
+  instruction (downlink) and the push RPCs of each reply (uplink)
+  (``measurements/transport.py``);
+* a spool (SQLite file) that this process and the ClientApp processes it starts write
+  their events to, and a thread that streams the spool to the run's telemetry collector
+  (``measurements/telemetry.py``). Events the collector does not take travel in replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import sys
+from pathlib import Path
+
+from measurements.spool import ENV_VAR, Spool
+from measurements.telemetry import DEFAULT_PORT, TelemetrySender
+from measurements.transport import TransferTracker, install
+
+log = logging.getLogger("stamen.supernode")
+
+
+def measurement_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("Stamen measurement options")
+    group.add_argument(
+        "--measure-dir",
+        default=None,
+        help="where the node keeps its measurement spool (default: $FLWR_HOME/stamen or ~/.flwr/stamen)",
+    )
+    group.add_argument(
+        "--telemetry-address",
+        default=None,
+        help=f"HOST:PORT of the run's telemetry collector (default: the SuperLink's host, port {DEFAULT_PORT})",
+    )
+    group.add_argument(
+        "--telemetry-interval", type=float, default=1.0, help="seconds between two streams of events (default 1)"
+    )
+    group.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="do not stream; every event travels in a reply instead",
+    )
+    group.add_argument(
+        "--no-transfer-timing", action="store_true", help="do not time the Fleet RPCs (as plain flower-supernode)"
+    )
+    return parser
+
+
+def default_telemetry_address(argv: list[str]) -> str:
+    superlink = "127.0.0.1:9092"
+    for i, arg in enumerate(argv):
+        if arg == "--superlink" and i + 1 < len(argv):
+            superlink = argv[i + 1]
+        elif arg.startswith("--superlink="):
+            superlink = arg.split("=", 1)[1]
+    host = superlink.rsplit(":", 1)[0] if ":" in superlink else superlink
+    return f"{host}:{DEFAULT_PORT}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        measurement_parser().print_help()
+        print("\nAll other flags are flower-supernode's:\n")
+    opts, flower_argv = measurement_parser().parse_known_args(argv)
+    if opts.telemetry_interval <= 0:
+        sys.exit(f"stamen-supernode: --telemetry-interval must be > 0, got {opts.telemetry_interval}")
+
+    measure_dir = Path(opts.measure_dir or Path(os.environ.get("FLWR_HOME", "~/.flwr")) / "stamen").expanduser()
+    spool = Spool(measure_dir / "spool.sqlite")
+    os.environ[ENV_VAR] = str(spool.path)  # the ClientApp processes inherit it
+    spool.prune()
+
+    tracker = TransferTracker(spool.add)
+    if not opts.no_transfer_timing:
+        install(tracker)
+    sender = None
+    if not opts.no_telemetry:
+        address = opts.telemetry_address or default_telemetry_address(flower_argv)
+        sender = TelemetrySender(spool, address, node_id=lambda: tracker.node_id, interval=opts.telemetry_interval).start()
+
+    def finish() -> None:
+        tracker.flush()
+        if sender is not None:
+            sender.stop()
+
+    atexit.register(finish)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["stamen-supernode", *flower_argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
