@@ -16,7 +16,9 @@ export TRANSFORMERS_VERBOSITY := error
 
 RUN_ARGS ?= --nodes 4 --ranks 4,8,8,16 --device-classes raspberry-pi,jetson,jetson,nvidia-gpu
 
-.PHONY: install run test test-unit clean
+RUN_DIRS ?= $(shell ls -td runs/[0-9]* 2>/dev/null | head -1)
+
+.PHONY: install run test test-unit report proto bench clean
 
 install: $(STAMP)
 
@@ -41,6 +43,17 @@ test: install
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration"
+
+# `make report` (the newest run under runs/) or `make report RUN_DIRS="runs/1 runs/2"` (a comparison)
+report: install
+	@test -n "$(RUN_DIRS)" || (echo "no run directory under runs/: make run first, or pass RUN_DIRS=..." && exit 2)
+	$(VENV)/bin/stamen report $(RUN_DIRS)
+
+# Stubs of proto/stamen_telemetry/telemetry.proto, with the pinned generator (reproducible)
+proto: install
+	$(PIP) install -q 'grpcio-tools==1.81.1'
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto \
+	  proto/stamen_telemetry/telemetry.proto
 
 clean:
 	rm -rf runs .pytest_cache

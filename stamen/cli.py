@@ -1,6 +1,7 @@
 """``stamen``: the project's command line.
 
-    stamen local   run the app on a real SuperLink + N SuperNodes on 127.0.0.1
+    stamen local    run the app on a real SuperLink + N SuperNodes on 127.0.0.1
+    stamen report   summary and plots of where each round's time went
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ def cmd_local(args: argparse.Namespace) -> int:
         last = {k: v for k, v in rows[-1].items() if v != ""}
         print(f"[stamen] final round: {json.dumps(last)}", flush=True)
     print(f"[stamen] run directory: {run_dir}", flush=True)
+    if (run_dir / "clients.csv").is_file():
+        from measurements.report import report
+
+        report([run_dir], echo=lambda line: print(f"[stamen] {line}", flush=True))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from measurements.report import report
+
+    try:
+        report(args.run_dirs, labels=_names(args.labels) or None, out=args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"stamen report: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -94,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     local.add_argument("--timeout", type=float, default=3600.0)
     local.set_defaults(func=cmd_local)
+    rep = sub.add_parser("report", help="summary and PNGs of a run's phase timings; several runs are compared")
+    rep.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories")
+    rep.add_argument("--labels", default="", help="a name per run dir, comma-separated (default: its network labels)")
+    rep.add_argument("--out", default=None, help="where the comparison goes (default: <first run's parent>/comparison)")
+    rep.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
     if args.command == "local" and args.nodes < 1:
         parser.error("--nodes must be at least 1")

@@ -1,0 +1,282 @@
+"""``stamen report RUN_DIR [RUN_DIR ...]``: where each round's time went.
+
+Reads a run's rounds.csv and clients.csv (written by the ServerApp), prints a summary
+(per phase: median, p95 and share of the round; by device class and by network) and
+writes PNGs next to the CSVs:
+
+* ``phases_per_round.png``: per round, one stacked bar per client of downlink, train,
+  uplink, wait, plus the server's aggregation (the 5G paper's figure);
+* ``round_time_cdf.png``: the CDF of round times;
+* with several run dirs, ``comparison.png`` in ``--out``: the mean time per phase of
+  each run side by side (e.g. 5G vs WiFi vs Ethernet), and the uplink ratios.
+
+"Share of the round" of a client phase is its total over all client rows divided by
+the total of the round times those rows belong to; for aggregation it is the total
+aggregation time over the total round time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLIENT_PHASES = ("downlink_s", "train_s", "uplink_s", "wait_s")
+PHASE_COLORS = {
+    "downlink_s": "#4C72B0",
+    "train_s": "#55A868",
+    "uplink_s": "#C44E52",
+    "wait_s": "#BBBBBB",
+    "aggregation_s": "#8172B2",
+    "unsplit_s": "#E5C07B",
+}
+
+
+def _num(text: str | None) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), 0 <= q <= 100."""
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class Run:
+    path: Path
+    label: str
+    rounds: list[dict] = field(default_factory=list)
+    clients: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path, label: str | None = None) -> Run:
+        path = Path(path)
+        missing = [n for n in ("rounds.csv", "clients.csv") if not (path / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path} is not a run directory: {', '.join(missing)} missing")
+        rounds = list(csv.DictReader(open(path / "rounds.csv")))
+        clients = list(csv.DictReader(open(path / "clients.csv")))
+        if label is None:
+            networks = sorted({c.get("network", "") for c in clients} - {"", "unknown"})
+            label = "/".join(networks) if networks else path.name
+        return cls(path, label, rounds, clients)
+
+    def round_time(self) -> dict[str, float]:
+        return {r["round"]: float(r["round_s"]) for r in self.rounds if _num(r.get("round_s")) is not None}
+
+
+def phase_stats(run: Run, rows: list[dict] | None = None) -> dict[str, dict[str, float]]:
+    """phase -> {n, median, p95, share} over ``rows`` (default: all client rows that replied)."""
+    rows = [r for r in (run.clients if rows is None else rows) if r.get("status") == "ok"]
+    round_s = run.round_time()
+    out: dict[str, dict[str, float]] = {}
+    for name in CLIENT_PHASES:
+        pairs = [(v, round_s.get(r["round"])) for r in rows if (v := _num(r.get(name))) is not None]
+        values = [v for v, _ in pairs]
+        denominators = [d for _, d in pairs if d]
+        out[name] = {
+            "n": len(values),
+            "median": percentile(values, 50),
+            "p95": percentile(values, 95),
+            "share": sum(v for v, d in pairs if d) / sum(denominators) if denominators else math.nan,
+        }
+    agg = [float(r["aggregation_s"]) for r in run.rounds if _num(r.get("aggregation_s")) is not None]
+    total_round = sum(round_s.values())
+    out["aggregation_s"] = {
+        "n": len(agg),
+        "median": percentile(agg, 50),
+        "p95": percentile(agg, 95),
+        "share": sum(agg) / total_round if total_round else math.nan,
+    }
+    rt = list(round_s.values())
+    out["round_s"] = {"n": len(rt), "median": percentile(rt, 50), "p95": percentile(rt, 95), "share": 1.0 if rt else math.nan}
+    return out
+
+
+def summarize(run: Run) -> dict:
+    groups: dict[str, dict[str, dict]] = {}
+    for column in ("device_class", "network"):
+        by: dict[str, list[dict]] = defaultdict(list)
+        for r in run.clients:
+            by[r.get(column) or "unknown"].append(r)
+        groups[column] = {name: phase_stats(run, rows) for name, rows in sorted(by.items())}
+    unavailable = sorted({r["node_id"] for r in run.clients if r.get("transfer_via") == "unavailable"})
+    return {"run": str(run.path), "label": run.label, "overall": phase_stats(run), "groups": groups, "no_transfer_timing": unavailable}
+
+
+def format_summary(summary: dict) -> str:
+    def table(stats: dict[str, dict[str, float]]) -> list[str]:
+        lines = [f"    {'phase':<15}{'n':>5}{'median s':>11}{'p95 s':>10}{'share':>9}"]
+        for name, s in stats.items():
+            share = "" if math.isnan(s["share"]) else f"{100 * s['share']:.1f}%"
+            med = "n/a" if math.isnan(s["median"]) else f"{s['median']:.3f}"
+            p95 = "n/a" if math.isnan(s["p95"]) else f"{s['p95']:.3f}"
+            lines.append(f"    {name:<15}{s['n']:>5}{med:>11}{p95:>10}{share:>9}")
+        return lines
+
+    out = [f"run {summary['run']} ({summary['label']})", "  all clients:", *table(summary["overall"])]
+    for column, groups in summary["groups"].items():
+        if len(groups) < 2 and column != "device_class":
+            continue  # one group: the same figures as above
+        for name, stats in groups.items():
+            client_only = {k: v for k, v in stats.items() if k in CLIENT_PHASES}
+            out += [f"  {column} = {name}:", *table(client_only)]
+    if summary["no_transfer_timing"]:
+        out.append(
+            "  nodes without transfer timing (plain flower-supernode or simulation): "
+            + ", ".join(summary["no_transfer_timing"])
+            + " -- their downlink/uplink/wait are not split"
+        )
+    return "\n".join(out)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_phases_per_round(run: Run, target: Path) -> Path:
+    plt = _plt()
+    agg = {r["round"]: float(r["aggregation_s"]) for r in run.rounds if _num(r.get("aggregation_s")) is not None}
+    rows = sorted((r for r in run.clients if r.get("status") == "ok"), key=lambda r: (int(r["round"]), r["node_id"]))
+    nodes = sorted({r["node_id"] for r in rows})
+    short = {n: f"n{i}" for i, n in enumerate(nodes)}
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows) + 2), 4.5))
+    x, ticks, labels, used = 0.0, [], [], set()
+    last_round = None
+    for r in rows:
+        if last_round is not None and r["round"] != last_round:
+            x += 0.6  # a gap between rounds
+        last_round = r["round"]
+        bottom = 0.0
+        split = _num(r.get("downlink_s")) is not None
+        parts = [(p, _num(r.get(p)) or 0.0) for p in CLIENT_PHASES] if split else [
+            ("train_s", _num(r.get("train_s")) or 0.0),
+            ("unsplit_s", (_num(r.get("e2e_s")) or 0.0) - (_num(r.get("train_s")) or 0.0)),
+        ]
+        parts.append(("aggregation_s", agg.get(r["round"], 0.0)))
+        for name, value in parts:
+            label = None if name in used else {"unsplit_s": "downlink+uplink+wait (not split)"}.get(name, name[:-2])
+            used.add(name)
+            ax.bar(x, value, bottom=bottom, color=PHASE_COLORS[name], width=0.8, label=label)
+            bottom += value
+        ticks.append(x)
+        labels.append(f"r{r['round']}\n{short[r['node_id']]}")
+        x += 1.0
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"Where each round's time went, per client ({run.label})")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def plot_round_cdf(runs: list[Run], target: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        xs = sorted(run.round_time().values())
+        if xs:
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=run.label)
+    ax.set_xlabel("round time (s)")
+    ax.set_ylabel("fraction of rounds")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("CDF of round times")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def compare(runs: list[Run]) -> dict:
+    """Mean seconds per phase per run, and uplink ratios between every pair of runs."""
+    means = {}
+    for run in runs:
+        stats = {}
+        ok = [r for r in run.clients if r.get("status") == "ok"]
+        for name in CLIENT_PHASES:
+            values = [v for r in ok if (v := _num(r.get(name))) is not None]
+            stats[name] = sum(values) / len(values) if values else math.nan
+        agg = [float(r["aggregation_s"]) for r in run.rounds if _num(r.get("aggregation_s")) is not None]
+        stats["aggregation_s"] = sum(agg) / len(agg) if agg else math.nan
+        rt = list(run.round_time().values())
+        stats["round_s"] = sum(rt) / len(rt) if rt else math.nan
+        stats["uplink_share"] = phase_stats(run)["uplink_s"]["share"]
+        means[run.label] = stats
+    ratios = {
+        f"{a}/{b}": means[a]["uplink_s"] / means[b]["uplink_s"]
+        for a in means
+        for b in means
+        if a != b and means[b]["uplink_s"] and not math.isnan(means[b]["uplink_s"])
+    }
+    return {"mean_s": means, "uplink_ratio": ratios}
+
+
+def plot_comparison(runs: list[Run], target: Path) -> Path:
+    plt = _plt()
+    table = compare(runs)["mean_s"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(runs) + 2), 4.5))
+    for i, (label, stats) in enumerate(table.items()):
+        bottom = 0.0
+        for name in (*CLIENT_PHASES, "aggregation_s"):
+            value = 0.0 if math.isnan(stats[name]) else stats[name]
+            ax.bar(i, value, bottom=bottom, color=PHASE_COLORS[name], width=0.6, label=name[:-2] if i == 0 else None)
+            bottom += value
+    ax.set_xticks(range(len(table)), list(table), fontsize=9)
+    ax.set_ylabel("mean seconds per client and round")
+    ax.set_title("Phases side by side")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def report(paths: list[str | Path], *, labels: list[str] | None = None, out: str | Path | None = None, echo=print) -> list[Path]:
+    if not paths:
+        raise ValueError("give at least one run directory")
+    if labels and len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} run directories")
+    runs = [Run.load(p, labels[i] if labels else None) for i, p in enumerate(paths)]
+    written = []
+    for run in runs:
+        summary = summarize(run)
+        echo(format_summary(summary))
+        (run.path / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        written += [run.path / "summary.json", plot_phases_per_round(run, run.path / "phases_per_round.png")]
+        written.append(plot_round_cdf([run], run.path / "round_time_cdf.png"))
+    if len(runs) > 1:
+        target = Path(out) if out else runs[0].path.parent / "comparison"
+        target.mkdir(parents=True, exist_ok=True)
+        table = compare(runs)
+        (target / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
+        written += [target / "comparison.json", plot_comparison(runs, target / "comparison.png")]
+        written.append(plot_round_cdf(runs, target / "round_time_cdf.png"))
+        echo("comparison (mean seconds per client and round):")
+        for label, stats in table["mean_s"].items():
+            echo(f"  {label:<20}" + "  ".join(f"{k[:-2]} {v:.3f}" for k, v in stats.items() if k.endswith("_s")))
+        for pair, ratio in table["uplink_ratio"].items():
+            echo(f"  uplink time ratio {pair}: {ratio:.2f}x")
+    for path in written:
+        echo(f"wrote {path}")
+    return written

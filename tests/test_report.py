@@ -1,0 +1,68 @@
+"""`stamen report` on small hand-written run directories."""
+
+import csv
+import json
+
+import pytest
+
+from measurements.report import Run, compare, percentile, phase_stats, report
+from measurements.tables import CLIENTS_COLUMNS
+from server_app.run_dir import ROUNDS_COLUMNS
+from stamen.cli import main
+
+
+def _write(path, columns, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def _run_dir(tmp_path, name, network, uplink):
+    d = tmp_path / name
+    d.mkdir()
+    _write(d / "rounds.csv", ROUNDS_COLUMNS, [{"round": 1, "aggregation_s": 1.0, "round_s": 10.0}, {"round": 2, "aggregation_s": 1.0, "round_s": 10.0}])
+    rows = []
+    for rnd in (1, 2):
+        for node in (1, 2):
+            rows.append(
+                {"round": rnd, "node_id": node, "device_class": "jetson" if node == 1 else "raspberry-pi", "network": network,
+                 "status": "ok", "e2e_s": 9.0, "downlink_s": 1.0, "train_s": 9.0 - 1.0 - uplink - 1.0, "uplink_s": uplink,
+                 "wait_s": 1.0, "transfer_via": "telemetry"}
+            )
+    rows.append({"round": 2, "node_id": 3, "network": network, "status": "late"})  # not counted
+    _write(d / "clients.csv", CLIENTS_COLUMNS, rows)
+    return d
+
+
+def test_percentile_matches_linear_interpolation():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10.0], 95) == 10.0
+    assert percentile([0, 10], 95) == pytest.approx(9.5)
+
+
+def test_shares_by_hand(tmp_path):
+    run = Run.load(_run_dir(tmp_path, "a", "wifi", uplink=2.0))
+    stats = phase_stats(run)
+    # 4 rows of uplink 2 s, each in a 10 s round: 8 / 40
+    assert stats["uplink_s"]["share"] == pytest.approx(0.2) and stats["uplink_s"]["n"] == 4
+    assert stats["aggregation_s"]["share"] == pytest.approx(0.1)
+    assert stats["train_s"]["median"] == pytest.approx(5.0)
+
+
+def test_comparison_ratio_and_files(tmp_path):
+    a = _run_dir(tmp_path, "a", "5g", uplink=3.0)
+    b = _run_dir(tmp_path, "b", "ethernet", uplink=0.5)
+    assert compare([Run.load(a), Run.load(b)])["uplink_ratio"]["5g/ethernet"] == pytest.approx(6.0)
+    lines = []
+    written = report([a, b], out=tmp_path / "cmp", echo=lines.append)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+    assert (a / "phases_per_round.png").is_file() and (tmp_path / "cmp" / "comparison.png").is_file()
+    assert any("uplink time ratio 5g/ethernet: 6.00x" in line for line in lines)
+    assert json.loads((a / "summary.json").read_text())["label"] == "5g"
+
+
+def test_cli_names_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "rounds.csv" in capsys.readouterr().err
