@@ -51,6 +51,8 @@ class NodeSpec:
     num_threads: int | None = None
     extra: dict[str, str | int | float] = field(default_factory=dict)
     supernode: str | None = None  # "stamen" or "flower"; None: the deployment's choice
+    netns: str | None = None  # run inside this network namespace (deploy/netns.py)
+    cgroup: str | None = None  # join this cgroup directory (e.g. a CPU quota) before starting
 
     def node_config(self) -> str:
         items: dict[str, object] = {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
@@ -82,12 +84,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, name: str, log_file: Path) -> None:
+def _in_netns(netns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def _port_open(host: str, port: int, netns: str | None) -> bool:
+    if netns is None:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+            return True
+        return False
+    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=1)"
+    return subprocess.run([*_in_netns(netns), sys.executable, "-c", probe], capture_output=True, timeout=30).returncode == 0
+
+
+def wait_for_port(
+    port: int, timeout: float, proc: subprocess.Popen, name: str, log_file: Path, *, host: str = "127.0.0.1", netns: str | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with code {proc.returncode}; see {log_file}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        if _port_open(host, port, netns):
             return
         time.sleep(0.2)
     raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f} s; see {log_file}")
@@ -97,12 +114,21 @@ class LocalDeployment:
     """Context manager: processes are up inside ``with``, and gone after it."""
 
     def __init__(
-        self, nodes: list[NodeSpec], *, workdir: Path, app_dir: Path = PROJECT_ROOT, supernode: str = "stamen"
+        self,
+        nodes: list[NodeSpec],
+        *,
+        workdir: Path,
+        app_dir: Path = PROJECT_ROOT,
+        supernode: str = "stamen",
+        fleet_host: str = "127.0.0.1",
+        superlink_netns: str | None = None,
     ) -> None:
         if supernode not in SUPERNODES:
             raise ValueError(f"supernode must be one of {', '.join(SUPERNODES)}, got {supernode!r}")
         self.nodes = nodes
         self.supernode = supernode
+        self.fleet_host = fleet_host  # the SuperLink binds it; nodes dial it
+        self.superlink_netns = superlink_netns
         self.collector_port = free_port()
         self.workdir = workdir
         self.app_dir = app_dir
@@ -120,17 +146,26 @@ class LocalDeployment:
             "STAMEN_GIT_COMMIT": _git_describe(app_dir),
         }
 
-    def _spawn(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
+    def _spawn(
+        self, name: str, cmd: list[str], home: Path, *, netns: str | None = None, cgroup: str | None = None
+    ) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         log_file = self.workdir / f"{name}.log"
         out = open(log_file, "w")
+
+        def join_cgroup() -> None:  # in the child, before exec: its children inherit the cgroup
+            if cgroup:
+                with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+
         proc = subprocess.Popen(
-            cmd,
+            [*_in_netns(netns), *cmd],
             cwd=self.app_dir,
             env={**self.env, "FLWR_HOME": str(home)},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: we stop it and its children together
+            preexec_fn=join_cgroup if cgroup else None,
         )
         out.close()
         self.procs.append((name, proc, log_file))
@@ -156,21 +191,23 @@ class LocalDeployment:
                 "--insecure",
                 "--disable-runtime-dependency-installation",
                 "--fleet-api-address",
-                f"127.0.0.1:{self.fleet_port}",
+                f"{self.fleet_host}:{self.fleet_port}",
                 "--host",
                 "127.0.0.1",
                 "--port",
                 str(self.http_port),
             ],
             self.workdir / "superlink",
+            netns=self.superlink_netns,
         )
-        wait_for_port(self.fleet_port, 60, link, "flower-superlink", self.workdir / "superlink.log")
-        wait_for_port(self.http_port, 60, link, "flower-superlink", self.workdir / "superlink.log")
+        log_file = self.workdir / "superlink.log"
+        wait_for_port(self.fleet_port, 60, link, "flower-superlink", log_file, host=self.fleet_host, netns=self.superlink_netns)
+        wait_for_port(self.http_port, 60, link, "flower-superlink", log_file, netns=self.superlink_netns)
         for i, node in enumerate(self.nodes):
             kind = node.supernode or self.supernode
             if kind not in SUPERNODES:
                 raise ValueError(f"node {i}: supernode must be one of {', '.join(SUPERNODES)}, got {kind!r}")
-            measure = ["--telemetry-address", f"127.0.0.1:{self.collector_port}"] if kind == "stamen" else []
+            measure = ["--telemetry-address", f"{self.fleet_host}:{self.collector_port}"] if kind == "stamen" else []
             self._spawn(
                 f"supernode-{i}",
                 [
@@ -178,13 +215,15 @@ class LocalDeployment:
                     *measure,
                     "--insecure",
                     "--superlink",
-                    f"127.0.0.1:{self.fleet_port}",
+                    f"{self.fleet_host}:{self.fleet_port}",
                     "--port",
                     str(free_port()),
                     "--node-config",
                     node.node_config(),
                 ],
                 self.workdir / f"supernode-{i}",
+                netns=node.netns,
+                cgroup=node.cgroup,
             )
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
@@ -197,8 +236,8 @@ class LocalDeployment:
 
         ``run_config``: overrides, each 'k=v ...' or the path of a TOML file (see conf/).
         """
-        collector = f'measure.collector="127.0.0.1:{self.collector_port}"'
-        cmd = ["flwr", "run", str(self.app_dir), "local-deployment", "--stream"]
+        collector = f'measure.collector="{self.fleet_host}:{self.collector_port}"'
+        cmd = [*_in_netns(self.superlink_netns), "flwr", "run", str(self.app_dir), "local-deployment", "--stream"]
         cmd += ["--run-config", merge_overrides([collector, *run_config])]
         env = {**self.env, "FLWR_HOME": str(self.flwr_home)}
         proc = subprocess.Popen(
@@ -225,7 +264,7 @@ class LocalDeployment:
 
     def run_status(self, run_id: int) -> str:
         out = subprocess.run(
-            ["flwr", "ls", "local-deployment", "--run-id", str(run_id), "--format", "json"],
+            [*_in_netns(self.superlink_netns), "flwr", "ls", "local-deployment", "--run-id", str(run_id), "--format", "json"],
             cwd=self.app_dir,
             env={**self.env, "FLWR_HOME": str(self.flwr_home)},
             capture_output=True,

@@ -34,7 +34,7 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER, "
+            "CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, "
             "body TEXT NOT NULL, state TEXT, added REAL NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -50,14 +50,14 @@ class Spool:
     def add(self, event: Event) -> int:
         cur = self._db.execute(
             "INSERT INTO events (run_id, body, state, added) VALUES (?, ?, NULL, ?)",
-            (event.run_id, dumps([event]), time.time()),
+            (str(event.run_id), dumps([event]), time.time()),  # Flower's ids are uint64: beyond SQLite INTEGER
         )
         return int(cur.lastrowid)
 
     def claim(self, state: str, *, run_id: int | None = None, limit: int = 10_000) -> list[Event]:
         """Take undelivered events (oldest first), marking them with ``state``."""
         where = "state IS NULL" + ("" if run_id is None else " AND run_id = ?")
-        args: tuple = () if run_id is None else (run_id,)
+        args: tuple = () if run_id is None else (str(run_id),)
         self._db.execute("BEGIN IMMEDIATE")
         try:
             rows = self._db.execute(f"SELECT seq, body FROM events WHERE {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()

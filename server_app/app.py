@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from logging import ERROR, INFO
 
@@ -12,16 +11,14 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from measurements.aggregation import TimedStrategy
-from measurements.tables import CLIENTS_COLUMNS, RESOURCES_COLUMNS, client_rows, resource_rows
-from measurements.telemetry import TelemetryCollector, TelemetryStore
+from measurements.session import MeasurementSession
 from ml.model import adapted_weights, head_state, load_adapted_weights, load_head_state, target_module_names
 from ml.tasks import build_task, pick_device
 from stamen.config import ConfigError, StamenConfig
 from strategies import STRATEGIES
 from strategies.lora_records import from_record, join_global, split_global, to_record
 
-from .profiles import flush_telemetry, query_profiles, ranks_from_profiles
+from .profiles import query_profiles, ranks_from_profiles
 from .run_dir import RunDirectory
 
 app = ServerApp()
@@ -40,17 +37,16 @@ def main(grid: Grid, context: Context) -> None:
         raise
     run = RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict())
     log(INFO, "run directory: %s", run.path)
-    telemetry = TelemetryStore(run_id=context.run_id)
-    measuring = cfg.measure.enabled and cfg.measure.collector
-    with TelemetryCollector(cfg.measure.collector, telemetry) if measuring else _no_collector() as collector:
-        if collector is not None and collector.port:
-            log(INFO, "telemetry collector listening on port %d", collector.port)
-        _run(grid, cfg, task, split, model, targets, run, telemetry)
+    with MeasurementSession(
+        run, run_id=context.run_id, collector=cfg.measure.collector, enabled=cfg.measure.enabled
+    ) as measurements:
+        _run(grid, cfg, task, split, model, targets, run, measurements)
     log(INFO, "run directory: %s", run.path)
 
 
-def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDirectory, telemetry: TelemetryStore) -> None:
-    profiles = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, telemetry=telemetry)
+def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDirectory, measurements: MeasurementSession) -> None:
+    profiles = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
+    measurements.profiles = profiles
     run.write_json("profiles.json", {str(n): p for n, p in profiles.items()})
     node_ranks = ranks_from_profiles(profiles, cfg.lora)
     for node, rank in sorted(node_ranks.items()):
@@ -64,18 +60,7 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
         min_nodes=cfg.strategy.min_nodes,
         message_ttl=cfg.strategy.round_timeout,
     )
-
-    def write_tables() -> None:  # clients.csv fills in as late figures (uplinks) arrive
-        sent = strategy.grid.messages() if strategy.grid is not None else []
-        events = telemetry.events()
-        run.write_table("clients.csv", CLIENTS_COLUMNS, client_rows(sent, events, profiles))
-        run.write_table("resources.csv", RESOURCES_COLUMNS, resource_rows(sent, events))
-
-    def on_round(timing) -> None:
-        run.append_round_timing(timing)
-        write_tables()
-
-    strategy = TimedStrategy(algorithm, on_round=on_round, telemetry=telemetry)  # -> rounds.csv, clients.csv
+    strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     initial = join_global(adapted_weights(model, targets), head_state(model))
     evaluate = ServerEvaluation(cfg, task, model, split.test, run, algorithm)
     result = strategy.start(
@@ -86,15 +71,8 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
         evaluate_fn=evaluate,
     )
     run.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
-    if cfg.measure.enabled:  # the last uplinks, and whatever the collector did not get
-        flush_telemetry(grid, sorted(profiles), telemetry, timeout=cfg.strategy.query_timeout)
-    write_tables()
+    measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
     log(INFO, "done: %s", evaluate.summary())
-
-
-@contextlib.contextmanager
-def _no_collector():
-    yield None
 
 
 class ServerEvaluation:

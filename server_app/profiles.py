@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -10,8 +11,6 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from measurements.aggregation import ingest_replies
-from measurements.telemetry import TelemetryStore
 from stamen import keys
 from stamen.config import LoraConfig
 
@@ -27,7 +26,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def query_profiles(
-    grid: Grid, *, min_nodes: int, timeout: float, telemetry: TelemetryStore | None = None
+    grid: Grid, *, min_nodes: int, timeout: float, on_replies: Callable[[list[Message]], None] | None = None
 ) -> dict[int, dict[str, Any]]:
     """Send a ``query`` message to every connected node; {node id: profile}."""
     nodes = wait_for_nodes(grid, min_nodes, timeout)
@@ -37,8 +36,8 @@ def query_profiles(
     ]
     profiles: dict[int, dict[str, Any]] = {}
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    if telemetry is not None:
-        ingest_replies(replies, telemetry)
+    if on_replies is not None:
+        on_replies(replies)
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -48,19 +47,6 @@ def query_profiles(
     for node in set(nodes) - set(profiles):
         log(WARNING, "node %d sent no profile; it gets the default LoRA rank", node)
     return profiles
-
-
-def flush_telemetry(grid: Grid, nodes: list[int], telemetry: TelemetryStore, *, timeout: float) -> int:
-    """Ask every node for the events it still holds (the last round's uplinks, or all of
-    them when the collector was unreachable). Returns how many came back."""
-    messages = [
-        Message(RecordDict({keys.CONFIG: ConfigRecord({keys.FLUSH: True})}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in nodes
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    count = ingest_replies(replies, telemetry)
-    log(INFO, "telemetry: %d late events from %d of %d nodes", count, len(replies), len(nodes))
-    return count
 
 
 def ranks_from_profiles(profiles: dict[int, dict[str, Any]], lora: LoraConfig) -> dict[int, int]:

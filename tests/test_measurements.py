@@ -150,6 +150,15 @@ def test_spool_delivers_each_event_once_across_processes(tmp_path):
     assert a.pending() == 0
 
 
+def test_spool_takes_flowers_uint64_ids(tmp_path):
+    s = Spool(tmp_path / "s.sqlite")
+    big = _event()
+    big.run_id, big.node_id = 2**64 - 1, 2**64 - 2
+    s.add(big)
+    (back,) = s.claim(REPLY, run_id=2**64 - 1)
+    assert back.run_id == 2**64 - 1 and back.node_id == 2**64 - 2
+
+
 def test_spool_recover_releases_a_dead_senders_claims(tmp_path):
     s = Spool(tmp_path / "s.sqlite")
     s.add(_event())

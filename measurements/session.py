@@ -1,0 +1,82 @@
+"""The server side of the instrumentation for one run, in one object.
+
+    with MeasurementSession(run_dir, run_id=context.run_id, collector="0.0.0.0:9400") as m:
+        strategy = m.wrap(any_strategy)            # rounds.csv, and clients.csv as rounds end
+        strategy.start(grid, ...)
+        m.finish(grid, node_ids, timeout=60)       # the last uplinks; final clients.csv
+
+``run_dir`` is anything with ``append_round_timing(RoundTiming)`` and
+``write_table(name, columns, rows)`` (server_app/run_dir.py's RunDirectory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp.strategy import Strategy
+
+from stamen import keys
+
+from .aggregation import RoundTiming, TimedStrategy, ingest_replies
+from .tables import CLIENTS_COLUMNS, RESOURCES_COLUMNS, client_rows, resource_rows
+from .telemetry import TelemetryCollector, TelemetryStore
+
+log = logging.getLogger("stamen.measurements")
+
+
+class MeasurementSession:
+    def __init__(self, run_dir, *, run_id: int, collector: str = "", enabled: bool = True) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.telemetry = TelemetryStore(run_id=run_id)
+        self.profiles: dict[int, dict[str, Any]] = {}
+        self.strategy: TimedStrategy | None = None
+        self._collector = TelemetryCollector(collector, self.telemetry) if (enabled and collector) else None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> MeasurementSession:
+        if self._collector is not None:
+            self._stack.enter_context(self._collector)
+            if self._collector.port:
+                log.info("telemetry collector listening on port %d", self._collector.port)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def wrap(self, strategy: Strategy) -> TimedStrategy:
+        self.strategy = TimedStrategy(strategy, on_round=self._on_round, telemetry=self.telemetry)
+        return self.strategy
+
+    def take_replies(self, replies) -> None:
+        """Events that arrived in replies the strategy never saw (e.g. profile queries)."""
+        ingest_replies(replies, self.telemetry)
+
+    def _on_round(self, timing: RoundTiming) -> None:
+        self.run_dir.append_round_timing(timing)
+        self.write_tables()
+
+    def write_tables(self) -> None:
+        """clients.csv and resources.csv as far as the figures go (uplinks fill in late)."""
+        grid = self.strategy.grid if self.strategy is not None else None
+        sent = grid.messages() if grid is not None else []
+        events = self.telemetry.events()
+        self.run_dir.write_table("clients.csv", CLIENTS_COLUMNS, client_rows(sent, events, self.profiles))
+        self.run_dir.write_table("resources.csv", RESOURCES_COLUMNS, resource_rows(sent, events))
+
+    def finish(self, grid, nodes: list[int], *, timeout: float) -> None:
+        """Ask every node for the events it still holds, then write the final tables."""
+        if self.enabled and nodes:
+            messages = [
+                Message(
+                    RecordDict({keys.CONFIG: ConfigRecord({keys.FLUSH: True})}), dst_node_id=n, message_type=MessageType.QUERY
+                )
+                for n in nodes
+            ]
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            count = ingest_replies(replies, self.telemetry)
+            log.info("telemetry: %d late events from %d of %d nodes", count, len(replies), len(nodes))
+        self.write_tables()

@@ -1,0 +1,64 @@
+"""Transfer times are right: a SuperLink and a stamen-supernode in two network namespaces
+joined by a veth pair shaped with tbf (8 Mbit/s down, 4 Mbit/s up). The measured
+downlink and uplink of payloads of 1 MB and more must be within 10% of bytes*8/rate.
+
+Needs root and iproute2; skipped with the reason otherwise. Traffic stays inside the two
+namespaces this test creates (they have no route anywhere else) and both are deleted
+afterwards, also on failure.
+"""
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deploy import netns
+from deploy.local import LocalDeployment, NodeSpec
+
+pytestmark = pytest.mark.integration
+PAYLOAD_APP = Path(__file__).parent / "apps" / "payload"
+DOWN_MBIT, UP_MBIT = 8, 4
+
+
+@pytest.fixture(scope="module")
+def shaped_rows(tmp_path_factory):
+    if (reason := netns.available()) is not None:
+        pytest.skip(f"link shaping test needs network namespaces: {reason}")
+    if shutil.which("stamen-supernode") is None:
+        pytest.fail("stamen-supernode is not on PATH: run the tests through `make test`")
+    out = tmp_path_factory.mktemp("shaped")
+    prefix = f"stm{os.getpid() % 100000}"
+    netns.cleanup(prefix)
+    rows = []
+    with netns.NamespacePair(prefix, down_mbit=DOWN_MBIT, up_mbit=UP_MBIT) as link:
+        node = NodeSpec(0, 1, netns=link.node_ns, extra={"network": "tbf"})
+        with LocalDeployment(
+            [node], workdir=out / "_deploy", app_dir=PAYLOAD_APP, fleet_host=link.server_ip, superlink_netns=link.server_ns
+        ) as dep:
+            for down, up in ((1_000_000, 1_000_000), (4_000_000, 3_000_000)):
+                run_id = dep.run([f'output.dir="{out}" down-bytes={down} up-bytes={up}'], echo=lambda line: None, timeout=300)
+                path = out / str(run_id) / "clients.csv"
+                assert path.is_file(), f"the run wrote no clients.csv; see {out}/_deploy"
+                rows += list(csv.DictReader(open(path)))
+    assert not any(n.startswith(prefix) for n in os.popen("ip netns list").read().split()), "namespaces left behind"
+    return rows
+
+
+def test_downlink_matches_the_shaped_rate(shaped_rows):
+    assert len(shaped_rows) == 2
+    for r in shaped_rows:
+        assert r["transfer_via"] in ("telemetry", "reply") and r["status"] == "ok"
+        expected = int(r["bytes_down"]) * 8 / (DOWN_MBIT * 1e6)
+        measured = float(r["downlink_s"])
+        print(f"downlink {int(r['bytes_down'])} B: {measured:.3f} s measured, {expected:.3f} s expected")
+        assert abs(measured / expected - 1) < 0.10, f"downlink {measured:.3f} s vs {expected:.3f} s expected"
+
+
+def test_uplink_matches_the_shaped_rate(shaped_rows):
+    for r in shaped_rows:
+        expected = int(r["bytes_up"]) * 8 / (UP_MBIT * 1e6)
+        measured = float(r["uplink_s"])
+        print(f"uplink {int(r['bytes_up'])} B: {measured:.3f} s measured, {expected:.3f} s expected")
+        assert abs(measured / expected - 1) < 0.10, f"uplink {measured:.3f} s vs {expected:.3f} s expected"
