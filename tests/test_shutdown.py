@@ -25,8 +25,8 @@ def test_sigint_stops_every_process(tmp_path):
     while time.monotonic() < deadline:
         for child in me.children(recursive=True):
             seen.setdefault(child.pid, child)
-        names = " ".join(" ".join(p.cmdline()) for p in seen.values() if p.is_running())
-        if names.count("flower-supernode") >= 2 and "flwr-serverapp" in names:
+        names = " ".join(_cmdline(p) for p in seen.values())
+        if names.count("stamen-supernode") >= 2 and "flwr-serverapp" in names:
             break
         time.sleep(1)
     else:
@@ -37,4 +37,11 @@ def test_sigint_stops_every_process(tmp_path):
     assert proc.returncode == 130, out
     assert "interrupted: all processes stopped" in out
     gone, alive = psutil.wait_procs(list(seen.values()), timeout=10)
-    assert not alive, f"still running: {[' '.join(p.cmdline()) for p in alive]}"
+    assert not alive, f"still running: {[_cmdline(p) for p in alive]}"
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline()) if p.is_running() else ""
+    except psutil.Error:  # exited (or a zombie) since it was seen
+        return ""
