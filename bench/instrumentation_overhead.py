@@ -39,6 +39,7 @@ def component(reps: int, steps: int, interval: float) -> None:
 
     from measurements import client_mod
     from measurements.phases import phase
+    from measurements.spool import ENV_VAR
     from ml.lora import attach_fresh_lora
     from ml.model import target_module_names
     from ml.tasks import build_task, train_local
@@ -62,7 +63,7 @@ def component(reps: int, steps: int, interval: float) -> None:
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
     with tempfile.TemporaryDirectory() as spool_dir:
-        os.environ["STAMEN_SPOOL"] = str(Path(spool_dir) / "spool.sqlite")
+        os.environ[ENV_VAR] = str(Path(spool_dir) / "spool.sqlite")
         times = {"off": [], "on": []}
         handler(Message(RecordDict(), dst_node_id=1, message_type="train"), context)  # warm-up
         for i in range(reps):

@@ -123,8 +123,9 @@ class LocalDeployment:
         fleet_host: str = "127.0.0.1",
         superlink_netns: str | None = None,
     ) -> None:
-        if supernode not in SUPERNODES:
-            raise ValueError(f"supernode must be one of {', '.join(SUPERNODES)}, got {supernode!r}")
+        for i, node in enumerate(nodes):  # checked before anything starts
+            if (node.supernode or supernode) not in SUPERNODES:
+                raise ValueError(f"node {i}: supernode must be one of {', '.join(SUPERNODES)}, got {node.supernode or supernode!r}")
         self.nodes = nodes
         self.supernode = supernode
         self.fleet_host = fleet_host  # the SuperLink binds it; nodes dial it
@@ -205,8 +206,6 @@ class LocalDeployment:
         wait_for_port(self.http_port, 60, link, "flower-superlink", log_file, netns=self.superlink_netns)
         for i, node in enumerate(self.nodes):
             kind = node.supernode or self.supernode
-            if kind not in SUPERNODES:
-                raise ValueError(f"node {i}: supernode must be one of {', '.join(SUPERNODES)}, got {kind!r}")
             measure = ["--telemetry-address", f"{self.fleet_host}:{self.collector_port}"] if kind == "stamen" else []
             self._spawn(
                 f"supernode-{i}",

@@ -102,6 +102,3 @@ class NamespacePair:
     def __exit__(self, *exc) -> None:
         for ns in (self.server_ns, self.node_ns):
             _ip("netns", "delete", ns, check=False)
-
-    def prefix_cmd(self, ns: str) -> list[str]:
-        return ["ip", "netns", "exec", ns]

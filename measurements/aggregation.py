@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import Strategy
 from stamen import keys
 
 from . import events as ev
-from .grid import TimingGrid
+from .grid import TimingGrid, payload_bytes
 from .telemetry import VIA_REPLY, TelemetryStore
 
 log = logging.getLogger("stamen.measurements")
@@ -103,9 +103,7 @@ class TimedStrategy(Strategy):
             if not m.metadata.group_id:  # ties each message to its round in clients.csv
                 m.metadata.group_id = str(server_round)
         timing.sent = [m.metadata.dst_node_id for m in messages]
-        timing.payload_down_bytes = sum(
-            rec.count_bytes() for m in messages for rec in m.content.array_records.values()
-        )
+        timing.payload_down_bytes = sum(payload_bytes(m) for m in messages)
         return messages
 
     def aggregate_train(

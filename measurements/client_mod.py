@@ -32,16 +32,15 @@ from stamen.config import MeasureConfig
 from . import events as ev
 from .phases import recording
 from .resources import ResourceSampler, Sample, gpu_peak_memory_bytes, reset_gpu_peak
-from .spool import REPLY, Spool
+from .spool import ENV_VAR, REPLY, Spool
 
-TIMED = ("train", "evaluate")  # message types whose handler is timed and sampled
 _INLINE_SPOOL = "inline-" + uuid.uuid4().hex[:8]  # events of this process when there is no spool
 _inline_seq = itertools.count(1)
 
 
 def transport() -> str:
     """What moved this message to the node: decides which figures can exist."""
-    if os.environ.get("STAMEN_SPOOL"):
+    if os.environ.get(ENV_VAR):
         return "stamen-supernode"
     if "ray" in sys.modules:  # Flower's simulation engine runs ClientApps in Ray actors
         return "simulation"
@@ -69,7 +68,7 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
             event.spool_id, event.seq = _INLINE_SPOOL, next(_inline_seq)
             inline.append(event)
 
-    if kind in TIMED:
+    if kind in ev.HANDLERS:  # timed and sampled
         started_unix = time.time()
         values: dict[str, float] = {}
         if labels["transport"] != "simulation":  # a fresh process per message: its start-up is Flower's
@@ -100,9 +99,5 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 def _sample_values(s: Sample) -> dict[str, float]:
-    out = {"rss_bytes": float(s.rss_bytes), "cpu_pct": s.cpu_pct, "system_cpu_pct": s.system_cpu_pct}
-    if s.temp_c is not None:
-        out["temp_c"] = s.temp_c
-    if s.gpu_mem_bytes is not None:
-        out["gpu_mem_bytes"] = float(s.gpu_mem_bytes)
-    return out
+    """A Sample's fields carry the event's value names; sensors a machine lacks are left out."""
+    return {k: float(v) for k in ev.SAMPLE_VALUES if (v := getattr(s, k)) is not None}

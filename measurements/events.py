@@ -8,15 +8,18 @@ server's only through a clock-offset estimate), ``duration_s`` its monotonic clo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 
 # kinds
 DOWNLINK = "downlink"  # the SuperNode's pull RPCs of one instruction (measurements/transport.py)
 UPLINK = "uplink"  # the SuperNode's push RPCs of one reply
 SAMPLE = "sample"  # one resource sample (measurements/resources.py)
 CLOCK = "clock"  # a clock-offset estimate (measurements/telemetry.py)
-# and the message type of a handled message ("train", "evaluate", "query"): the ClientApp
-# mod's phase timings of that handler (measurements/client_mod.py)
+# and the message type of a handled message: the ClientApp mod's phase timings of that
+# handler (measurements/client_mod.py), for these types:
+HANDLERS = ("train", "evaluate")
+SAMPLE_VALUES = ("rss_bytes", "cpu_pct", "system_cpu_pct", "temp_c", "gpu_mem_bytes")  # of a SAMPLE event
 
 
 @dataclass
@@ -62,33 +65,20 @@ class Event:
     def to_proto(self):
         from stamen_telemetry import telemetry_pb2
 
-        return telemetry_pb2.Event(
-            seq=self.seq,
-            spool_id=self.spool_id,
-            node_id=self.node_id,
-            run_id=self.run_id,
-            message_id=self.message_id,
-            kind=self.kind,
-            start_unix_s=self.start_unix_s,
-            duration_s=self.duration_s,
-            values=self.values,
-            labels=self.labels,
-        )
+        return telemetry_pb2.Event(**self.to_json())  # the proto's fields are this class's fields
 
     @classmethod
     def from_proto(cls, msg) -> Event:
-        return cls(
-            kind=msg.kind,
-            start_unix_s=msg.start_unix_s,
-            duration_s=msg.duration_s,
-            node_id=msg.node_id,
-            run_id=msg.run_id,
-            message_id=msg.message_id,
-            values=dict(msg.values),
-            labels=dict(msg.labels),
-            seq=msg.seq,
-            spool_id=msg.spool_id,
-        )
+        return cls.from_json({f.name: getattr(msg, f.name) for f in fields(cls)})
+
+
+def best_clocks(events: Iterable[Event]) -> dict[int, Event]:
+    """node id -> its ``clock`` event with the smallest round trip (NTP's min-delay filter)."""
+    best: dict[int, Event] = {}
+    for e in events:
+        if e.kind == CLOCK and (e.node_id not in best or e.values.get("rtt_s", 1e9) < best[e.node_id].values.get("rtt_s", 1e9)):
+            best[e.node_id] = e
+    return best
 
 
 def dumps(events: list[Event]) -> str:

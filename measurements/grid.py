@@ -38,7 +38,8 @@ class SentMessage:
         return None if self.received_unix_s is None else self.received_unix_s - self.sent_unix_s
 
 
-def _payload(msg: Message) -> int:
+def payload_bytes(msg: Message) -> int:
+    """ArrayRecord bytes a message carries (before serialization and framing)."""
     if not msg.has_content():
         return 0
     return sum(rec.count_bytes() for rec in msg.content.array_records.values())
@@ -55,7 +56,7 @@ class TimingGrid:
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        sizes = [_payload(m) for m in messages]
+        sizes = [payload_bytes(m) for m in messages]
         t = time.time()
         ids = list(self._grid.push_messages(messages))
         with self._lock:
@@ -74,7 +75,7 @@ class TimingGrid:
                 entry = self.sent.get(reply.metadata.reply_to_message_id)
                 if entry is not None and entry.received_unix_s is None:
                     entry.received_unix_s = t
-                    entry.reply_payload_bytes = _payload(reply)
+                    entry.reply_payload_bytes = payload_bytes(reply)
                     entry.error = reply.error.reason if reply.has_error() else ""
         return replies
 

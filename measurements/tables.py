@@ -74,13 +74,11 @@ def client_rows(
     message_type: str = "train",
 ) -> list[dict[str, Any]]:
     profiles = profiles or {}
+    events = list(events)
+    clocks = ev.best_clocks(e for e, _ in events)
     by_message: dict[tuple[str, str], tuple[ev.Event, str]] = {}
-    clocks: dict[int, ev.Event] = {}
     for e, via in events:
-        if e.kind == ev.CLOCK:
-            if e.node_id not in clocks or e.values.get("rtt_s", 1e9) < clocks[e.node_id].values.get("rtt_s", 1e9):
-                clocks[e.node_id] = e
-        elif e.kind != ev.SAMPLE and e.message_id:
+        if e.kind not in (ev.CLOCK, ev.SAMPLE) and e.message_id:
             by_message.setdefault((e.message_id, e.kind), (e, via))
 
     rows = []
@@ -93,7 +91,8 @@ def client_rows(
         up, up_via = by_message.get((m.message_id, ev.UPLINK), (None, None))
         clock = clocks.get(m.node_id)
         offset = clock.values.get("offset_s") if clock else None
-        transport = (train or down or up).labels.get("transport", "") if (train or down or up) else ""
+        first = train or down or up
+        transport = first.labels.get("transport", "") if first else ""
 
         row: dict[str, Any] = {
             "round": _round(m.group_id),
@@ -139,7 +138,7 @@ def client_rows(
 def resource_rows(sent: Iterable[SentMessage], events: Iterable[tuple[ev.Event, str]]) -> list[dict[str, Any]]:
     rounds = {m.message_id: m for m in sent}
     events = list(events)
-    starts = {e.message_id: e.start_unix_s for e, _ in events if e.kind in ("train", "evaluate")}
+    starts = {e.message_id: e.start_unix_s for e, _ in events if e.kind in ev.HANDLERS}
     rows = []
     for e, via in events:
         if e.kind != ev.SAMPLE or e.message_id not in rounds:
@@ -152,7 +151,7 @@ def resource_rows(sent: Iterable[SentMessage], events: Iterable[tuple[ev.Event, 
                 "node_id": m.node_id,
                 "unix_s": e.start_unix_s,
                 "t_s": e.start_unix_s - start if start is not None else None,
-                **{k: e.values.get(k) for k in ("rss_bytes", "cpu_pct", "system_cpu_pct", "temp_c", "gpu_mem_bytes")},
+                **{k: e.values.get(k) for k in ev.SAMPLE_VALUES},
                 "via": via,
             }
         )

@@ -87,17 +87,9 @@ class TelemetryStore:
         with self._lock:
             return [(e, self._via[k]) for k, e in self._events.items() if kind is None or e.kind == kind]
 
-    def by_message(self) -> dict[tuple[str, str], tuple[ev.Event, str]]:
-        """(message id, kind) -> (event, path), for every event tied to a message except samples."""
-        return {(e.message_id, e.kind): (e, via) for e, via in self.events() if e.message_id and e.kind != ev.SAMPLE}
-
     def clock(self) -> dict[int, ev.Event]:
         """node id -> its clock estimate with the smallest round trip."""
-        best: dict[int, ev.Event] = {}
-        for e, _ in self.events(ev.CLOCK):
-            if e.node_id not in best or e.values.get("rtt_s", 1e9) < best[e.node_id].values.get("rtt_s", 1e9):
-                best[e.node_id] = e
-        return best
+        return ev.best_clocks(e for e, _ in self.events(ev.CLOCK))
 
 
 class _Servicer:
@@ -172,7 +164,6 @@ class TelemetrySender:
         self.spool, self.address, self.node_id = spool, address, node_id
         self.interval, self.probes, self.resync_s = interval, probes, resync_s
         self.root_certificates = root_certificates
-        self.delivered = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._channel: grpc.Channel | None = None
@@ -230,7 +221,6 @@ class TelemetrySender:
         self.spool.mark([e.seq for e in events if e.seq in stored], TELEMETRY)
         self.spool.release([e.seq for e in events if e.seq not in stored])
         self._note_reachable(True)
-        self.delivered += len(stored)
         return len(stored)
 
     def sync_clock(self) -> bool:

@@ -118,11 +118,7 @@ class RunDirectory:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
-            for row in rows:
-                unknown = set(row) - set(columns)
-                if unknown:
-                    raise KeyError(f"{name} has no columns {sorted(unknown)}")
-                writer.writerow([_fmt(row.get(c)) for c in columns])
+            writer.writerows(_cells(name, columns, row) for row in rows)
         tmp.replace(target)
         return target
 
@@ -133,11 +129,17 @@ class RunDirectory:
 
 
 def _append(path: Path, columns: tuple[str, ...], row: dict[str, Any]) -> None:
+    cells = _cells(path.name, columns, row)
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow(cells)
+
+
+def _cells(table: str, columns: tuple[str, ...], row: dict[str, Any]) -> list[Any]:
+    """A row in column order; a key the table has no column for is a bug, not a silent drop."""
     unknown = set(row) - set(columns)
     if unknown:
-        raise KeyError(f"{path.name} has no columns {sorted(unknown)}")
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow([_fmt(row.get(c, "")) for c in columns])
+        raise KeyError(f"{table} has no columns {sorted(unknown)}")
+    return [_fmt(row.get(c)) for c in columns]
 
 
 def _fmt(value: Any) -> Any:
