@@ -131,6 +131,7 @@ class LocalDeployment:
         self.fleet_host = fleet_host  # the SuperLink binds it; nodes dial it
         self.superlink_netns = superlink_netns
         self.collector_port = free_port()
+        self.collector_address = f"{fleet_host}:{self.collector_port}"  # where stamen-supernodes stream telemetry
         self.workdir = workdir
         self.app_dir = app_dir
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
@@ -184,25 +185,24 @@ class LocalDeployment:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def superlink_command(self) -> list[str]:
+        return [
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--fleet-api-address",
+            f"{self.fleet_host}:{self.fleet_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.http_port),
+        ]
+
     def start(self) -> None:
-        link = self._spawn(
-            "superlink",
-            [
-                "flower-superlink",
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--fleet-api-address",
-                f"{self.fleet_host}:{self.fleet_port}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.http_port),
-            ],
-            self.workdir / "superlink",
-            netns=self.superlink_netns,
-        )
+        link = self._spawn("superlink", self.superlink_command(), self.workdir / "superlink", netns=self.superlink_netns)
         log_file = self.workdir / "superlink.log"
-        wait_for_port(self.fleet_port, 60, link, "flower-superlink", log_file, host=self.fleet_host, netns=self.superlink_netns)
+        if self.nodes:  # (a simulation SuperLink has no Fleet API)
+            wait_for_port(self.fleet_port, 60, link, "flower-superlink", log_file, host=self.fleet_host, netns=self.superlink_netns)
         wait_for_port(self.http_port, 60, link, "flower-superlink", log_file, netns=self.superlink_netns)
         for i, node in enumerate(self.nodes):
             kind = node.supernode or self.supernode
@@ -235,9 +235,9 @@ class LocalDeployment:
 
         ``run_config``: overrides, each 'k=v ...' or the path of a TOML file (see conf/).
         """
-        collector = f'measure.collector="{self.fleet_host}:{self.collector_port}"'
+        collector = f'measure.collector="{self.collector_address}"'
         cmd = [*_in_netns(self.superlink_netns), "flwr", "run", str(self.app_dir), "local-deployment", "--stream"]
-        cmd += ["--run-config", merge_overrides([collector, *run_config])]
+        cmd += ["--run-config", merge_overrides([collector, *run_config]), *self.run_flags()]
         env = {**self.env, "FLWR_HOME": str(self.flwr_home)}
         proc = subprocess.Popen(
             cmd, cwd=self.app_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -260,6 +260,10 @@ class LocalDeployment:
         if run_id is None:
             raise RuntimeError(f"could not find the run id in flwr run's output; see {self.workdir / 'flwr-run.log'}")
         return run_id
+
+    def run_flags(self) -> list[str]:
+        """Extra ``flwr run`` flags (the simulation's federation config)."""
+        return []
 
     def run_status(self, run_id: int) -> str:
         out = subprocess.run(

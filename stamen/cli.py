@@ -1,6 +1,7 @@
 """``stamen``: the project's command line.
 
     stamen local    run the app on a real SuperLink + N SuperNodes on 127.0.0.1
+    stamen simulate run the app on N virtual SuperNodes in Flower's simulation engine (Ray)
     stamen report   summary and plots of where each round's time went
 """
 
@@ -41,6 +42,24 @@ def cmd_local(args: argparse.Namespace) -> int:
     for i, node in enumerate(nodes):
         print(f"[stamen]   supernode-{i}: --node-config '{node.node_config()}'", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
+    return _run_and_report(LocalDeployment(nodes, workdir=workdir), overrides, output, workdir, args.timeout)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from deploy.local import merge_overrides
+    from deploy.simulation import SimulationDeployment
+
+    output = Path(args.output).resolve()
+    workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
+    overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
+    print(f"[stamen] starting flower-superlink --simulation with {args.nodes} virtual SuperNodes", flush=True)
+    print(f"[stamen] process logs: {workdir}", flush=True)
+    deployment = SimulationDeployment(args.nodes, workdir=workdir, client_cpus=args.client_cpus)
+    return _run_and_report(deployment, overrides, output, workdir, args.timeout)
+
+
+def _run_and_report(deployment, overrides: str, output: Path, workdir: Path, timeout: float) -> int:
+    """Run the app on a deployment, check Flower's verdict, print the last round and the report."""
 
     def on_sigterm(signum, frame):  # turn SIGTERM into the same clean shutdown as Ctrl-C
         raise KeyboardInterrupt
@@ -48,8 +67,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     t0 = time.monotonic()
     try:
-        with LocalDeployment(nodes, workdir=workdir) as dep:
-            run_id = dep.run([overrides], echo=lambda line: print(line, flush=True), timeout=args.timeout)
+        with deployment as dep:
+            run_id = dep.run([overrides], echo=lambda line: print(line, flush=True), timeout=timeout)
             status = dep.run_status(run_id)
     except KeyboardInterrupt:
         print("\n[stamen] interrupted: all processes stopped", file=sys.stderr)
@@ -110,13 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     local.add_argument("--timeout", type=float, default=3600.0)
     local.set_defaults(func=cmd_local)
+    sim = sub.add_parser("simulate", help="run on N virtual SuperNodes in Flower's simulation engine (Ray)")
+    sim.add_argument("--nodes", type=int, default=10)
+    sim.add_argument("--client-cpus", type=int, default=1, help="CPUs Ray reserves per ClientApp")
+    sim.add_argument("--output", default="runs", help="where run directories go")
+    sim.add_argument(
+        "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"
+    )
+    sim.add_argument("--timeout", type=float, default=3600.0)
+    sim.set_defaults(func=cmd_simulate)
     rep = sub.add_parser("report", help="summary and PNGs of a run's phase timings; several runs are compared")
     rep.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories")
     rep.add_argument("--labels", default="", help="a name per run dir, comma-separated (default: its network labels)")
     rep.add_argument("--out", default=None, help="where the comparison goes (default: <first run's parent>/comparison)")
     rep.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    if args.command == "local" and args.nodes < 1:
+    if args.command in ("local", "simulate") and args.nodes < 1:
         parser.error("--nodes must be at least 1")
     return args.func(args)
 
