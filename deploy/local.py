@@ -52,7 +52,8 @@ class NodeSpec:
     extra: dict[str, str | int | float] = field(default_factory=dict)
     supernode: str | None = None  # "stamen" or "flower"; None: the deployment's choice
     netns: str | None = None  # run inside this network namespace (deploy/netns.py)
-    cgroup: str | None = None  # join this cgroup directory (e.g. a CPU quota) before starting
+    cgroups: tuple[str, ...] = ()  # join these cgroup directories (CPU quota, memory limit) before starting
+    dial_host: str | None = None  # where this node reaches the SuperLink and collector (e.g. a local delay proxy)
 
     def node_config(self) -> str:
         items: dict[str, object] = {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
@@ -149,14 +150,14 @@ class LocalDeployment:
         }
 
     def _spawn(
-        self, name: str, cmd: list[str], home: Path, *, netns: str | None = None, cgroup: str | None = None
+        self, name: str, cmd: list[str], home: Path, *, netns: str | None = None, cgroups: tuple[str, ...] = ()
     ) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         log_file = self.workdir / f"{name}.log"
         out = open(log_file, "w")
 
-        def join_cgroup() -> None:  # in the child, before exec: its children inherit the cgroup
-            if cgroup:
+        def join_cgroups() -> None:  # in the child, before exec: its children inherit the cgroups
+            for cgroup in cgroups:
                 with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
 
@@ -167,7 +168,7 @@ class LocalDeployment:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: we stop it and its children together
-            preexec_fn=join_cgroup if cgroup else None,
+            preexec_fn=join_cgroups if cgroups else None,
         )
         out.close()
         self.procs.append((name, proc, log_file))
@@ -206,7 +207,8 @@ class LocalDeployment:
         wait_for_port(self.http_port, 60, link, "flower-superlink", log_file, netns=self.superlink_netns)
         for i, node in enumerate(self.nodes):
             kind = node.supernode or self.supernode
-            measure = ["--telemetry-address", f"{self.fleet_host}:{self.collector_port}"] if kind == "stamen" else []
+            host = node.dial_host or self.fleet_host
+            measure = ["--telemetry-address", f"{host}:{self.collector_port}"] if kind == "stamen" else []
             self._spawn(
                 f"supernode-{i}",
                 [
@@ -214,7 +216,7 @@ class LocalDeployment:
                     *measure,
                     "--insecure",
                     "--superlink",
-                    f"{self.fleet_host}:{self.fleet_port}",
+                    f"{host}:{self.fleet_port}",
                     "--port",
                     str(free_port()),
                     "--node-config",
@@ -222,7 +224,7 @@ class LocalDeployment:
                 ],
                 self.workdir / f"supernode-{i}",
                 netns=node.netns,
-                cgroup=node.cgroup,
+                cgroups=tuple(str(c) for c in node.cgroups),
             )
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(

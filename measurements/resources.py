@@ -37,9 +37,14 @@ def read_temperature_c() -> float | None:
 
 
 def _cuda():
-    torch = sys.modules.get("torch")  # never import torch just to sample
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda
+    # Never import torch just to sample. The sampler thread may run while the handler is
+    # still importing torch: a partially initialized module has no `cuda` yet.
+    cuda = getattr(sys.modules.get("torch"), "cuda", None)
+    try:
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            return cuda
+    except (AttributeError, RuntimeError):  # torch.cuda itself half imported
+        pass
     return None
 
 
@@ -102,8 +107,14 @@ class ResourceSampler:
         self._sample()  # the interval since the last sample
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.wait(self.interval):
-            self._sample()
+            try:
+                self._sample()
+            except Exception as err:  # one bad sample must not end the series
+                failures += 1
+                if failures == 1:
+                    print(f"[stamen] resource sample failed (the sampler goes on): {err!r}", file=sys.stderr, flush=True)
 
     def _sample(self) -> None:
         try:

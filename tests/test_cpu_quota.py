@@ -21,8 +21,8 @@ PAYLOAD_APP = Path(__file__).parent / "apps" / "payload"
 def test_train_time_grows_with_a_cpu_quota(tmp_path):
     if (reason := cgroups.available()) is not None:
         pytest.skip(f"CPU quota test: {reason}")
-    with cgroups.CpuQuota(f"stamen-test-{os.getpid()}", cpus=0.25) as quota:
-        nodes = [NodeSpec(0, 2, device_class="raspberry-pi", cgroup=str(quota.path)), NodeSpec(1, 2, device_class="cpu")]
+    with cgroups.Limits(f"stamen-test-{os.getpid()}", cpus=0.25) as quota:
+        nodes = [NodeSpec(0, 2, device_class="raspberry-pi", cgroups=tuple(map(str, quota.paths))), NodeSpec(1, 2, device_class="cpu")]
         with LocalDeployment(nodes, workdir=tmp_path / "_deploy", app_dir=PAYLOAD_APP) as dep:
             run_id = dep.run(
                 [f'output.dir="{tmp_path}" min-nodes=2 down-bytes=1000 up-bytes=1000 work-iterations=6000000'],

@@ -244,3 +244,15 @@ def test_resource_rows_are_relative_to_the_handler_start():
     samples = [ev.Event("sample", 100.0 + t, node_id=5, message_id="m1", values={"rss_bytes": 1e8, "cpu_pct": 99.0}) for t in (1.0, 0.5)]
     rows = resource_rows(sent, [(train, "reply"), *((s, "telemetry") for s in samples)])
     assert [r["t_s"] for r in rows] == [0.5, 1.0] and rows[0]["via"] == "telemetry" and rows[0]["round"] == 1
+
+
+def test_gpu_sampling_tolerates_a_half_imported_torch(monkeypatch):
+    """The sampler thread can run while the handler is still importing torch."""
+    import sys
+    import types
+
+    from measurements import resources
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # no `cuda` attribute yet
+    assert resources.gpu_memory_bytes() is None
+    assert resources.gpu_peak_memory_bytes() is None
