@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import signal
 import sys
@@ -29,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 CHUNK = 64 * 1024
+_unreachable: set[tuple[str, int]] = set()  # targets already reported as unreachable
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                 await asyncio.sleep(wait)
             if not data:
                 if writer.can_write_eof():
-                    writer.write_eof()
+                    with contextlib.suppress(OSError):  # the other side may be gone already
+                        writer.write_eof()
                 return
             writer.write(data)
             await writer.drain()
@@ -93,15 +96,17 @@ async def _serve_connection(
 ) -> None:
     try:
         server_r, server_w = await asyncio.open_connection(*target)
-    except OSError as err:
-        print(f"[delay-proxy] cannot reach {target[0]}:{target[1]}: {err}", file=sys.stderr, flush=True)
+    except OSError as err:  # e.g. the collector is not up yet: the client sees a refused connection, as without a proxy
+        if target not in _unreachable:
+            _unreachable.add(target)
+            print(f"[delay-proxy] cannot reach {target[0]}:{target[1]} yet: {err}", file=sys.stderr, flush=True)
         client_w.close()
         return
     rng = random.Random(seed)
     tasks = [asyncio.ensure_future(_pump(client_r, server_w, up, rng)), asyncio.ensure_future(_pump(server_r, client_w, down, rng))]
     try:
         await asyncio.gather(*tasks)
-    except (ConnectionError, asyncio.CancelledError):
+    except (OSError, asyncio.CancelledError):  # a side reset the connection: close both
         pass
     finally:
         for t in tasks:

@@ -257,6 +257,7 @@ class Testbed:
                 cgroups.Limits(f"{self.run_prefix}-n{i}", cpus=min(node.device.cpus, host_cpus),
                                memory_bytes=int(node.device.memory_gib * 2**30))
             )
+            self.limits.append(limit)
             specs.append(NodeSpec(
                 partition_id=i, num_partitions=len(self.nodes), device_class=node.device.device_class,
                 lora_rank=node.device.lora_rank, num_threads=self.threads or max(1, math.ceil(min(node.device.cpus, host_cpus))),

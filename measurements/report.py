@@ -208,10 +208,42 @@ def plot_round_cdf(runs: list[Run], target: Path) -> Path:
     return target
 
 
+def stragglers(run: Run) -> dict[str, float | str]:
+    """The straggler effect: a synchronous round lasts as long as its slowest node.
+
+    Per round, the slowest node's e2e time against the median node's and against the
+    round time; averaged over rounds. ``slowest_class``: the device class that was the
+    slowest most often.
+    """
+    by_round: dict[str, list[dict]] = defaultdict(list)
+    for r in run.clients:
+        if r.get("status") == "ok" and _num(r.get("e2e_s")) is not None:
+            by_round[r["round"]].append(r)
+    round_s = run.round_time()
+    slow_over_median, slow_over_round, who = [], [], defaultdict(int)
+    for rnd, rows in by_round.items():
+        e2e = sorted(float(r["e2e_s"]) for r in rows)
+        slowest = max(rows, key=lambda r: float(r["e2e_s"]))
+        who[slowest.get("device_class") or "unknown"] += 1
+        slow_over_median.append(e2e[-1] / percentile(e2e, 50))
+        if round_s.get(rnd):
+            slow_over_round.append(e2e[-1] / round_s[rnd])
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    return {
+        "slowest_over_median_e2e": mean(slow_over_median),
+        "slowest_e2e_over_round": mean(slow_over_round),
+        "slowest_class": max(who, key=who.get) if who else "",
+    }
+
+
 def compare(runs: list[Run]) -> dict:
-    """Mean seconds per phase per run, and uplink ratios between every pair of runs."""
-    means = {}
+    """Mean seconds and share of the round per phase per run, the straggler effect, and
+    uplink ratios between every pair of runs."""
+    means, shares, straggling = {}, {}, {}
     for run in runs:
+        stats_by_phase = phase_stats(run)
+        shares[run.label] = {name: stats_by_phase[name]["share"] for name in (*CLIENT_PHASES, "aggregation_s")}
+        straggling[run.label] = stragglers(run)
         stats = {}
         ok = [r for r in run.clients if r.get("status") == "ok"]
         for name in CLIENT_PHASES:
@@ -221,7 +253,6 @@ def compare(runs: list[Run]) -> dict:
         stats["aggregation_s"] = sum(agg) / len(agg) if agg else math.nan
         rt = list(run.round_time().values())
         stats["round_s"] = sum(rt) / len(rt) if rt else math.nan
-        stats["uplink_share"] = phase_stats(run)["uplink_s"]["share"]
         means[run.label] = stats
     ratios = {
         f"{a}/{b}": means[a]["uplink_s"] / means[b]["uplink_s"]
@@ -229,7 +260,7 @@ def compare(runs: list[Run]) -> dict:
         for b in means
         if a != b and means[b]["uplink_s"] and not math.isnan(means[b]["uplink_s"])
     }
-    return {"mean_s": means, "uplink_ratio": ratios}
+    return {"mean_s": means, "share_of_round": shares, "stragglers": straggling, "uplink_ratio": ratios}
 
 
 def plot_comparison(runs: list[Run], target: Path) -> Path:
@@ -275,6 +306,13 @@ def report(paths: list[str | Path], *, labels: list[str] | None = None, out: str
         echo("comparison (mean seconds per client and round):")
         for label, stats in table["mean_s"].items():
             echo(f"  {label:<20}" + "  ".join(f"{k[:-2]} {v:.3f}" for k, v in stats.items() if k.endswith("_s")))
+        echo("share of the round per phase:")
+        for label, shares in table["share_of_round"].items():
+            echo(f"  {label:<20}" + "  ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in shares.items() if not math.isnan(v)))
+        echo("stragglers (round time = the slowest node):")
+        for label, st in table["stragglers"].items():
+            echo(f"  {label:<20}slowest/median node e2e {st['slowest_over_median_e2e']:.2f}x, "
+                 f"slowest e2e/round {st['slowest_e2e_over_round']:.2f}, slowest class most often: {st['slowest_class']}")
         for pair, ratio in table["uplink_ratio"].items():
             echo(f"  uplink time ratio {pair}: {ratio:.2f}x")
     for path in written:

@@ -2,6 +2,7 @@
 
     stamen local    run the app on a real SuperLink + N SuperNodes on 127.0.0.1
     stamen simulate run the app on N virtual SuperNodes in Flower's simulation engine (Ray)
+    stamen testbed  the emulated testbed: namespaces, shaped links, delay, CPU/memory limits
     stamen report   summary and plots of where each round's time went
 """
 
@@ -59,6 +60,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(deployment, overrides: str, output: Path, workdir: Path, timeout: float) -> int:
+    return _run(deployment, overrides, output, workdir, timeout)[0]
+
+
+def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float) -> tuple[int, Path | None]:
     """Run the app on a deployment, check Flower's verdict, print the last round and the report."""
 
     def on_sigterm(signum, frame):  # turn SIGTERM into the same clean shutdown as Ctrl-C
@@ -72,15 +77,15 @@ def _run_and_report(deployment, overrides: str, output: Path, workdir: Path, tim
             status = dep.run_status(run_id)
     except KeyboardInterrupt:
         print("\n[stamen] interrupted: all processes stopped", file=sys.stderr)
-        return 130
+        return 130, None
     run_dir = output / str(run_id)
     print(f"[stamen] run {run_id} finished ({status}) in {time.monotonic() - t0:.0f} s; all processes stopped", flush=True)
     if "failed" in status.lower():
         print(f"[stamen] error: the run failed; the ServerApp's error is above and in {workdir}/flwr-run.log", file=sys.stderr)
-        return 1
+        return 1, run_dir
     if not (run_dir / "metrics.csv").is_file():
         print(f"[stamen] error: {run_dir}/metrics.csv was not written; see {workdir}/flwr-run.log", file=sys.stderr)
-        return 1
+        return 1, run_dir
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     if rows:
         last = {k: v for k, v in rows[-1].items() if v != ""}
@@ -90,6 +95,99 @@ def _run_and_report(deployment, overrides: str, output: Path, workdir: Path, tim
         from measurements.report import report
 
         report([run_dir], echo=lambda line: print(f"[stamen] {line}", flush=True))
+    return 0, run_dir
+
+
+def _testbed_nodes(args: argparse.Namespace, network: str | None = None):
+    from deploy.testbed import TestbedNode, load_profiles
+
+    networks, devices = load_profiles(args.profiles)
+    wanted_devices = _names(args.devices)
+    wanted_networks = [network] if network else _names(args.network)
+    for kind, wanted, known in (("device", wanted_devices, devices), ("network", wanted_networks, networks)):
+        unknown = [w for w in wanted if w not in known]
+        if not wanted or unknown:
+            raise ValueError(f"unknown {kind} profile(s) {unknown or wanted}; {args.profiles} defines {', '.join(known)}")
+    n = args.nodes or len(wanted_devices)
+    return [TestbedNode(devices[wanted_devices[i % len(wanted_devices)]], networks[wanted_networks[i % len(wanted_networks)]])
+            for i in range(n)]
+
+
+def _testbed_deployment(args: argparse.Namespace, nodes, workdir: Path):
+    """The namespaced testbed, or with --loopback the same node-configs on 127.0.0.1."""
+    if args.loopback:
+        from deploy.local import LocalDeployment, NodeSpec
+
+        specs = [NodeSpec(i, len(nodes), device_class=n.device.device_class, lora_rank=n.device.lora_rank,
+                          num_threads=args.threads or 1, extra={"network": n.network.name, "testbed-device": n.device.name})
+                 for i, n in enumerate(nodes)]
+        return LocalDeployment(specs, workdir=workdir)
+    from deploy.testbed import Testbed
+
+    return Testbed(nodes, workdir=workdir, threads=args.threads)
+
+
+def _describe(nodes, loopback: bool) -> None:
+    mode = "loopback (no shaping, no limits)" if loopback else "network namespaces, tbf, delay proxy, cgroups"
+    print(f"[stamen] testbed: {len(nodes)} nodes, {mode}", flush=True)
+    for i, n in enumerate(nodes):
+        d, net = n.device, n.network
+        print(f"[stamen]   node {i}: {d.name} ({d.cpus:g} CPUs, {d.memory_gib:g} GiB, rank {d.lora_rank}) on {net.name} "
+              f"({net.down_mbit:g}/{net.up_mbit:g} Mbit/s down/up, {net.delay_ms:g}+-{net.jitter_ms:g} ms one way)", flush=True)
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from deploy import testbed
+    from deploy.local import merge_overrides
+
+    if args.action == "down":
+        gone = testbed.teardown()
+        for kind, items in gone.items():
+            print(f"[stamen] removed {len(items)} {kind}" + (f": {', '.join(items)}" if items else ""), flush=True)
+        return 0
+    if not args.loopback and (reason := testbed.available()) is not None:
+        print(f"[stamen] error: the emulated testbed cannot run here: {reason}.\n"
+              "[stamen] Run it as root, or pass --loopback to run the same nodes on 127.0.0.1 without shaping or limits.",
+              file=sys.stderr)
+        return 2
+    output = Path(args.output).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        networks = _names(args.network) if args.action == "compare" else [None]
+        plans = [(net, _testbed_nodes(args, net)) for net in networks]
+    except ValueError as err:
+        print(f"[stamen] error: {err}", file=sys.stderr)
+        return 2
+    if args.action == "up":
+        nodes = plans[0][1]
+        _describe(nodes, args.loopback)
+        workdir = output / "_deploy" / f"testbed-{stamp}"
+        try:
+            with _testbed_deployment(args, nodes, workdir) as bed:
+                dep = bed if args.loopback else bed.deployment
+                ns = "" if args.loopback else f"ip netns exec {dep.superlink_netns} "
+                print(f"[stamen] up. From another shell:\n  FLWR_HOME={dep.flwr_home} {ns}flwr run . local-deployment --stream"
+                      f" --run-config 'measure.collector=\"{dep.collector_address}\" strategy.min-nodes={len(nodes)}'\n"
+                      f"[stamen] Ctrl-C tears everything down.", flush=True)
+                signal.pause()
+        except KeyboardInterrupt:
+            print("\n[stamen] testbed down", flush=True)
+        return 0
+    run_dirs, labels = [], []
+    for net, nodes in plans:
+        _describe(nodes, args.loopback)
+        workdir = output / "_deploy" / f"testbed-{stamp}" / (net or "run")
+        overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={len(nodes)}'])
+        code, run_dir = _run(_testbed_deployment(args, nodes, workdir), overrides, output, workdir, args.timeout)
+        if code != 0:
+            return code
+        run_dirs.append(run_dir)
+        labels.append(net or nodes[0].network.name)
+    if len(run_dirs) > 1:
+        from measurements.report import report
+
+        report(run_dirs, labels=labels, out=output / f"comparison-{stamp}",
+               echo=lambda line: print(f"[stamen] {line}", flush=True))
     return 0
 
 
@@ -138,13 +236,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     sim.add_argument("--timeout", type=float, default=3600.0)
     sim.set_defaults(func=cmd_simulate)
+    bed = sub.add_parser(
+        "testbed",
+        help="the emulated testbed (root): namespaces, shaped links, delay, CPU/memory limits per device class",
+        description="run: one experiment; compare: the same experiment on each --network (then a comparison report); "
+        "up: bring it up until Ctrl-C; down: remove a crashed run's leftovers. Profiles: deploy/profiles.toml.",
+    )
+    bed.add_argument("action", choices=("run", "compare", "up", "down"))
+    bed.add_argument("--devices", default="raspberry-pi-4,raspberry-pi-5,jetson-orin-nano,gpu-server",
+                     help="device profiles, cycled over nodes")
+    bed.add_argument("--network", default="wifi", help="network profile(s), cycled over nodes; compare: one run per profile")
+    bed.add_argument("--nodes", type=int, default=0, help="default: one node per --devices entry")
+    bed.add_argument("--profiles", default=str(Path(__file__).resolve().parent.parent / "deploy" / "profiles.toml"))
+    bed.add_argument("--threads", type=int, default=0, help="torch threads per node (default: its CPU quota, rounded up)")
+    bed.add_argument("--loopback", action="store_true", help="no namespaces, shaping or limits (no root needed)")
+    bed.add_argument("--output", default="runs", help="where run directories go")
+    bed.add_argument("--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)")
+    bed.add_argument("--timeout", type=float, default=3600.0)
+    bed.set_defaults(func=cmd_testbed)
     rep = sub.add_parser("report", help="summary and PNGs of a run's phase timings; several runs are compared")
     rep.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories")
     rep.add_argument("--labels", default="", help="a name per run dir, comma-separated (default: its network labels)")
     rep.add_argument("--out", default=None, help="where the comparison goes (default: <first run's parent>/comparison)")
     rep.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    if args.command in ("local", "simulate") and args.nodes < 1:
+    if args.command in ("local", "simulate") and args.nodes < 1 or args.command == "testbed" and args.nodes < 0:
         parser.error("--nodes must be at least 1")
     return args.func(args)
 

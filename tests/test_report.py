@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from measurements.report import Run, compare, percentile, phase_stats, report
+from measurements.report import Run, compare, percentile, phase_stats, report, stragglers
 from measurements.tables import CLIENTS_COLUMNS
 from server_app.run_dir import ROUNDS_COLUMNS
 from stamen.cli import main
@@ -60,7 +60,28 @@ def test_comparison_ratio_and_files(tmp_path):
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     assert (a / "phases_per_round.png").is_file() and (tmp_path / "cmp" / "comparison.png").is_file()
     assert any("uplink time ratio 5g/ethernet: 6.00x" in line for line in lines)
+    assert any(line.strip().startswith("5g") and "uplink 30.0%" in line for line in lines)  # 4 x 3 s of 40 s
     assert json.loads((a / "summary.json").read_text())["label"] == "5g"
+
+
+def test_stragglers_by_hand(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    _write(d / "rounds.csv", ROUNDS_COLUMNS, [{"round": 1, "round_s": 10.0}, {"round": 2, "round_s": 20.0}])
+    rows = [  # round 1: e2e 2, 4, 8 (median 4); round 2: 3, 3, 18 (median 3)
+        {"round": 1, "node_id": 1, "device_class": "jetson", "status": "ok", "e2e_s": 2.0},
+        {"round": 1, "node_id": 2, "device_class": "jetson", "status": "ok", "e2e_s": 4.0},
+        {"round": 1, "node_id": 3, "device_class": "raspberry-pi", "status": "ok", "e2e_s": 8.0},
+        {"round": 2, "node_id": 1, "device_class": "jetson", "status": "ok", "e2e_s": 3.0},
+        {"round": 2, "node_id": 2, "device_class": "jetson", "status": "ok", "e2e_s": 3.0},
+        {"round": 2, "node_id": 3, "device_class": "raspberry-pi", "status": "ok", "e2e_s": 18.0},
+        {"round": 2, "node_id": 4, "device_class": "jetson", "status": "late"},  # not counted
+    ]
+    _write(d / "clients.csv", CLIENTS_COLUMNS, rows)
+    st = stragglers(Run.load(d))
+    assert st["slowest_over_median_e2e"] == pytest.approx((8 / 4 + 18 / 3) / 2)
+    assert st["slowest_e2e_over_round"] == pytest.approx((8 / 10 + 18 / 20) / 2)
+    assert st["slowest_class"] == "raspberry-pi"
 
 
 def test_cli_names_a_directory_that_is_not_a_run(tmp_path, capsys):

@@ -18,7 +18,10 @@ def train(msg: Message, context: Context) -> Message:
         for i in range(int(c["work-iterations"])):
             total += i * i % 7
     with phase("serialize"):
-        up = np.random.default_rng(1).integers(0, 255, int(c["up-bytes"]), dtype=np.uint8)
+        # Distinct bytes per node: Flower's object store is content-addressed, so a second
+        # node pushing identical bytes would skip the upload (the SuperLink has them).
+        seed = [context.node_id % 2**32, int(msg.metadata.group_id or 0)]
+        up = np.random.default_rng(seed).integers(0, 255, int(c["up-bytes"]), dtype=np.uint8)
         arrays = ArrayRecord([up])
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1, "work": total})}), reply_to=msg)
 
