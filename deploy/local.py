@@ -123,7 +123,24 @@ class LocalDeployment:
         supernode: str = "stamen",
         fleet_host: str = "127.0.0.1",
         superlink_netns: str | None = None,
+        tls_dir: Path | None = None,
+        supernode_auth: bool = False,
     ) -> None:
+        """``tls_dir``: the files of deploy/tls/generate.sh (ca.crt, server.pem, server.key,
+        supernode-I.key): TLS on the Fleet and Control APIs. ``supernode_auth``: the
+        SuperLink accepts only SuperNodes whose public keys were registered (needs TLS);
+        each node I uses supernode-I.key, registered with ``flwr supernode register``."""
+        if supernode_auth and tls_dir is None:
+            raise ValueError("SuperNode authentication needs TLS: pass tls_dir")
+        if tls_dir is not None:
+            needed = ["ca.crt", "server.pem", "server.key"] + (
+                [f"supernode-{i}.key" for i in range(len(nodes))] if supernode_auth else []
+            )
+            missing = [n for n in needed if not (Path(tls_dir) / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{tls_dir} lacks {', '.join(missing)}: run deploy/tls/generate.sh {tls_dir} {len(nodes)}")
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir is not None else None
+        self.supernode_auth = supernode_auth
         for i, node in enumerate(nodes):  # checked before anything starts
             if (node.supernode or supernode) not in SUPERNODES:
                 raise ValueError(f"node {i}: supernode must be one of {', '.join(SUPERNODES)}, got {node.supernode or supernode!r}")
@@ -186,10 +203,17 @@ class LocalDeployment:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def _tls_flags(self) -> list[str]:
+        if self.tls_dir is None:
+            return ["--insecure"]
+        t = self.tls_dir
+        flags = ["--ssl-ca-certfile", str(t / "ca.crt"), "--ssl-certfile", str(t / "server.pem"), "--ssl-keyfile", str(t / "server.key")]
+        return flags + (["--enable-supernode-auth"] if self.supernode_auth else [])
+
     def superlink_command(self) -> list[str]:
         return [
             "flower-superlink",
-            "--insecure",
+            *self._tls_flags(),
             "--disable-runtime-dependency-installation",
             "--fleet-api-address",
             f"{self.fleet_host}:{self.fleet_port}",
@@ -205,6 +229,10 @@ class LocalDeployment:
         if self.nodes:  # (a simulation SuperLink has no Fleet API)
             wait_for_port(self.fleet_port, 60, link, "flower-superlink", log_file, host=self.fleet_host, netns=self.superlink_netns)
         wait_for_port(self.http_port, 60, link, "flower-superlink", log_file, netns=self.superlink_netns)
+        self._write_cli_config()
+        if self.supernode_auth:
+            for i in range(len(self.nodes)):
+                self._register(self.tls_dir / f"supernode-{i}.key.pub")
         for i, node in enumerate(self.nodes):
             kind = node.supernode or self.supernode
             host = node.dial_host or self.fleet_host
@@ -214,7 +242,7 @@ class LocalDeployment:
                 [
                     SUPERNODES[kind],
                     *measure,
-                    "--insecure",
+                    *self._node_security_flags(i),
                     "--superlink",
                     f"{host}:{self.fleet_port}",
                     "--port",
@@ -226,11 +254,30 @@ class LocalDeployment:
                 netns=node.netns,
                 cgroups=tuple(str(c) for c in node.cgroups),
             )
+
+    def _node_security_flags(self, i: int) -> list[str]:
+        if self.tls_dir is None:
+            return ["--insecure"]
+        flags = ["--root-certificates", str(self.tls_dir / "ca.crt")]
+        return flags + (["--auth-supernode-private-key", str(self.tls_dir / f"supernode-{i}.key")] if self.supernode_auth else [])
+
+    def _write_cli_config(self) -> None:
+        """$FLWR_HOME/config.toml of the `flwr` CLI: one connection, `local-deployment`."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        security = "insecure = true" if self.tls_dir is None else f'root-certificates = "{self.tls_dir / "ca.crt"}"'
         (self.flwr_home / "config.toml").write_text(
             '[superlink]\ndefault = "local-deployment"\n\n'
-            f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.http_port}"\ninsecure = true\n'
+            f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.http_port}"\n{security}\n'
         )
+
+    def _register(self, public_key: Path) -> None:
+        """``flwr supernode register``: the SuperLink will accept the node holding this key."""
+        out = subprocess.run(
+            [*_in_netns(self.superlink_netns), "flwr", "supernode", "register", str(public_key), "local-deployment"],
+            cwd=self.app_dir, env={**self.env, "FLWR_HOME": str(self.flwr_home)}, capture_output=True, text=True, timeout=120,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode register {public_key} failed: {out.stdout.strip()} {out.stderr.strip()}")
 
     def run(self, run_config: list[str] = (), *, echo=print, timeout: float = 3600) -> int:
         """``flwr run`` the app, streaming its log; returns Flower's run id.
