@@ -18,7 +18,11 @@ RUN_ARGS ?= --nodes 4 --ranks 4,8,8,16 --device-classes raspberry-pi,jetson,jets
 
 RUN_DIRS ?= $(shell ls -td runs/[0-9]* 2>/dev/null | head -1)
 
-.PHONY: install run test test-unit report proto bench clean
+# `make testbed`: the 5G question on the emulated testbed (root): the same FLoRA run on each
+# network profile, then the comparison report. TESTBED_ARGS overrides devices, rounds, ...
+TESTBED_ARGS ?= --devices raspberry-pi-4,raspberry-pi-4,raspberry-pi-5 --run-config 'strategy.num-rounds=2 eval.max-examples=128'
+
+.PHONY: install run test test-unit report proto bench clean testbed testbed-down
 
 install: $(STAMP)
 
@@ -54,6 +58,13 @@ proto: install
 	$(PIP) install -q 'grpcio-tools==1.81.1'
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto --pyi_out=proto \
 	  proto/stamen_telemetry/telemetry.proto
+
+testbed: install
+	$(VENV)/bin/stamen testbed compare --network 5g,wifi,ethernet $(TESTBED_ARGS)
+
+# remove a crashed testbed's namespaces, processes and cgroups
+testbed-down: install
+	$(VENV)/bin/stamen testbed down
 
 clean:
 	rm -rf runs .pytest_cache

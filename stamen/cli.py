@@ -4,6 +4,7 @@
     stamen simulate run the app on N virtual SuperNodes in Flower's simulation engine (Ray)
     stamen testbed  the emulated testbed: namespaces, shaped links, delay, CPU/memory limits
     stamen report   summary and plots of where each round's time went
+    stamen device   the device profile this machine reports (class, rank, memory, CUDA)
 """
 
 from __future__ import annotations
@@ -191,6 +192,30 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device(args: argparse.Namespace) -> int:
+    """What a SuperNode on this machine tells the server, and the LoRA rank it gets."""
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    from client_app.device import detect_profile
+    from server_app.profiles import ranks_from_profiles
+    from stamen.config import StamenConfig
+
+    try:
+        node_config = parse_config_args([args.node_config]) if args.node_config else {}
+        profile = detect_profile(node_config)
+        defaults = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+        lora = StamenConfig.from_run_config(defaults["tool"]["flwr"]["app"]["config"]).lora
+        profile["lora-rank"] = ranks_from_profiles({0: profile}, lora)[0]
+        profile.pop("transport", None)  # (this command is not a SuperNode)
+    except (ValueError, OSError) as err:
+        print(f"stamen device: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(profile, indent=2, default=str))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from measurements.report import report
 
@@ -254,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     bed.add_argument("--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)")
     bed.add_argument("--timeout", type=float, default=3600.0)
     bed.set_defaults(func=cmd_testbed)
+    dev = sub.add_parser("device", help="print the device profile a SuperNode on this machine reports")
+    dev.add_argument("--node-config", default="", help="the same string you pass to stamen-supernode --node-config")
+    dev.set_defaults(func=cmd_device)
     rep = sub.add_parser("report", help="summary and PNGs of a run's phase timings; several runs are compared")
     rep.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories")
     rep.add_argument("--labels", default="", help="a name per run dir, comma-separated (default: its network labels)")
