@@ -1,0 +1,52 @@
+"""FedIT: federated instruction tuning by FedAvg of the LoRA factors (Zhang et al., ICASSP
+2024), the "noisy" baseline of heterogeneous-LoRA work.
+
+Every client holds an adapter of the same rank r (and scaling s = alpha / r). The server
+averages the A factors and the B factors separately, weighted by num-examples:
+
+    A = sum_k p_k A_k,   B = sum_k p_k B_k,     p_k = n_k / sum_j n_j
+
+and clients continue training that adapter next round. The model it implies, s B A, is
+not the average of the clients' models s B_k A_k: the product of averages has cross
+terms p_j p_k B_j A_k (j != k) that no client trained. FLoRA's stacking has none
+(tests/test_lora_baselines_math.py shows both numerically).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .lora_records import ClientLoRA, Factors
+
+
+def average_factors(updates: Sequence[ClientLoRA]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Num-examples weighted mean of A and of B, per module; all ranks must be equal."""
+    if not updates:
+        raise ValueError("average_factors needs at least one client update")
+    total = float(sum(u.num_examples for u in updates))
+    if total <= 0:
+        raise ValueError("average_factors: the clients' num_examples sum to zero")
+    out = {}
+    for module, (a0, b0) in updates[0].factors.items():
+        a_sum, b_sum = np.zeros_like(a0, dtype=np.float64), np.zeros_like(b0, dtype=np.float64)
+        for k, u in enumerate(updates):
+            if module not in u.factors:
+                raise ValueError(f"client {k}: no factors for {module}")
+            a, b = u.factors[module]
+            if a.shape != a0.shape or b.shape != b0.shape:
+                raise ValueError(
+                    f"client {k}, {module}: A {a.shape}, B {b.shape} differ from client 0's A {a0.shape}, B {b0.shape}; "
+                    "FedIT needs one rank for all clients (use hetlora, flexlora or flora for mixed ranks)"
+                )
+            p = u.num_examples / total
+            a_sum += p * a
+            b_sum += p * b
+        out[module] = (a_sum.astype(a0.dtype), b_sum.astype(b0.dtype))
+    return out
+
+
+def product(factors: Factors, scaling: float) -> dict[str, np.ndarray]:
+    """The weight delta an adapter stands for: s B A per module."""
+    return {m: scaling * (b @ a) for m, (a, b) in factors.items()}

@@ -1,0 +1,72 @@
+"""FlexLoRA: heterogeneous LoRA by SVD redistribution (Bai et al., NeurIPS 2024).
+
+The server forms each adapted matrix's full weight delta from all clients,
+
+    dW = sum_k p_k s_k B_k A_k          (p_k = n_k / sum_j n_j, s_k = alpha / r_k)
+
+takes its SVD dW = U S V^T once per round, and sends node k the best rank-r_k
+approximation, split evenly between the factors (the square root of the singular values
+on each side) and divided by the node's own scaling, so that the node's LoRA computes
+exactly that truncation:
+
+    B_k = U[:, :r_k] sqrt(S[:r_k]) / sqrt(s_k),   A_k = sqrt(S[:r_k]) V^T[:r_k] / sqrt(s_k)
+    s_k B_k A_k = U_r S_r V_r^T
+
+The sqrt split keeps both factors at the same scale (neither starts near zero nor
+explodes), which is what the next round of local training needs. Clients train on top
+of the frozen W0 starting from the truncation they received, so each client's product
+already holds the global state it started from: the new global delta is the weighted
+mean of the clients' products, not a sum over rounds. The global model is W0 + dW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .lora_records import ClientLoRA
+
+
+def full_delta(updates: Sequence[ClientLoRA]) -> dict[str, np.ndarray]:
+    """sum_k p_k s_k B_k A_k per module."""
+    if not updates:
+        raise ValueError("full_delta needs at least one client update")
+    total = float(sum(u.num_examples for u in updates))
+    if total <= 0:
+        raise ValueError("full_delta: the clients' num_examples sum to zero")
+    out: dict[str, np.ndarray] = {}
+    for k, u in enumerate(updates):
+        for module, (a, b) in u.factors.items():
+            term = (u.num_examples / total) * u.scaling * (b.astype(np.float64) @ a.astype(np.float64))
+            if module in out and out[module].shape != term.shape:
+                raise ValueError(f"client {k}, {module}: delta {term.shape} differs from {out[module].shape}")
+            out[module] = out.get(module, 0.0) + term
+    return out
+
+
+def svd_factors(delta: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A (r, in), B (out, r), singular values) with scaling * B @ A = the best rank-r
+    approximation of ``delta``."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if scaling <= 0:
+        raise ValueError(f"scaling must be > 0, got {scaling}")
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    r = min(rank, s.shape[0])
+    root = np.sqrt(s[:r]) / np.sqrt(scaling)
+    b = u[:, :r] * root[None, :]
+    a = root[:, None] * vt[:r]
+    if r < rank:  # a matrix smaller than the rank: pad with zero components
+        a = np.pad(a, ((0, rank - r), (0, 0)))
+        b = np.pad(b, ((0, 0), (0, rank - r)))
+    return a, b, s
+
+
+def redistribute(delta: dict[str, np.ndarray], rank: int, scaling: float, dtype=np.float32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every module's rank-``rank`` factors for a node with LoRA scaling ``scaling``."""
+    out = {}
+    for module, d in delta.items():
+        a, b, _ = svd_factors(d, rank, scaling)
+        out[module] = (a.astype(dtype), b.astype(dtype))
+    return out

@@ -1,0 +1,106 @@
+"""HetLoRA: heterogeneous LoRA by truncation and zero-padding (Cho et al., EMNLP 2024).
+
+The server keeps one global adapter of rank r_max. Node k receives its first r_k rank
+components (the first r_k rows of A, the first r_k columns of B), trains them with a
+tail-norm regulariser and may shrink its own rank (self-pruning). Aggregation pads every
+client's factors with zeros back to r_max and averages them with weights proportional to
+the size of each client's update, ||s_k B_k A_k||_F:
+
+    w_k = ||s_k B_k A_k||_F / sum_j ||s_j B_j A_j||_F
+    A = sum_k w_k pad(A_k),   B = sum_k w_k pad(B_k)
+
+Rank components nobody trained this round keep their previous global value (a client
+that holds only the first r_k components says nothing about the others).
+
+Scaling: every client uses the global adapter's scaling s = alpha / r_max (the server
+sends node k alpha_k = alpha * r_k / r_max, so alpha_k / r_k = s), so that a truncation
+is exactly a subset of the global adapter's components, and the global model is
+W0 + s B A.
+
+Self-pruning (client side): the regulariser gamma * ||(A_tail, B_tail)|| pushes the last
+ceil(rho * r) components toward zero; after local training, if their norm is below
+``threshold`` times the norm of the whole adapter, the client drops them and reports the
+smaller rank (never below ``min_rank``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .lora_records import ClientLoRA, Factors
+
+
+def truncate(factors: Factors, rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first ``rank`` components of every module's adapter."""
+    out = {}
+    for m, (a, b) in factors.items():
+        if rank < 1 or rank > a.shape[0]:
+            raise ValueError(f"{m}: cannot truncate a rank-{a.shape[0]} adapter to rank {rank}")
+        out[m] = (a[:rank].copy(), b[:, :rank].copy())
+    return out
+
+
+def pad(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad A (r, in) and B (out, r) to ``rank`` components."""
+    r = a.shape[0]
+    if r > rank:
+        raise ValueError(f"cannot pad a rank-{r} adapter to the smaller rank {rank}")
+    return np.pad(a, ((0, rank - r), (0, 0))), np.pad(b, ((0, 0), (0, rank - r)))
+
+
+def norm_weights(updates: Sequence[ClientLoRA]) -> np.ndarray:
+    """w_k proportional to ||s_k B_k A_k||_F over all modules (equal weights if all are zero)."""
+    norms = np.array(
+        [math.sqrt(sum(float(np.linalg.norm(u.scaling * (b @ a))) ** 2 for a, b in u.factors.values())) for u in updates]
+    )
+    if norms.sum() <= 0:
+        return np.full(len(updates), 1.0 / len(updates))
+    return norms / norms.sum()
+
+
+def aggregate(
+    updates: Sequence[ClientLoRA], previous: Mapping[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Zero-padded, norm-weighted mean of the clients' factors into the rank-r_max global
+    adapter ``previous``; components no client holds keep their previous value."""
+    if not updates:
+        raise ValueError("hetlora aggregate needs at least one client update")
+    w = norm_weights(updates)
+    out = {}
+    for module, (a_prev, b_prev) in previous.items():
+        r_max = a_prev.shape[0]
+        a_new, b_new = np.zeros_like(a_prev, dtype=np.float64), np.zeros_like(b_prev, dtype=np.float64)
+        covered = np.zeros(r_max, dtype=np.float64)  # total weight of the clients holding each component
+        for k, u in enumerate(updates):
+            if module not in u.factors:
+                raise ValueError(f"client {k}: no factors for {module}")
+            a, b = pad(*u.factors[module], r_max)
+            a_new += w[k] * a
+            b_new += w[k] * b
+            covered[: u.factors[module][0].shape[0]] += w[k]
+        held = covered > 0
+        # renormalise the components a subset of clients trained; keep the rest as they were
+        a_new[held] /= covered[held, None]
+        b_new[:, held] /= covered[None, held]
+        a_new[~held], b_new[:, ~held] = a_prev[~held], b_prev[:, ~held]
+        out[module] = (a_new.astype(a_prev.dtype), b_new.astype(b_prev.dtype))
+    return out
+
+
+def tail_size(rank: int, rho: float) -> int:
+    return max(1, math.ceil(rho * rank)) if rank > 1 else 0
+
+
+def self_prune_rank(factors: Factors, *, rho: float, threshold: float, min_rank: int = 1) -> int:
+    """The rank a client keeps after local training: drop the tail ceil(rho * r) components
+    when their norm is below ``threshold`` x the norm of the whole adapter."""
+    rank = next(iter(factors.values()))[0].shape[0]
+    tail = tail_size(rank, rho)
+    if tail == 0 or rank - tail < min_rank:
+        return rank
+    total = sum(float(np.sum(a**2) + np.sum(b**2)) for a, b in factors.values())
+    tail_norm = sum(float(np.sum(a[-tail:] ** 2) + np.sum(b[:, -tail:] ** 2)) for a, b in factors.values())
+    return rank - tail if total > 0 and math.sqrt(tail_norm) < threshold * math.sqrt(total) else rank
