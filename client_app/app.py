@@ -1,5 +1,6 @@
-"""The ClientApp: ``query`` answers with the device profile, ``train`` fine-tunes a fresh
-LoRA of the node's rank on the current global model and sends the factors back."""
+"""The ClientApp: ``query`` answers with the device profile, ``train`` fine-tunes a LoRA of
+the node's rank (fresh, or the one the server sent) on the current global model and sends
+the factors back."""
 
 from __future__ import annotations
 
@@ -36,12 +37,19 @@ def train(msg: Message, context: Context) -> Message:
     instr = msg.content.config_records[keys.CONFIG]
     server_round = int(instr[keys.SERVER_ROUND])
     partition_id = int(context.node_config.get(keys.NODE_PARTITION_ID, 0))
-    with phase("load"):  # the ML libraries, model, data, the downlinked global weights, a fresh LoRA
-        from ml.lora import lora_factors
+    with phase("load"):  # the ML libraries, model, data, the downlinked global weights, the LoRA
+        from ml.lora import lora_factors, tail_norm
         from ml.model import head_state
         from ml.tasks import train_local
 
         task, data, model, targets = _prepare(msg, context, cfg)
+    regularizer, penalty = None, float(instr.get(keys.TAIL_PENALTY, 0.0))
+    if penalty > 0:  # HetLoRA: push the tail rank components toward zero
+        fraction = float(instr[keys.TAIL_FRACTION])
+
+        def regularizer(m):
+            return penalty * tail_norm(m, targets, fraction)
+
     with phase("loop"):
         loss = train_local(
             model,
@@ -52,16 +60,26 @@ def train(msg: Message, context: Context) -> Message:
             learning_rate=cfg.train.learning_rate,
             head_learning_rate=cfg.train.head_learning_rate,
             seed=cfg.train.seed + 7919 * server_round + partition_id,
+            regularizer=regularizer,
         )
+    rank, alpha = int(instr[keys.LORA_RANK]), float(instr[keys.LORA_ALPHA])
     with phase("serialize"):
-        update = to_record({**factors_to_arrays(lora_factors(model, targets)), **head_state(model)})
-    rank = int(instr[keys.LORA_RANK])
+        factors = lora_factors(model, targets)
+        if keys.PRUNE_THRESHOLD in instr:  # HetLoRA: drop a tail that training made negligible
+            from strategies.hetlora import self_prune_rank, truncate
+
+            kept = self_prune_rank(factors, rho=float(instr[keys.TAIL_FRACTION]), threshold=float(instr[keys.PRUNE_THRESHOLD]))
+            if kept < rank:
+                log.info("round %d: HetLoRA self-pruning, rank %d -> %d", server_round, rank, kept)
+                # the kept components keep their scaling: alpha / rank stays the same
+                factors, alpha, rank = truncate(factors, kept), alpha * kept / rank, kept
+        update = to_record({**factors_to_arrays(factors), **head_state(model)})
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: len(data),
             keys.TRAIN_LOSS: loss,
             keys.LORA_RANK: rank,
-            keys.LORA_ALPHA: float(instr[keys.LORA_ALPHA]),
+            keys.LORA_ALPHA: alpha,
         }
     )
     log.info("round %d: partition %d, %d examples, rank %d, loss %.4f", server_round, partition_id, len(data), rank, loss)
@@ -94,6 +112,7 @@ def _prepare(msg: Message, context: Context, cfg: StamenConfig):
     targets = target_module_names(model, cfg.lora.target_modules)
 
     down = from_record(msg.content.array_records[keys.ARRAYS])
+    start = _initial_factors(down)  # removes the init.* arrays from `down`
     held, held_version = _held_global(context)
     weights = apply_downlink(
         held,
@@ -111,7 +130,18 @@ def _prepare(msg: Message, context: Context, cfg: StamenConfig):
     model = attach_fresh_lora(
         model, targets, rank=int(instr[keys.LORA_RANK]), alpha=float(instr[keys.LORA_ALPHA]), seed=seed
     )
+    if start:
+        from ml.lora import load_lora_factors
+
+        load_lora_factors(model, start)
     return task, data, model, targets
+
+
+def _initial_factors(down: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Take the adapter the server sent (``init.<module>.lora_A/B``) out of the downlink."""
+    init = {k[len(keys.INIT_PREFIX):]: down.pop(k) for k in [k for k in down if k.startswith(keys.INIT_PREFIX)]}
+    modules = {k.removesuffix(keys.LORA_A) for k in init if k.endswith(keys.LORA_A)}
+    return {m: (init[m + keys.LORA_A], init[m + keys.LORA_B]) for m in sorted(modules)}
 
 
 def _held_global(context: Context) -> tuple[dict[str, np.ndarray] | None, int]:

@@ -1,7 +1,8 @@
 """LoRA on the adapted Linear layers, through peft's low-level API.
 
-Each round a client injects a *fresh* adapter (A random, B zero, so the model starts as
-the global model) of its own rank, trains it, and sends A and B back. peft names the
+Each round a client injects an adapter of its own rank: a *fresh* one (A random, B zero,
+so the model starts as the global model; FLoRA) or one the server sent (FedIT, HetLoRA,
+FlexLoRA: :func:`load_lora_factors`), trains it, and sends A and B back. peft names the
 factors ``<module>.lora_A.weight`` (r x in) and ``<module>.lora_B.weight`` (out x r).
 """
 
@@ -32,3 +33,41 @@ def lora_factors(model: nn.Module, targets: list[str]) -> dict[str, tuple[np.nda
         b = state[f"{name}.lora_B.weight"].detach().cpu().numpy()
         out[name] = (a, b)
     return out
+
+
+def load_lora_factors(model: nn.Module, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Start the injected adapter from given factors, via peft's adapter state-dict helper."""
+    from peft import set_peft_model_state_dict
+
+    state = {}
+    for name, (a, b) in factors.items():
+        state[f"{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(a))
+        state[f"{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(b))
+    current = get_peft_model_state_dict(model)
+    for key, value in state.items():
+        if key not in current:
+            raise ValueError(f"the server sent {key}, which this model's adapter does not have")
+        if tuple(current[key].shape) != tuple(value.shape):
+            raise ValueError(f"{key}: the server sent shape {tuple(value.shape)}, the adapter has {tuple(current[key].shape)}")
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"peft did not load {missing[:3]}")
+
+
+def tail_norm(model: nn.Module, targets: list[str], fraction: float) -> torch.Tensor:
+    """sqrt of the summed squares of the last ceil(fraction * r) rank components of every
+    adapted module's A (rows) and B (columns): HetLoRA's regulariser (strategies/hetlora.py)."""
+    import math
+
+    total = None
+    for name in targets:
+        module = model.get_submodule(name)
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        r = a.shape[0]
+        tail = max(1, math.ceil(fraction * r)) if r > 1 else 0
+        if tail == 0:
+            continue
+        term = a[-tail:].pow(2).sum() + b[:, -tail:].pow(2).sum()
+        total = term if total is None else total + term
+    return torch.sqrt(total) if total is not None else torch.zeros(())

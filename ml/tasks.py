@@ -129,8 +129,12 @@ def train_local(
     learning_rate: float,
     head_learning_rate: float,
     seed: int,
+    regularizer=None,
 ) -> float:
-    """Run ``steps`` optimizer steps of AdamW on the trainable parameters; mean loss."""
+    """Run ``steps`` optimizer steps of AdamW on the trainable parameters; mean loss.
+
+    ``regularizer(model) -> tensor``, if given, is added to each step's loss (the reported
+    loss is the task loss alone)."""
     lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     groups = [{"params": lora, "lr": learning_rate}]
@@ -143,7 +147,7 @@ def train_local(
     for _ in range(steps):
         loss = task.loss(model, to_device(task.batch(data, next(batches)), model))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + regularizer(model) if regularizer is not None else loss).backward()
         optimizer.step()
         losses.append(loss.item())
     model.eval()

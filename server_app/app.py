@@ -52,14 +52,20 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
     for node, rank in sorted(node_ranks.items()):
         log(INFO, "node %d: %s, LoRA rank %d", node, profiles[node].get("device-class"), rank)
 
-    algorithm = STRATEGIES[cfg.strategy.name](
-        node_ranks=node_ranks,
-        default_rank=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
-        fraction_train=cfg.strategy.fraction_train,
-        min_nodes=cfg.strategy.min_nodes,
-        message_ttl=cfg.strategy.round_timeout,
-    )
+    try:
+        algorithm = STRATEGIES[cfg.strategy.name].from_config(
+            cfg,
+            node_ranks=node_ranks,
+            default_rank=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            fraction_train=cfg.strategy.fraction_train,
+            min_nodes=cfg.strategy.min_nodes,
+            message_ttl=cfg.strategy.round_timeout,
+            seed=cfg.train.seed,
+        )
+    except ValueError as err:  # e.g. fedit with mixed ranks
+        log(ERROR, "strategy %s: %s", cfg.strategy.name, err)
+        raise
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     initial = join_global(adapted_weights(model, targets), head_state(model))
     evaluate = ServerEvaluation(cfg, task, model, split.test, run, algorithm)

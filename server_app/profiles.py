@@ -50,7 +50,7 @@ def query_profiles(
 
 
 def ranks_from_profiles(profiles: dict[int, dict[str, Any]], lora: LoraConfig) -> dict[int, int]:
-    """node-config ``lora-rank`` wins; otherwise ``lora.rank-by-class`` of the device class."""
+    """node-config ``lora-rank`` wins; then ``lora.rank-by-partition``; then ``lora.rank-by-class``."""
     ranks = {}
     for node, profile in profiles.items():
         override = profile.get(keys.NODE_LORA_RANK)
@@ -59,5 +59,8 @@ def ranks_from_profiles(profiles: dict[int, dict[str, Any]], lora: LoraConfig) -
                 raise ValueError(f"node {node}: node-config lora-rank = {override!r} must be a positive integer")
             ranks[node] = override
         else:
-            ranks[node] = lora.rank_for(str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")))
+            partition = profile.get(keys.NODE_PARTITION_ID)
+            ranks[node] = lora.rank_for(
+                str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")), int(partition) if partition is not None else None
+            )
     return ranks

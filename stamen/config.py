@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("flora",)
+STRATEGIES = ("flora", "fedit", "hetlora", "flexlora")
 TASKS = ("text-classification", "causal-lm")
 DATASETS = ("bbc-news",)
 DEVICE_CLASSES = ("raspberry-pi", "jetson", "nvidia-gpu", "cpu")
@@ -47,10 +47,21 @@ class LoraConfig:
     alpha: float
     target_modules: tuple[str, ...]  # empty: the architecture's default
     rank_by_class: Mapping[str, int]
+    rank_by_partition: tuple[int, ...] = ()  # cycled over partition ids; for simulation, where node-config is bare
 
-    def rank_for(self, device_class: str) -> int:
-        """The LoRA rank a node of this device class trains with."""
+    def rank_for(self, device_class: str, partition_id: int | None = None) -> int:
+        """The LoRA rank a node trains with: by partition when ``lora.rank-by-partition``
+        is set, else by device class, else ``lora.rank``."""
+        if self.rank_by_partition and partition_id is not None:
+            return self.rank_by_partition[partition_id % len(self.rank_by_partition)]
         return self.rank_by_class.get(device_class, self.rank)
+
+
+@dataclass(frozen=True)
+class HetLoRAConfig:
+    tail_penalty: float
+    tail_fraction: float
+    prune_threshold: float
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,7 @@ class StamenConfig:
     eval: EvalConfig
     output: OutputConfig
     measure: MeasureConfig
+    hetlora: HetLoRAConfig
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StamenConfig:
@@ -142,6 +154,7 @@ class StamenConfig:
                 alpha=r.number("lora.alpha", low=0.0, low_open=True),
                 target_modules=r.names("lora.target-modules"),
                 rank_by_class=r.rank_table("lora.rank-by-class"),
+                rank_by_partition=r.rank_list("lora.rank-by-partition"),
             ),
             train=TrainConfig(
                 local_steps=r.integer("train.local-steps", minimum=1),
@@ -162,6 +175,11 @@ class StamenConfig:
             ),
             output=OutputConfig(dir=r.text("output.dir")),
             measure=MeasureConfig.from_run_config(run_config),
+            hetlora=HetLoRAConfig(
+                tail_penalty=r.number("hetlora.tail-penalty", low=0.0),
+                tail_fraction=r.number("hetlora.tail-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
+                prune_threshold=r.number("hetlora.prune-threshold", low=0.0, high=1.0),
+            ),
         )
         r.mark_used(k for k in run_config if k.startswith("measure."))
         r.reject_unknown()
@@ -267,6 +285,14 @@ class _Reader:
                 )
             table[cls] = int(rank)
         return table
+
+    def rank_list(self, key: str) -> tuple[int, ...]:
+        """``"4 8 16 32"`` -> (4, 8, 16, 32); "" -> ()."""
+        value = self.text(key, allow_empty=True)
+        items = value.replace(",", " ").split()
+        if not all(i.isdigit() and int(i) >= 1 for i in items):
+            raise ConfigError(f"{key} = {value!r}: write positive ranks separated by spaces, e.g. '4 8 16 32'")
+        return tuple(int(i) for i in items)
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self._raw) - self._used)

@@ -30,6 +30,12 @@ TRAIN_LOSS = "train-loss"
 LORA_A = ".lora_A"
 LORA_B = ".lora_B"
 HEAD_PREFIX = "head."  # trainable, fully shared parameters (classification head)
+INIT_PREFIX = "init."  # downlink: "init.<module>.lora_A/B", the adapter a node starts from (strategies/adapter.py)
+
+# ConfigRecord keys of a HetLoRA train instruction (strategies/hetlora.py)
+TAIL_PENALTY = "hetlora-tail-penalty"  # weight of the tail-norm regulariser
+TAIL_FRACTION = "hetlora-tail-fraction"  # share of the rank components that form the tail
+PRUNE_THRESHOLD = "hetlora-prune-threshold"  # drop the tail if its norm is below this share of the adapter's
 
 # node-config keys (set with `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"

@@ -7,6 +7,7 @@ two hooks: :meth:`downlink` (what a node receives) and :meth:`aggregate_lora` (t
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -49,6 +50,7 @@ class LoRAStrategy(FedAvg):
         fraction_train: float = 1.0,
         min_nodes: int = 2,
         message_ttl: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -60,9 +62,18 @@ class LoRAStrategy(FedAvg):
         self.default_rank = default_rank
         self.lora_alpha = lora_alpha
         self.message_ttl = message_ttl
+        self.seed = seed
         self.rounds: list[RoundRecord] = []
         self._current: RoundRecord | None = None
         self._global: dict[str, np.ndarray] = {}
+
+    accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
+
+    @classmethod
+    def from_config(cls, cfg, **common) -> LoRAStrategy:
+        """Build from the run config; ``common`` holds what every strategy takes. A strategy
+        with options of its own overrides this and reads them from ``cfg``."""
+        return cls(**common)
 
     # --- hooks for subclasses -------------------------------------------------------
     def downlink(self, node_id: int, global_arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
@@ -143,8 +154,13 @@ class LoRAStrategy(FedAvg):
                 continue
             try:
                 update, head = parse_reply(
-                    msg.content, module_shapes=module_shapes, head_shapes=head_shapes, rank=record.ranks.get(node_id, -1)
+                    msg.content,
+                    module_shapes=module_shapes,
+                    head_shapes=head_shapes,
+                    rank=record.ranks.get(node_id, -1),
+                    allow_smaller_rank=self.accepts_pruned_ranks,
                 )
+                update = dataclasses.replace(update, node_id=node_id)
             except InvalidUpdate as err:
                 self._drop(record, node_id, f"invalid update: {err}")
                 continue

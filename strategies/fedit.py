@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .adapter import AdapterStrategy, initial_adapter
 from .lora_records import ClientLoRA, Factors
 
 
@@ -50,3 +51,29 @@ def average_factors(updates: Sequence[ClientLoRA]) -> dict[str, tuple[np.ndarray
 def product(factors: Factors, scaling: float) -> dict[str, np.ndarray]:
     """The weight delta an adapter stands for: s B A per module."""
     return {m: scaling * (b @ a) for m, (a, b) in factors.items()}
+
+
+class FedIT(AdapterStrategy):
+    """FedAvg of A and of B; every node continues from the averaged adapter."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        ranks = sorted(set(self.node_ranks.values()) | {self.default_rank})
+        if len(ranks) > 1:
+            raise ValueError(
+                f"fedit needs one LoRA rank for every node, got ranks {ranks} "
+                "(set lora.rank and drop lora-rank/rank-by-class overrides, or use flora, hetlora or flexlora)"
+            )
+        self.rank = ranks[0]
+        self.adapter: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def initial_factors(self, node_id: int) -> Factors | None:
+        if self.adapter is None:  # one shared start, so that round 1's averages mean something
+            self.adapter = initial_adapter(self.module_shapes(), self.rank, self.seed)
+        return self.adapter
+
+    def combine(self, updates: list[ClientLoRA]) -> None:
+        self.adapter = average_factors(updates)
+
+    def delta(self) -> dict[str, np.ndarray]:
+        return product(self.adapter or {}, self.lora_alpha / self.rank)

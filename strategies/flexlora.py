@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .lora_records import ClientLoRA
+from .adapter import AdapterStrategy
+from .lora_records import ClientLoRA, Factors
 
 
 def full_delta(updates: Sequence[ClientLoRA]) -> dict[str, np.ndarray]:
@@ -53,13 +54,7 @@ def svd_factors(delta: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarra
     if scaling <= 0:
         raise ValueError(f"scaling must be > 0, got {scaling}")
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = np.sqrt(s[:r]) / np.sqrt(scaling)
-    b = u[:, :r] * root[None, :]
-    a = root[:, None] * vt[:r]
-    if r < rank:  # a matrix smaller than the rank: pad with zero components
-        a = np.pad(a, ((0, rank - r), (0, 0)))
-        b = np.pad(b, ((0, 0), (0, rank - r)))
+    a, b = factors_from_svd(u, s, vt, rank, scaling)  # (a matrix smaller than the rank: zero components)
     return a, b, s
 
 
@@ -70,3 +65,40 @@ def redistribute(delta: dict[str, np.ndarray], rank: int, scaling: float, dtype=
         a, b, _ = svd_factors(d, rank, scaling)
         out[module] = (a.astype(dtype), b.astype(dtype))
     return out
+
+
+def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors of a decomposition already taken, with scaling * B @ A = U_r S_r V_r^T."""
+    r = min(rank, s.shape[0])
+    root = np.sqrt(s[:r]) / np.sqrt(scaling)
+    a, b = root[:, None] * vt[:r], u[:, :r] * root[None, :]
+    if r < rank:
+        a, b = np.pad(a, ((0, rank - r), (0, 0))), np.pad(b, ((0, 0), (0, rank - r)))
+    return a, b
+
+
+class FlexLoRA(AdapterStrategy):
+    """Aggregate the full delta; each node starts from its rank's SVD truncation of it."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.global_delta: dict[str, np.ndarray] = {}
+        self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # one SVD per module and round
+
+    def initial_factors(self, node_id: int) -> Factors | None:
+        if not self._svd:  # round 1: nothing to redistribute; a fresh LoRA (B = 0) trains
+            return None
+        rank = self.rank_of(node_id)
+        scaling = self.lora_alpha / rank
+        out = {}
+        for m, (u, s, vt) in self._svd.items():
+            a, b = factors_from_svd(u, s, vt, rank, scaling)
+            out[m] = (a.astype(np.float32), b.astype(np.float32))
+        return out
+
+    def combine(self, updates: list[ClientLoRA]) -> None:
+        self.global_delta = full_delta(updates)
+        self._svd = {m: np.linalg.svd(d, full_matrices=False) for m, d in self.global_delta.items()}
+
+    def delta(self) -> dict[str, np.ndarray]:
+        return self.global_delta

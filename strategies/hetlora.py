@@ -30,6 +30,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from stamen import keys
+
+from .adapter import AdapterStrategy, initial_adapter
 from .lora_records import ClientLoRA, Factors
 
 
@@ -104,3 +107,48 @@ def self_prune_rank(factors: Factors, *, rho: float, threshold: float, min_rank:
     total = sum(float(np.sum(a**2) + np.sum(b**2)) for a, b in factors.values())
     tail_norm = sum(float(np.sum(a[-tail:] ** 2) + np.sum(b[:, -tail:] ** 2)) for a, b in factors.values())
     return rank - tail if total > 0 and math.sqrt(tail_norm) < threshold * math.sqrt(total) else rank
+
+
+class HetLoRA(AdapterStrategy):
+    """A rank-r_max global adapter; node k trains its first r_k components."""
+
+    accepts_pruned_ranks = True
+
+    def __init__(self, *, tail_penalty: float = 1e-3, tail_fraction: float = 0.25, prune_threshold: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.tail_penalty, self.tail_fraction, self.prune_threshold = tail_penalty, tail_fraction, prune_threshold
+        self.r_max = max([self.default_rank, *self.node_ranks.values()])
+        self.adapter: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    @classmethod
+    def from_config(cls, cfg, **common) -> HetLoRA:
+        h = cfg.hetlora
+        return cls(tail_penalty=h.tail_penalty, tail_fraction=h.tail_fraction, prune_threshold=h.prune_threshold, **common)
+
+    def initial_factors(self, node_id: int) -> Factors | None:
+        if self.adapter is None:
+            self.adapter = initial_adapter(self.module_shapes(), self.r_max, self.seed)
+        return truncate(self.adapter, self.rank_of(node_id))
+
+    def downlink(self, node_id: int, global_arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+        arrays, extra = super().downlink(node_id, global_arrays)
+        rank = self.rank_of(node_id)
+        extra.update({
+            keys.LORA_ALPHA: float(self.lora_alpha) * rank / self.r_max,  # alpha_k / r_k = alpha / r_max for all
+            keys.TAIL_PENALTY: self.tail_penalty,
+            keys.TAIL_FRACTION: self.tail_fraction,
+            keys.PRUNE_THRESHOLD: self.prune_threshold,
+        })
+        return arrays, extra
+
+    def combine(self, updates: list[ClientLoRA]) -> None:
+        assert self.adapter is not None
+        self.adapter = aggregate(updates, self.adapter)
+        for u in updates:  # a node that pruned its rank keeps the smaller rank from now on
+            rank = next(iter(u.factors.values()))[0].shape[0]
+            if u.node_id >= 0 and rank < self.rank_of(u.node_id):
+                self.node_ranks[u.node_id] = rank
+
+    def delta(self) -> dict[str, np.ndarray]:
+        s = self.lora_alpha / self.r_max
+        return {m: s * (b @ a) for m, (a, b) in (self.adapter or {}).items()}

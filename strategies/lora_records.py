@@ -29,6 +29,7 @@ class ClientLoRA:
     factors: Factors
     num_examples: int
     scaling: float  # s_k = alpha_k / r_k
+    node_id: int = -1  # who sent it (-1: unknown, e.g. in unit tests)
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -64,8 +65,12 @@ def parse_reply(
     module_shapes: Mapping[str, tuple[int, int]],
     head_shapes: Mapping[str, tuple[int, ...]],
     rank: int,
+    allow_smaller_rank: bool = False,
 ) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
-    """Decode and check one train reply; raise InvalidUpdate naming what is wrong."""
+    """Decode and check one train reply; raise InvalidUpdate naming what is wrong.
+
+    ``allow_smaller_rank``: the node may have pruned its rank (HetLoRA); the reply's
+    ``lora-rank`` metric says which rank, at most ``rank``."""
     if keys.ARRAYS not in content.array_records:
         raise InvalidUpdate(f"no ArrayRecord '{keys.ARRAYS}' in the reply")
     if keys.METRICS not in content.metric_records:
@@ -78,6 +83,11 @@ def parse_reply(
     if not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
         raise InvalidUpdate(f"metric '{keys.LORA_ALPHA}' missing or not positive: {alpha!r}")
 
+    if allow_smaller_rank:
+        reported = metrics.get(keys.LORA_RANK)
+        if not isinstance(reported, int) or not 1 <= reported <= rank:
+            raise InvalidUpdate(f"metric '{keys.LORA_RANK}' = {reported!r}: must be an integer in 1..{rank}")
+        rank = reported
     arrays = from_record(content.array_records[keys.ARRAYS])
     expected = {m + s for m in module_shapes for s in (keys.LORA_A, keys.LORA_B)} | set(head_shapes)
     missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
