@@ -211,27 +211,32 @@ def plot_round_cdf(runs: list[Run], target: Path) -> Path:
 def stragglers(run: Run) -> dict[str, float | str]:
     """The straggler effect: a synchronous round lasts as long as its slowest node.
 
-    Per round, the slowest node's e2e time against the median node's and against the
-    round time; averaged over rounds. ``slowest_class``: the device class that was the
-    slowest most often.
+    Per round, the slowest node's e2e time against the median and the fastest node's
+    and against the round time, and ``idle_share``: the mean over nodes of the part of
+    the round a node spends done and waiting for the others (1 - e2e / round); averaged
+    over rounds. ``slowest_class``: the device class that was the slowest most often.
     """
     by_round: dict[str, list[dict]] = defaultdict(list)
     for r in run.clients:
         if r.get("status") == "ok" and _num(r.get("e2e_s")) is not None:
             by_round[r["round"]].append(r)
     round_s = run.round_time()
-    slow_over_median, slow_over_round, who = [], [], defaultdict(int)
+    slow_over_median, slow_over_fast, slow_over_round, idle, who = [], [], [], [], defaultdict(int)
     for rnd, rows in by_round.items():
         e2e = sorted(float(r["e2e_s"]) for r in rows)
         slowest = max(rows, key=lambda r: float(r["e2e_s"]))
         who[slowest.get("device_class") or "unknown"] += 1
         slow_over_median.append(e2e[-1] / percentile(e2e, 50))
+        slow_over_fast.append(e2e[-1] / e2e[0])
         if round_s.get(rnd):
             slow_over_round.append(e2e[-1] / round_s[rnd])
+            idle.append(sum(max(0.0, 1 - t / round_s[rnd]) for t in e2e) / len(e2e))
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
     return {
         "slowest_over_median_e2e": mean(slow_over_median),
+        "slowest_over_fastest_e2e": mean(slow_over_fast),
         "slowest_e2e_over_round": mean(slow_over_round),
+        "idle_share": mean(idle),
         "slowest_class": max(who, key=who.get) if who else "",
     }
 
@@ -311,8 +316,9 @@ def report(paths: list[str | Path], *, labels: list[str] | None = None, out: str
             echo(f"  {label:<20}" + "  ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in shares.items() if not math.isnan(v)))
         echo("stragglers (round time = the slowest node):")
         for label, st in table["stragglers"].items():
-            echo(f"  {label:<20}slowest/median node e2e {st['slowest_over_median_e2e']:.2f}x, "
-                 f"slowest e2e/round {st['slowest_e2e_over_round']:.2f}, slowest class most often: {st['slowest_class']}")
+            echo(f"  {label:<20}slowest/fastest node e2e {st['slowest_over_fastest_e2e']:.2f}x, "
+                 f"slowest/median {st['slowest_over_median_e2e']:.2f}x, slowest e2e/round {st['slowest_e2e_over_round']:.2f}, "
+                 f"nodes idle {100 * st['idle_share']:.0f}% of the round, slowest class most often: {st['slowest_class']}")
         for pair, ratio in table["uplink_ratio"].items():
             echo(f"  uplink time ratio {pair}: {ratio:.2f}x")
     for path in written:

@@ -5,6 +5,7 @@
     stamen testbed  the emulated testbed: namespaces, shaped links, delay, CPU/memory limits
     stamen report   summary and plots of where each round's time went
     stamen device   the device profile this machine reports (class, rank, memory, CUDA)
+    stamen study    the accuracy study's table and plot (docs/lora-baselines.md)
 """
 
 from __future__ import annotations
@@ -216,6 +217,17 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from stamen.study import study
+
+    try:
+        study(args.dirs)
+    except FileNotFoundError as err:
+        print(f"stamen study: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from measurements.report import report
 
@@ -282,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     dev = sub.add_parser("device", help="print the device profile a SuperNode on this machine reports")
     dev.add_argument("--node-config", default="", help="the same string you pass to stamen-supernode --node-config")
     dev.set_defaults(func=cmd_device)
+    stu = sub.add_parser("study", help="final accuracy per strategy and rank setting, and accuracy per round (PNG)")
+    stu.add_argument("dirs", nargs="+", help="directories holding run directories")
+    stu.set_defaults(func=cmd_study)
     rep = sub.add_parser("report", help="summary and PNGs of a run's phase timings; several runs are compared")
     rep.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories")
     rep.add_argument("--labels", default="", help="a name per run dir, comma-separated (default: its network labels)")

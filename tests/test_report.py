@@ -81,6 +81,9 @@ def test_stragglers_by_hand(tmp_path):
     st = stragglers(Run.load(d))
     assert st["slowest_over_median_e2e"] == pytest.approx((8 / 4 + 18 / 3) / 2)
     assert st["slowest_e2e_over_round"] == pytest.approx((8 / 10 + 18 / 20) / 2)
+    assert st["slowest_over_fastest_e2e"] == pytest.approx((8 / 2 + 18 / 3) / 2)
+    # idle: round 1: (0.8 + 0.6 + 0.2) / 3; round 2: (0.85 + 0.85 + 0.1) / 3
+    assert st["idle_share"] == pytest.approx(((0.8 + 0.6 + 0.2) / 3 + (0.85 + 0.85 + 0.1) / 3) / 2)
     assert st["slowest_class"] == "raspberry-pi"
 
 

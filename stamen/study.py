@@ -1,0 +1,118 @@
+"""``stamen study DIR [DIR ...]``: the accuracy study's table and plot from run directories.
+
+Groups the runs under DIR by (strategy, rank setting) from each run's config.json:
+"homogeneous" when every client has one rank, else "heterogeneous". For each group:
+final held-out accuracy (last round of metrics.csv) as mean and sample std over the runs
+(seeds), and the downlink bytes per round (round 1, and the mean of later rounds). Writes
+``study.json`` and ``study.png`` (held-out accuracy per round, mean over seeds with the
+min-max band, one panel per setting) into the first DIR.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def _runs(dirs: list[Path]) -> list[Path]:
+    found = []
+    for d in dirs:
+        for metrics in sorted(Path(d).rglob("metrics.csv")):
+            if (metrics.parent / "config.json").is_file():
+                found.append(metrics.parent)
+    return found
+
+
+def setting(config: dict) -> str:
+    ranks = config.get("lora.rank-by-partition") or []
+    return "heterogeneous" if len(set(ranks)) > 1 else "homogeneous"
+
+
+def collect(dirs: list[Path]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in _runs(dirs):
+        config = json.loads((run / "config.json").read_text())
+        rows = list(csv.DictReader(open(run / "metrics.csv")))
+        if len(rows) < 2:
+            continue
+        groups[(config["strategy.name"], setting(config))].append(
+            {
+                "run": str(run),
+                "seed": config.get("train.seed"),
+                "accuracy": [float(r["eval_accuracy"]) for r in rows],
+                "downlink": [int(r["downlink_bytes"]) for r in rows[1:] if r.get("downlink_bytes")],
+                "ranks": config.get("lora.rank-by-partition"),
+            }
+        )
+    return groups
+
+
+def table(groups) -> list[dict]:
+    out = []
+    for (name, kind), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        final = [r["accuracy"][-1] for r in runs]
+        later = [b for r in runs for b in r["downlink"][1:]]
+        out.append(
+            {
+                "strategy": name,
+                "setting": kind,
+                "runs": len(runs),
+                "seeds": sorted(r["seed"] for r in runs),
+                "rounds": len(runs[0]["accuracy"]) - 1,
+                "final_accuracy_mean": statistics.mean(final),
+                "final_accuracy_std": statistics.stdev(final) if len(final) > 1 else math.nan,
+                "downlink_round1_mb": statistics.mean(r["downlink"][0] for r in runs if r["downlink"]) / 1e6,
+                "downlink_later_mb": statistics.mean(later) / 1e6 if later else math.nan,
+            }
+        )
+    return out
+
+
+def plot(groups, target: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for _, k in groups})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for (name, k), runs in sorted(groups.items()):
+            if k != kind:
+                continue
+            n = min(len(r["accuracy"]) for r in runs)
+            curves = [r["accuracy"][:n] for r in runs]
+            mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
+            ax.plot(range(n), mean, marker="o", ms=3, label=f"{name} ({len(runs)} seeds)")
+            ax.fill_between(range(n), [min(c[i] for c in curves) for i in range(n)],
+                            [max(c[i] for c in curves) for i in range(n)], alpha=0.15)
+        ax.set_title(f"{kind} ranks")
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def study(dirs: list[str | Path], echo=print) -> list[dict]:
+    dirs = [Path(d) for d in dirs]
+    groups = collect(dirs)
+    if not groups:
+        raise FileNotFoundError(f"no run directories (metrics.csv + config.json) under {', '.join(map(str, dirs))}")
+    rows = table(groups)
+    echo("| setting | strategy | seeds | rounds | final accuracy (mean +- std) | downlink round 1 | downlink later rounds |")
+    echo("|---|---|---|---|---|---|---|")
+    for r in rows:
+        echo(f"| {r['setting']} | {r['strategy']} | {r['runs']} | {r['rounds']} | "
+             f"{r['final_accuracy_mean']:.3f} +- {r['final_accuracy_std']:.3f} | {r['downlink_round1_mb']:.2f} MB | "
+             f"{r['downlink_later_mb']:.2f} MB |")
+    (dirs[0] / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
+    echo(f"wrote {dirs[0] / 'study.json'} and {plot(groups, dirs[0] / 'study.png')}")
+    return rows

@@ -1,0 +1,39 @@
+"""`stamen study` on hand-written run directories: grouping by strategy and rank setting,
+mean and sample std of the final accuracy, downlink per round, the files it writes."""
+
+import json
+
+import pytest
+
+from stamen.study import study
+
+
+def _run(root, name, strategy, ranks, seed, accuracy, downlink):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"strategy.name": strategy, "lora.rank-by-partition": ranks, "train.seed": seed}))
+    lines = ["round,eval_accuracy,downlink_bytes"] + [
+        f"{i},{a},{downlink[i - 1] if i else ''}" for i, a in enumerate(accuracy)
+    ]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_table_by_hand(tmp_path):
+    _run(tmp_path, "1", "flora", [4, 8], 0, [0.2, 0.5, 0.8], [7_000_000, 1_000_000])
+    _run(tmp_path, "2", "flora", [4, 8], 1, [0.2, 0.6, 0.9], [7_000_000, 3_000_000])
+    _run(tmp_path, "3", "fedit", [8], 0, [0.2, 0.4, 0.7], [7_000_000, 500_000])
+    lines = []
+    rows = {(r["strategy"], r["setting"]): r for r in study([tmp_path], echo=lines.append)}
+    flora = rows[("flora", "heterogeneous")]
+    assert flora["runs"] == 2 and flora["rounds"] == 2
+    assert flora["final_accuracy_mean"] == pytest.approx(0.85)
+    assert flora["final_accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std of 0.8, 0.9
+    assert flora["downlink_round1_mb"] == pytest.approx(7.0) and flora["downlink_later_mb"] == pytest.approx(2.0)
+    assert rows[("fedit", "homogeneous")]["final_accuracy_mean"] == pytest.approx(0.7)
+    assert (tmp_path / "study.png").stat().st_size > 0 and json.loads((tmp_path / "study.json").read_text())
+    assert any("0.850 +- 0.071" in line for line in lines)
+
+
+def test_no_runs_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        study([tmp_path])
