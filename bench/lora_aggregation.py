@@ -4,7 +4,9 @@ For 4, 16 and 64 clients with ranks 4/8/16/32 spread over them (FedIT: rank 8 fo
 it cannot mix ranks), on the LoRA shapes of all-MiniLM-L6-v2 and of SmolLM2-135M (q, k,
 v, o of every layer), this times each strategy's ``aggregate_lora`` (the whole step: the
 math and the new global weights) against Flower's own FedAvg aggregation
-(``aggregate_arrayrecords``) of N ArrayRecords with the same mean upload size. Methods
+(``aggregate_arrayrecords``) of N ArrayRecords with the same mean upload size. FLoRA is
+also timed without merging into the weights ("stack only"): Flower's FedAvg of the
+uploads does not produce model weights either. Methods
 are interleaved within each repetition; the median over repetitions is reported, with
 its ratio to FedAvg. Peak server memory is the tracemalloc peak of one call (numpy
 reports its buffers to tracemalloc).
@@ -104,6 +106,10 @@ def run(model: str, n: int, reps: int, echo=print) -> list[dict]:
             return strategy.aggregate_lora(ups, [{} for _ in ups], global_arrays)
 
         cases[name] = call
+        if name == "flora":  # the stacking alone: what the downlink needs, without merging into W
+            from strategies.flora import stack_lora
+
+            cases["flora (stack only)"] = lambda ups=ups: stack_lora(ups)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):  # interleaved: each repetition runs every method once
         for name, fn in cases.items():

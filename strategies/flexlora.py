@@ -67,6 +67,16 @@ def redistribute(delta: dict[str, np.ndarray], rank: int, scaling: float, dtype=
     return out
 
 
+def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD of B @ A (B: out x R, A: R x in) without forming it when R is small:
+    B = Q_b R_b and A^T = Q_a R_a (QR), then the R x R core R_b R_a^T = U_c S V_c^T gives
+    B A = (Q_b U_c) S (Q_a V_c)^T exactly. O((out + in) R^2 + R^3) instead of O(out in min(out, in))."""
+    qb, rb = np.linalg.qr(b)
+    qa, ra = np.linalg.qr(a.T)
+    uc, s, vct = np.linalg.svd(rb @ ra.T)
+    return qb @ uc, s, vct @ qa.T
+
+
 def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:
     """Rank-``rank`` factors of a decomposition already taken, with scaling * B @ A = U_r S_r V_r^T."""
     r = min(rank, s.shape[0])
@@ -97,8 +107,19 @@ class FlexLoRA(AdapterStrategy):
         return out
 
     def combine(self, updates: list[ClientLoRA]) -> None:
-        self.global_delta = full_delta(updates)
-        self._svd = {m: np.linalg.svd(d, full_matrices=False) for m, d in self.global_delta.items()}
+        from .flora import stack_lora
+
+        # dW = B_stack A_stack (FLoRA's stack is exactly sum_k p_k s_k B_k A_k); its SVD from
+        # the factors when the summed rank is below the matrix size, else from dW itself
+        stacked = stack_lora(updates)
+        self.global_delta, self._svd = {}, {}
+        for m, (a, b) in stacked.items():
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            self.global_delta[m] = b64 @ a64
+            if a.shape[0] < min(b.shape[0], a.shape[1]):
+                self._svd[m] = low_rank_svd(b64, a64)
+            else:
+                self._svd[m] = np.linalg.svd(self.global_delta[m], full_matrices=False)
 
     def delta(self) -> dict[str, np.ndarray]:
         return self.global_delta

@@ -80,10 +80,13 @@ def aggregate(
         for k, u in enumerate(updates):
             if module not in u.factors:
                 raise ValueError(f"client {k}: no factors for {module}")
-            a, b = pad(*u.factors[module], r_max)
-            a_new += w[k] * a
-            b_new += w[k] * b
-            covered[: u.factors[module][0].shape[0]] += w[k]
+            a, b = u.factors[module]
+            r = a.shape[0]
+            if r > r_max:
+                raise ValueError(f"client {k}, {module}: rank {r} exceeds the global rank {r_max}")
+            a_new[:r] += w[k] * a  # = adding the zero-padded factors, without building them
+            b_new[:, :r] += w[k] * b
+            covered[:r] += w[k]
         held = covered > 0
         # renormalise the components a subset of clients trained; keep the rest as they were
         a_new[held] /= covered[held, None]

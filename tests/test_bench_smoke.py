@@ -11,5 +11,5 @@ def test_aggregation_bench_small_case():
     import lora_aggregation
 
     rows = lora_aggregation.run("minilm", 4, reps=1, echo=lambda line: None)
-    assert {r["method"] for r in rows} == {"fedavg (flwr)", "flora", "fedit", "hetlora", "flexlora"}
+    assert {r["method"] for r in rows} == {"fedavg (flwr)", "flora", "flora (stack only)", "fedit", "hetlora", "flexlora"}
     assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in rows)

@@ -130,6 +130,15 @@ def test_redistribution_is_exact_when_the_rank_suffices_and_optimal_otherwise():
     assert np.linalg.norm(8.0 * b2 @ a2 - delta) == pytest.approx(np.sqrt(np.sum(s[2:] ** 2)))  # Eckart-Young
 
 
+def test_low_rank_svd_equals_the_dense_one():
+    rng = np.random.default_rng(5)
+    b, a = rng.normal(size=(9, 3)), rng.normal(size=(3, 7))
+    u, s, vt = flexlora.low_rank_svd(b, a)
+    np.testing.assert_allclose(s, np.linalg.svd(b @ a, compute_uv=False)[:3], rtol=1e-10)
+    np.testing.assert_allclose((u * s) @ vt, b @ a, atol=1e-10)
+    np.testing.assert_allclose(u.T @ u, np.eye(3), atol=1e-10)  # orthonormal columns
+
+
 def test_svd_factors_pad_when_the_matrix_is_smaller_than_the_rank():
     a, b, _ = flexlora.svd_factors(np.ones((2, 3)), rank=4, scaling=1.0)
     assert a.shape == (4, 3) and b.shape == (2, 4)
