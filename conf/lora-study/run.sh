@@ -1,6 +1,6 @@
 #!/bin/sh
 # Every row of the LoRA study (conf/lora-study/*.toml) with seeds 0, 1, 2, then the table
-# and the plot. Runs in Flower's simulation engine; about 3-4 minutes per run on 2 cores.
+# and the plot. Runs in Flower's simulation engine; about 4 minutes per run on 2 cores (21 runs: about 85 minutes).
 #   sh conf/lora-study/run.sh [OUTPUT_DIR]        (default runs/lora-study)
 set -eu
 out=${1:-runs/lora-study}
