@@ -1,6 +1,6 @@
 """``stamen study DIR [DIR ...]``: the accuracy study's table and plot from run directories.
 
-Groups the runs under DIR by (strategy, rank setting) from each run's config.json:
+Groups the finished runs under DIR (every planned round in metrics.csv) by (strategy, rank setting) from each run's config.json:
 "homogeneous" when every client has one rank, else "heterogeneous". For each group:
 final held-out accuracy (last round of metrics.csv) as mean and sample std over the runs
 (seeds), and the downlink bytes per round (round 1, and the mean of later rounds). Writes
@@ -37,8 +37,8 @@ def collect(dirs: list[Path]) -> dict[tuple[str, str], list[dict]]:
     for run in _runs(dirs):
         config = json.loads((run / "config.json").read_text())
         rows = list(csv.DictReader(open(run / "metrics.csv")))
-        if len(rows) < 2:
-            continue
+        if len(rows) < 2 or len(rows) - 1 < int(config.get("strategy.num-rounds", 0)):
+            continue  # unfinished (still running, or failed): not a result
         groups[(config["strategy.name"], setting(config))].append(
             {
                 "run": str(run),

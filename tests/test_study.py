@@ -11,7 +11,8 @@ from stamen.study import study
 def _run(root, name, strategy, ranks, seed, accuracy, downlink):
     d = root / name
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"strategy.name": strategy, "lora.rank-by-partition": ranks, "train.seed": seed}))
+    config = {"strategy.name": strategy, "lora.rank-by-partition": ranks, "train.seed": seed, "strategy.num-rounds": 2}
+    (d / "config.json").write_text(json.dumps(config))
     lines = ["round,eval_accuracy,downlink_bytes"] + [
         f"{i},{a},{downlink[i - 1] if i else ''}" for i, a in enumerate(accuracy)
     ]
@@ -22,6 +23,7 @@ def test_table_by_hand(tmp_path):
     _run(tmp_path, "1", "flora", [4, 8], 0, [0.2, 0.5, 0.8], [7_000_000, 1_000_000])
     _run(tmp_path, "2", "flora", [4, 8], 1, [0.2, 0.6, 0.9], [7_000_000, 3_000_000])
     _run(tmp_path, "3", "fedit", [8], 0, [0.2, 0.4, 0.7], [7_000_000, 500_000])
+    _run(tmp_path, "4", "fedit", [8], 1, [0.2, 0.1], [7_000_000])  # unfinished: 1 of 2 rounds, left out
     lines = []
     rows = {(r["strategy"], r["setting"]): r for r in study([tmp_path], echo=lines.append)}
     flora = rows[("flora", "heterogeneous")]
