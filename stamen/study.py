@@ -18,6 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 
+COLORS = {"flora": "#55A868", "fedit": "#C44E52", "hetlora": "#8172B2", "flexlora": "#4C72B0"}  # one per strategy, every panel
+
+
 def _runs(dirs: list[Path]) -> list[Path]:
     found = []
     for d in dirs:
@@ -87,9 +90,10 @@ def plot(groups, target: Path) -> Path:
             n = min(len(r["accuracy"]) for r in runs)
             curves = [r["accuracy"][:n] for r in runs]
             mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
-            ax.plot(range(n), mean, marker="o", ms=3, label=f"{name} ({len(runs)} seeds)")
+            color = COLORS.get(name)
+            ax.plot(range(n), mean, marker="o", ms=3, color=color, label=f"{name} ({len(runs)} seeds)")
             ax.fill_between(range(n), [min(c[i] for c in curves) for i in range(n)],
-                            [max(c[i] for c in curves) for i in range(n)], alpha=0.15)
+                            [max(c[i] for c in curves) for i in range(n)], color=color, alpha=0.15)
         ax.set_title(f"{kind} ranks")
         ax.set_xlabel("round")
         ax.set_ylabel("held-out accuracy")
