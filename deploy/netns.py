@@ -13,6 +13,7 @@ of a crashed run. Delay emulation is not here: this kernel has no netem (issue 4
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -22,11 +23,29 @@ class NamespaceError(RuntimeError):
     pass
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``ip ARGS``; NamespaceError with ip's own message when it fails (and ``check``)."""
     out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and out.returncode != 0:
         raise NamespaceError(f"ip {' '.join(args)}: {out.stderr.strip()}")
     return out
+
+
+def namespaces(prefix: str) -> list[str]:
+    """The network namespaces whose names start with ``prefix``."""
+    names = [line.split()[0] for line in ip("netns", "list").stdout.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(prefix)]
+
+
+def shape(ns: str, dev: str, mbit: float) -> None:
+    """tbf on ``dev``'s egress inside ``ns``: ``mbit`` Mbit/s, at most 200 ms queued.
+
+    The bucket holds at least one timer tick of traffic (4 ms at HZ=250), or tbf falls
+    short of its rate at high speeds; 32 KB is the floor for slow links.
+    """
+    burst = max(32 * 1024, math.ceil(mbit * 1e6 / 8 * 0.004))
+    ip("netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
+       "rate", f"{mbit}mbit", "burst", str(burst), "latency", "200ms")
 
 
 def available() -> str | None:
@@ -37,19 +56,18 @@ def available() -> str | None:
         if shutil.which(tool) is None:
             return f"`{tool}` (iproute2) is not installed"
     probe = "stamen-probe-%d" % os.getpid()
-    out = _ip("netns", "add", probe, check=False)
+    out = ip("netns", "add", probe, check=False)
     if out.returncode != 0:
         return f"cannot create a network namespace: {out.stderr.strip()}"
-    _ip("netns", "delete", probe, check=False)
+    ip("netns", "delete", probe, check=False)
     return None
 
 
 def cleanup(prefix: str) -> list[str]:
     """Delete every namespace whose name starts with ``prefix`` (a crashed run's leftovers)."""
-    names = [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
-    gone = [n for n in names if n.startswith(prefix)]
+    gone = namespaces(prefix)
     for name in gone:
-        _ip("netns", "delete", name, check=False)
+        ip("netns", "delete", name, check=False)
     return gone
 
 
@@ -63,7 +81,7 @@ class NamespacePair:
         self._veth = (f"{prefix[:8]}-a", f"{prefix[:8]}-b")  # interface names: at most 15 characters
 
     def __enter__(self) -> NamespacePair:
-        if self._subnet + "." in _ip("-4", "addr").stdout:
+        if self._subnet + "." in ip("-4", "addr").stdout:
             raise NamespaceError(f"{self._subnet}.0/30 is in use on this host; pick another subnet")
         try:
             self._create()
@@ -75,30 +93,21 @@ class NamespacePair:
     def _create(self) -> None:
         a, b = self._veth
         for ns in (self.server_ns, self.node_ns):
-            _ip("netns", "add", ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("link", "add", a, "type", "veth", "peer", "name", b)
-        _ip("link", "set", a, "netns", self.server_ns)
-        _ip("link", "set", b, "netns", self.node_ns)
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", a, "type", "veth", "peer", "name", b)
+        ip("link", "set", a, "netns", self.server_ns)
+        ip("link", "set", b, "netns", self.node_ns)
         for ns, dev, addr in ((self.server_ns, a, self.server_ip), (self.node_ns, b, self.node_ip)):
-            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
+            ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
         for ns, dev, mbit in ((self.server_ns, a, self.down_mbit), (self.node_ns, b, self.up_mbit)):
             if mbit:
-                self.shape(ns, dev, mbit)
+                shape(ns, dev, mbit)
         for ns, addr in ((self.server_ns, self.server_ip), (self.node_ns, self.node_ip)):
-            if f"inet {addr}/30" not in _ip("-n", ns, "-4", "addr", "show").stdout:
+            if f"inet {addr}/30" not in ip("-n", ns, "-4", "addr", "show").stdout:
                 raise NamespaceError(f"{addr} did not appear inside {ns}")
-
-    @staticmethod
-    def shape(ns: str, dev: str, mbit: float) -> None:
-        """tbf on ``dev``'s egress: ``mbit`` Mbit/s, a 32 KB bucket, at most 200 ms queued."""
-        cmd = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-               "rate", f"{mbit}mbit", "burst", "32kb", "latency", "200ms"]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        if out.returncode != 0:
-            raise NamespaceError(f"{' '.join(cmd)}: {out.stderr.strip()}")
 
     def __exit__(self, *exc) -> None:
         for ns in (self.server_ns, self.node_ns):
-            _ip("netns", "delete", ns, check=False)
+            ip("netns", "delete", ns, check=False)

@@ -103,19 +103,8 @@ def available() -> str | None:
 
 
 def _ip(ns: str | None, *args: str) -> str:
-    cmd = ["ip", *(["-n", ns] if ns else []), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        raise netns.NamespaceError(f"{' '.join(cmd)}: {out.stderr.strip()}")
-    return out.stdout
-
-
-def _tbf(ns: str, dev: str, mbit: float) -> None:
-    # The bucket must hold at least one timer tick of traffic (4 ms at HZ=250) or tbf
-    # falls short of its rate at high speeds; 32 KB is the floor for slow links.
-    burst = max(32 * 1024, math.ceil(mbit * 1e6 / 8 * 0.004))
-    _ip(None, "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-        "rate", f"{mbit}mbit", "burst", str(burst), "latency", "200ms")
+    """``ip [-n NS] ARGS``'s output (deploy/netns.py runs it and reports failures)."""
+    return netns.ip(*(["-n", ns] if ns else []), *args).stdout
 
 
 class Topology:
@@ -162,8 +151,8 @@ class Topology:
             _ip(ns, "link", "set", "eth0", "up")
         for i, link in enumerate(self.links):
             if link is not None:
-                _tbf(self.node_ns[i], "eth0", link.up_mbit)  # the node's egress: its uplink
-                _tbf(self.switch_ns, f"n{i}", link.down_mbit)  # the bridge's egress toward it: its downlink
+                netns.shape(self.node_ns[i], "eth0", link.up_mbit)  # the node's egress: its uplink
+                netns.shape(self.switch_ns, f"n{i}", link.down_mbit)  # the bridge's egress toward it: its downlink
 
     def verify(self) -> None:
         """Every address is where it belongs, and no namespace has a route beyond the subnet."""
@@ -176,7 +165,7 @@ class Topology:
 
     def __exit__(self, *exc) -> None:
         for ns in (*self.node_ns, self.server_ns, self.switch_ns):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
+            netns.ip("netns", "delete", ns, check=False)
 
 
 def teardown(prefix: str = PREFIX) -> dict[str, list[str]]:
@@ -184,12 +173,10 @@ def teardown(prefix: str = PREFIX) -> dict[str, list[str]]:
     namespaces, and ``prefix*`` cgroups. Safe to run when nothing is left."""
     import psutil
 
-    killed, spaces = [], []
-    if shutil.which("ip"):
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
-        spaces = [line.split()[0] for line in listing.splitlines() if line.strip() and line.split()[0].startswith(prefix)]
+    killed = []
+    spaces = netns.namespaces(prefix) if shutil.which("ip") else []
     for ns in spaces:
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=30).stdout.split()
+        pids = netns.ip("netns", "pids", ns, check=False).stdout.split()
         procs = []
         for pid in pids:
             with contextlib.suppress(psutil.Error, ValueError):
@@ -201,8 +188,7 @@ def teardown(prefix: str = PREFIX) -> dict[str, list[str]]:
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-    for ns in spaces:
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True, timeout=30)
+    spaces = netns.cleanup(prefix) if spaces else []
     groups = cgroups.cleanup(prefix) if cgroups.version() else []
     return {"processes": killed, "namespaces": spaces, "cgroups": groups}
 

@@ -45,7 +45,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     for i, node in enumerate(nodes):
         print(f"[stamen]   supernode-{i}: --node-config '{node.node_config()}'", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
-    return _run_and_report(LocalDeployment(nodes, workdir=workdir), overrides, output, workdir, args.timeout)
+    return _run(LocalDeployment(nodes, workdir=workdir), overrides, output, workdir, args.timeout)[0]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -58,11 +58,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"[stamen] starting flower-superlink --simulation with {args.nodes} virtual SuperNodes", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
     deployment = SimulationDeployment(args.nodes, workdir=workdir, client_cpus=args.client_cpus)
-    return _run_and_report(deployment, overrides, output, workdir, args.timeout)
-
-
-def _run_and_report(deployment, overrides: str, output: Path, workdir: Path, timeout: float) -> int:
-    return _run(deployment, overrides, output, workdir, timeout)[0]
+    return _run(deployment, overrides, output, workdir, args.timeout)[0]
 
 
 def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float) -> tuple[int, Path | None]:

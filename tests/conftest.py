@@ -6,6 +6,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+@pytest.fixture(scope="session")
+def flower_programs():
+    """Integration tests start these by name: fail (not skip) when they are missing."""
+    import shutil
+
+    missing = [p for p in ("flower-superlink", "flower-supernode", "stamen-supernode", "flwr") if shutil.which(p) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not on PATH: run the tests through `make test` (it puts .venv/bin on PATH)")
+
+
+@pytest.fixture(scope="session")
+def small_run():
+    """Run-config overrides for a quick real run of the app (tiny batches, short sequences)."""
+    return (
+        "strategy.num-rounds=2 train.local-steps=2 train.batch-size=4 model.max-seq-len=32 "
+        "eval.max-examples=32 data.test-fraction=0.1"
+    )
+
+
 @pytest.fixture()
 def flower_identity():
     """Building a Message outside a running app needs the task identity set."""

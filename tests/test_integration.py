@@ -4,7 +4,6 @@ stamen-supernode (transfer timing + telemetry), node 1 plain flower-supernode.""
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -17,18 +16,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    if shutil.which("flower-superlink") is None:
-        pytest.fail("flower-superlink is not on PATH: run the tests through `make test` (it puts .venv/bin on PATH)")
+def finished_run(tmp_path_factory, flower_programs, small_run):
     out = tmp_path_factory.mktemp("runs")
-    overrides = (
-        "strategy.num-rounds=2 train.local-steps=2 train.batch-size=4 model.max-seq-len=32 "
-        "eval.max-examples=32 data.test-fraction=0.1"
-    )
     code = main(
         ["local", "--nodes", "2", "--ranks", "4,8", "--device-classes", "raspberry-pi,jetson",
          "--supernode", "stamen,flower", "--networks", "wifi,ethernet",
-         "--output", str(out), "--run-config", overrides, "--timeout", "600"]
+         "--output", str(out), "--run-config", small_run, "--timeout", "600"]
     )
     assert code == 0, f"stamen local failed; logs under {out}/_deploy"
     (run_dir,) = [p for p in out.iterdir() if p.name != "_deploy"]

@@ -9,7 +9,6 @@ afterwards, also on failure.
 
 import csv
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,9 @@ DOWN_MBIT, UP_MBIT = 8, 4
 
 
 @pytest.fixture(scope="module")
-def shaped_rows(tmp_path_factory):
+def shaped_rows(tmp_path_factory, flower_programs):
     if (reason := netns.available()) is not None:
         pytest.skip(f"link shaping test needs network namespaces: {reason}")
-    if shutil.which("stamen-supernode") is None:
-        pytest.fail("stamen-supernode is not on PATH: run the tests through `make test`")
     out = tmp_path_factory.mktemp("shaped")
     prefix = f"stm{os.getpid() % 100000}"
     netns.cleanup(prefix)

@@ -3,7 +3,6 @@ ClientApp, model and data): two rounds, so round 2 starts from the adapter the s
 sent; ranks 4 and 8 by partition (fedit: 8 and 8)."""
 
 import csv
-import shutil
 
 import numpy as np
 import pytest
@@ -14,9 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("name,ranks", [("fedit", "8"), ("hetlora", "4 8"), ("flexlora", "4 8")])
-def test_two_rounds(tmp_path, name, ranks):
-    if shutil.which("flower-superlink") is None:
-        pytest.fail("flower-superlink is not on PATH: run the tests through `make test`")
+def test_two_rounds(tmp_path, name, ranks, flower_programs):
     overrides = (
         f'strategy.name="{name}" lora.rank-by-partition="{ranks}" strategy.num-rounds=2 train.local-steps=3 '
         "train.batch-size=4 model.max-seq-len=32 eval.max-examples=32 data.test-fraction=0.1 measure.enabled=false"

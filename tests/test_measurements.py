@@ -1,6 +1,5 @@
 """The instrumentation layer's pieces on small, hand-checkable inputs."""
 
-import threading
 import time
 
 import pytest

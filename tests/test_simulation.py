@@ -3,7 +3,6 @@ so the instrumentation has no SuperNode transport to time. What it can measure m
 there; transfers must be marked unavailable, not invented."""
 
 import csv
-import shutil
 
 import pytest
 
@@ -13,15 +12,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def simulated_run(tmp_path_factory):
-    if shutil.which("flower-superlink") is None:
-        pytest.fail("flower-superlink is not on PATH: run the tests through `make test` (it puts .venv/bin on PATH)")
+def simulated_run(tmp_path_factory, flower_programs, small_run):
     out = tmp_path_factory.mktemp("runs")
-    overrides = (
-        "strategy.num-rounds=2 train.local-steps=2 train.batch-size=4 model.max-seq-len=32 "
-        "eval.max-examples=32 data.test-fraction=0.1"
-    )
-    code = main(["simulate", "--nodes", "3", "--output", str(out), "--run-config", overrides, "--timeout", "600"])
+    code = main(["simulate", "--nodes", "3", "--output", str(out), "--run-config", small_run, "--timeout", "600"])
     assert code == 0, f"stamen simulate failed; logs under {out}/_deploy"
     (run_dir,) = [p for p in out.iterdir() if p.name != "_deploy"]
     return run_dir

@@ -9,12 +9,11 @@ under its own prefix and is checked to be gone afterwards.
 
 import csv
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from deploy import testbed
+from deploy import netns, testbed
 from deploy.testbed import Network, Topology, load_profiles
 
 pytestmark = pytest.mark.integration
@@ -24,8 +23,7 @@ FAR = Network("far", down_mbit=8, up_mbit=4, delay_ms=40)
 
 
 def _namespaces(prefix):
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in listing.splitlines() if line.startswith(prefix)]
+    return netns.namespaces(prefix)
 
 
 def test_every_shipped_profile_parses():
