@@ -3,7 +3,7 @@ single-threaded work, one of them inside a cgroup limited to a quarter of a core
 measured training loop must take about 4x as long. The quarter core is shared with
 everything else in that cgroup (the SuperNode's gRPC polling, the ClientApp process's
 resource sampler and Flower threads), so the loop gets a little less than a quarter and
-the ratio sits above 4 (4.1x to 5.4x seen on 2-core machines). Accepted: 3x to 8x; below
+the ratio sits above 4 (4.7x and 5.4x seen on 2-core machines). Accepted: 3x to 8x; below
 3x the quota is not applied, above 8x the group got less than half the quarter core.
 
 Needs root and a cgroup cpu controller; skipped with the reason otherwise.
