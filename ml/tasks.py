@@ -1,10 +1,14 @@
 """Tasks: how batches are built, what the loss is, and how a model is evaluated.
 
-Two tasks share everything else (LoRA, data, strategies):
+Three tasks share everything else (LoRA, data, strategies):
 
 * ``text-classification``: an encoder + mean pooling + linear head; reports accuracy.
 * ``causal-lm``: a decoder trained on the articles' text, one article = one sequence;
   reports loss and perplexity.
+* ``image-classification``: a ViT (built from a config, ``model.path = "vit:..."``, or a
+  checkpoint directory); used by the early-exit strategies (ml/early_exit.py).
+
+``load_backbone()`` gives the bare encoder that the early-exit model runs block by block.
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class _TextTask:
 
     def load_model(self) -> nn.Module:
         return load_model(self.name, self.model_path, num_labels=self.num_labels)
+
+    def load_backbone(self) -> nn.Module:
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.model_path).eval()
 
     def tokenize(self, data: TextDataset, index: np.ndarray):
         return self.tokenizer(
@@ -113,7 +122,38 @@ class CausalLM(_TextTask):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+class ImageClassification:
+    """Images in, one label out. There is no single-head image model in this project: the
+    early-exit model (ml/early_exit.py) puts its exits on :meth:`load_backbone`."""
+
+    name = "image-classification"
+    metric = "accuracy"
+
+    def __init__(self, model_path: str, *, num_labels: int) -> None:
+        self.model_path = model_path
+        self.num_labels = num_labels
+
+    def load_backbone(self) -> nn.Module:
+        """A ViT from ``vit:<ViTConfig fields>`` (random weights from torch's current seed)
+        or from a checkpoint directory / hub id."""
+        from transformers import ViTConfig, ViTModel
+
+        if self.model_path.startswith("vit:"):
+            from .model_path import vit_config_fields
+
+            return ViTModel(ViTConfig(**vit_config_fields(self.model_path)), add_pooling_layer=False).eval()
+        return ViTModel.from_pretrained(self.model_path, add_pooling_layer=False).eval()
+
+    def load_model(self) -> nn.Module:
+        raise ValueError("model.task = 'image-classification' is served by the early-exit strategies only (reefl, depthfl, inclusivefl, exclusivefl)")
+
+    def batch(self, data, index: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.from_numpy(data.images[index]), "labels": torch.as_tensor(data.labels[index])}
+
+
 def make_task(task: str, model_path: str, *, max_seq_len: int, num_labels: int):
+    if task == "image-classification":
+        return ImageClassification(model_path, num_labels=num_labels)
     if task == "text-classification":
         return TextClassification(model_path, max_seq_len=max_seq_len, num_labels=num_labels)
     return CausalLM(model_path, max_seq_len=max_seq_len)

@@ -29,18 +29,27 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = StamenConfig.from_run_config(context.run_config)
         task, split = build_task(cfg)  # checks model.path and data before anything trains
-        torch.manual_seed(cfg.train.seed)  # the head's initial weights, sent to every node
-        model = task.load_model().to(pick_device())
-        targets = target_module_names(model, cfg.lora.target_modules)
+        if cfg.is_early_exit:
+            from . import early_exit
+
+            model, targets = early_exit.build_model(cfg, task), []
+        else:
+            torch.manual_seed(cfg.train.seed)  # the head's initial weights, sent to every node
+            model = task.load_model().to(pick_device())
+            targets = target_module_names(model, cfg.lora.target_modules)
     except ConfigError as err:
         log(ERROR, "configuration error: %s", err)
         raise
-    run = RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict())
+    columns = {"metrics_columns": early_exit.metrics_columns(cfg, model)} if cfg.is_early_exit else {}
+    run = RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict(), **columns)
     log(INFO, "run directory: %s", run.path)
     with MeasurementSession(
         run, run_id=context.run_id, collector=cfg.measure.collector, enabled=cfg.measure.enabled
     ) as measurements:
-        _run(grid, cfg, task, split, model, targets, run, measurements)
+        if cfg.is_early_exit:
+            early_exit.run(grid, cfg, task, split, model, run, measurements)
+        else:
+            _run(grid, cfg, task, split, model, targets, run, measurements)
     log(INFO, "run directory: %s", run.path)
 
 

@@ -1,4 +1,4 @@
-"""Asking every node for its device profile, and turning profiles into LoRA ranks."""
+"""Asking every node for its device profile, and turning profiles into LoRA ranks or early-exit depths."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from stamen import keys
-from stamen.config import LoraConfig
+from stamen.config import EarlyExitConfig, LoraConfig
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -64,3 +64,21 @@ def ranks_from_profiles(profiles: dict[int, dict[str, Any]], lora: LoraConfig) -
                 str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")), int(partition) if partition is not None else None
             )
     return ranks
+
+
+def exits_from_profiles(profiles: dict[int, dict[str, Any]], early_exit: EarlyExitConfig, num_exits: int) -> dict[int, int]:
+    """The deepest exit each node trains: node-config ``max-exit`` wins; then
+    ``early-exit.exit-by-partition``; then ``early-exit.exit-by-class``; else full depth."""
+    exits = {}
+    for node, profile in profiles.items():
+        override = profile.get(keys.NODE_MAX_EXIT)
+        if override is not None:
+            if not isinstance(override, int) or not 1 <= override <= num_exits:
+                raise ValueError(f"node {node}: node-config max-exit = {override!r} must be an integer in 1..{num_exits}")
+            exits[node] = override
+        else:
+            partition = profile.get(keys.NODE_PARTITION_ID)
+            exits[node] = early_exit.exit_for(
+                str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")), int(partition) if partition is not None else None, num_exits
+            )
+    return exits

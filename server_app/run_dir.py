@@ -67,7 +67,11 @@ class RunDirectory:
         self.rounds_csv = path / "rounds.csv"
 
     @classmethod
-    def create(cls, root: str, run_id: int | str, config: dict[str, Any]) -> RunDirectory:
+    def create(
+        cls, root: str, run_id: int | str, config: dict[str, Any], *, metrics_columns: tuple[str, ...] = METRICS_COLUMNS
+    ) -> RunDirectory:
+        """``metrics_columns``: the header of metrics.csv (the early-exit strategies add a
+        column per exit and threshold, see server_app/early_exit.py)."""
         path = Path(root).expanduser().resolve() / str(run_id)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
@@ -79,7 +83,7 @@ class RunDirectory:
             except metadata.PackageNotFoundError:
                 versions[name] = None
         run.write_json("versions.json", versions)
-        for table, columns in ((run.metrics_csv, METRICS_COLUMNS), (run.rounds_csv, ROUNDS_COLUMNS)):
+        for table, columns in ((run.metrics_csv, metrics_columns), (run.rounds_csv, ROUNDS_COLUMNS)):
             with open(table, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
         return run
@@ -88,7 +92,9 @@ class RunDirectory:
         (self.path / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        _append(self.metrics_csv, METRICS_COLUMNS, row)
+        with open(self.metrics_csv, newline="") as f:
+            columns = tuple(next(csv.reader(f)))  # the header this run was created with
+        _append(self.metrics_csv, columns, row)
 
     def append_round_timing(self, timing) -> None:
         """One rounds.csv row from a measurements.aggregation.RoundTiming."""

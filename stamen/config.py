@@ -13,9 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("flora", "fedit", "hetlora", "flexlora")
-TASKS = ("text-classification", "causal-lm")
-DATASETS = ("bbc-news",)
+LORA_STRATEGIES = ("flora", "fedit", "hetlora", "flexlora")
+EARLY_EXIT_STRATEGIES = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
+STRATEGIES = LORA_STRATEGIES + EARLY_EXIT_STRATEGIES
+TASKS = ("text-classification", "causal-lm", "image-classification")
+DATASETS = ("bbc-news", "digits")
+DATA_TASKS = {"bbc-news": ("text-classification", "causal-lm"), "digits": ("image-classification",)}
 DEVICE_CLASSES = ("raspberry-pi", "jetson", "nvidia-gpu", "cpu")
 
 
@@ -62,6 +65,33 @@ class HetLoRAConfig:
     tail_penalty: float
     tail_fraction: float
     prune_threshold: float
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig:
+    """The early-exit strategies (reefl, depthfl, inclusivefl, exclusivefl): docs/early-exit.md."""
+
+    exits: tuple[int, ...]  # blocks (1-based) that end in an exit; () = 4 spread evenly
+    tuning: str  # full | lora | frozen: what of the backbone trains
+    exit_by_class: Mapping[str, int]  # device class -> deepest exit the node trains
+    exit_by_partition: tuple[int, ...]  # cycled over partition ids; wins over exit-by-class
+    distill_weight: float  # ReeFL self-distillation / DepthFL mutual distillation weight
+    distill_rampup_rounds: int  # the weight grows linearly over this many rounds
+    distill_temperature: float
+    loss_ema: float  # decay of each exit's loss moving average (ReeFL picks its teacher by it)
+    ree_heads: int
+    ree_attn_dim: int
+    ree_mlp_ratio: float
+    thresholds: tuple[float, ...]  # confidence thresholds of the early-exit inference report
+
+    def exit_for(self, device_class: str, partition_id: int | None, num_exits: int) -> int:
+        """The deepest exit a node trains: by partition when ``early-exit.exit-by-partition``
+        is set, else by device class, else the full depth."""
+        if self.exit_by_partition and partition_id is not None:
+            chosen = self.exit_by_partition[partition_id % len(self.exit_by_partition)]
+        else:
+            chosen = self.exit_by_class.get(device_class, num_exits)
+        return min(chosen, num_exits)
 
 
 @dataclass(frozen=True)
@@ -129,6 +159,11 @@ class StamenConfig:
     output: OutputConfig
     measure: MeasureConfig
     hetlora: HetLoRAConfig
+    early_exit: EarlyExitConfig
+
+    @property
+    def is_early_exit(self) -> bool:
+        return self.strategy.name in EARLY_EXIT_STRATEGIES
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> StamenConfig:
@@ -180,7 +215,38 @@ class StamenConfig:
                 tail_fraction=r.number("hetlora.tail-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
                 prune_threshold=r.number("hetlora.prune-threshold", low=0.0, high=1.0),
             ),
+            early_exit=EarlyExitConfig(
+                exits=r.rank_list("early-exit.exits"),
+                tuning=r.choice("early-exit.tuning", ("full", "lora", "frozen")),
+                exit_by_class=r.rank_table("early-exit.exit-by-class"),
+                exit_by_partition=r.rank_list("early-exit.exit-by-partition"),
+                distill_weight=r.number("early-exit.distill-weight", low=0.0),
+                distill_rampup_rounds=r.integer("early-exit.distill-rampup-rounds", minimum=0),
+                distill_temperature=r.number("early-exit.distill-temperature", low=0.0, low_open=True),
+                loss_ema=r.number("early-exit.loss-ema", low=0.0, high=1.0, high_open=True),
+                ree_heads=r.integer("early-exit.ree-heads", minimum=1),
+                ree_attn_dim=r.integer("early-exit.ree-attn-dim", minimum=1),
+                ree_mlp_ratio=r.number("early-exit.ree-mlp-ratio", low=0.0, low_open=True),
+                thresholds=r.fractions("early-exit.thresholds"),
+            ),
         )
+        if cfg.model.task not in DATA_TASKS[cfg.data.name]:
+            raise ConfigError(
+                f"data.name = {cfg.data.name!r} does not fit model.task = {cfg.model.task!r}; "
+                f"it fits: {', '.join(DATA_TASKS[cfg.data.name])}"
+            )
+        if cfg.model.task == "image-classification" and not cfg.is_early_exit:
+            raise ConfigError(
+                f"model.task = 'image-classification' needs an early-exit strategy ({', '.join(EARLY_EXIT_STRATEGIES)}), "
+                f"not strategy.name = {cfg.strategy.name!r}"
+            )
+        if cfg.is_early_exit and cfg.model.task == "causal-lm":
+            raise ConfigError(f"strategy.name = {cfg.strategy.name!r} classifies: use model.task text-classification or image-classification")
+        if cfg.early_exit.ree_attn_dim % cfg.early_exit.ree_heads:
+            raise ConfigError(
+                f"early-exit.ree-attn-dim = {cfg.early_exit.ree_attn_dim} must be a multiple of "
+                f"early-exit.ree-heads = {cfg.early_exit.ree_heads}"
+            )
         r.mark_used(k for k in run_config if k.startswith("measure."))
         r.reject_unknown()
         return cfg
@@ -280,7 +346,7 @@ class _Reader:
             cls, sep, rank = item.partition("=")
             if not sep or cls not in DEVICE_CLASSES or not rank.isdigit() or int(rank) < 1:
                 raise ConfigError(
-                    f"{key}: cannot read {item!r}; write CLASS=RANK pairs with a positive rank and "
+                    f"{key}: cannot read {item!r}; write CLASS=N pairs with a positive N and "
                     f"CLASS one of {', '.join(DEVICE_CLASSES)}, e.g. 'raspberry-pi=4 jetson=8'"
                 )
             table[cls] = int(rank)
@@ -291,8 +357,19 @@ class _Reader:
         value = self.text(key, allow_empty=True)
         items = value.replace(",", " ").split()
         if not all(i.isdigit() and int(i) >= 1 for i in items):
-            raise ConfigError(f"{key} = {value!r}: write positive ranks separated by spaces, e.g. '4 8 16 32'")
+            raise ConfigError(f"{key} = {value!r}: write positive integers separated by spaces, e.g. '4 8 16 32'")
         return tuple(int(i) for i in items)
+
+    def fractions(self, key: str) -> tuple[float, ...]:
+        """``"0.5 0.9 0.99"`` -> (0.5, 0.9, 0.99), each in (0, 1]."""
+        value = self.text(key, allow_empty=True)
+        try:
+            items = tuple(float(i) for i in value.replace(",", " ").split())
+        except ValueError:
+            items = (-1.0,)
+        if not all(0.0 < i <= 1.0 for i in items):
+            raise ConfigError(f"{key} = {value!r}: write numbers in (0, 1] separated by spaces, e.g. '0.5 0.9 0.99'")
+        return items
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self._raw) - self._used)

@@ -37,17 +37,27 @@ TAIL_PENALTY = "hetlora-tail-penalty"  # weight of the tail-norm regulariser
 TAIL_FRACTION = "hetlora-tail-fraction"  # share of the rank components that form the tail
 PRUNE_THRESHOLD = "hetlora-prune-threshold"  # drop the tail if its norm is below this share of the adapter's
 
+# ConfigRecord keys of an early-exit train instruction (strategies/early_exit.py)
+MAX_EXIT = "max-exit"  # the deepest exit (1-based) the node holds and trains; also a node-config key
+EXIT_KIND = "exit-kind"  # "ree" (one shared module and head) | "per-exit" (a head per exit)
+OBJECTIVE = "objective"  # the local loss, see ml/early_exit.py: ree-self-distill | mutual-distill | last-exit | all-exits
+DISTILL_WEIGHT = "distill-weight"  # this round's distillation weight (ramped up by the server)
+EXIT_LOSSES = "exit-losses"  # reply metric: mean training loss of each exit the node trained
+TEACHER_EXIT = "teacher-exit"  # reply metric: the exit ReeFL's self-distillation used as teacher (1-based)
+
 # node-config keys (set with `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DEVICE_CLASS = "device-class"
 NODE_LORA_RANK = "lora-rank"
+NODE_MAX_EXIT = MAX_EXIT
 NODE_NUM_THREADS = "num-threads"
 NODE_DEVICE = "device"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
 
 # node state (context.state) entries
 STATE_GLOBAL = "stamen.global-weights"
 STATE_META = "stamen.global-meta"
+STATE_EXIT_LOSS_EMA = "stamen.exit-loss-ema"  # ReeFL: each exit's loss moving average on this node
 NODE_NETWORK = "network"  # a label for the node's link ("ethernet", "wifi", "5g"); reports group by it
 
 # Measurements (measurements/): device-side events travel to the server in a reply's

@@ -1,11 +1,15 @@
 """Server-side strategies, one algorithm per file, the math in pure functions.
 
-Registry: ``strategy.name`` -> the class that implements it. To add a method:
+Registry: ``strategy.name`` -> the class that implements it. Two families: LoRA on a
+single-exit model (``LoRAStrategy``) and depth-heterogeneous early exits
+(``EarlyExitStrategy``; the ServerApp picks the family by the class). To add a method:
 
 1. write ``strategies/<name>.py``: its math as pure functions over numpy arrays, and a
    class that overrides the smallest hooks of :class:`LoRAStrategy` (``downlink``,
    ``aggregate_lora``) or, for a global adapter on frozen weights, of
-   :class:`AdapterStrategy` (``initial_factors``, ``combine``, ``delta``);
+   :class:`AdapterStrategy` (``initial_factors``, ``combine``, ``delta``); an early-exit
+   method sets ``exit_kind`` and ``objective`` of :class:`EarlyExitStrategy` (a new
+   objective is a branch of ``ml.early_exit.local_loss``) or overrides ``trains``;
 2. options of its own: a config section in ``stamen/config.py`` and ``from_config``;
 3. add it to ``STRATEGIES`` here and to ``stamen.config.STRATEGIES``;
 4. unit tests of the math on tiny arrays, and a line in the study (``conf/``).
@@ -13,11 +17,41 @@ Registry: ``strategy.name`` -> the class that implements it. To add a method:
 
 from .adapter import AdapterStrategy
 from .base import LoRAStrategy
+from .depthfl import DepthFL
+from .early_exit import EarlyExitStrategy, layerwise_average
+from .exclusivefl import ExclusiveFL
 from .fedit import FedIT
 from .flexlora import FlexLoRA
 from .flora import FLoRA, merge_stacked, stack_lora
 from .hetlora import HetLoRA
+from .inclusivefl import InclusiveFL
+from .reefl import ReeFL
 
-STRATEGIES = {"flora": FLoRA, "fedit": FedIT, "hetlora": HetLoRA, "flexlora": FlexLoRA}
+STRATEGIES = {
+    "flora": FLoRA,
+    "fedit": FedIT,
+    "hetlora": HetLoRA,
+    "flexlora": FlexLoRA,
+    "reefl": ReeFL,
+    "depthfl": DepthFL,
+    "inclusivefl": InclusiveFL,
+    "exclusivefl": ExclusiveFL,
+}
 
-__all__ = ["STRATEGIES", "AdapterStrategy", "FLoRA", "FedIT", "FlexLoRA", "HetLoRA", "LoRAStrategy", "merge_stacked", "stack_lora"]
+__all__ = [
+    "STRATEGIES",
+    "AdapterStrategy",
+    "DepthFL",
+    "EarlyExitStrategy",
+    "ExclusiveFL",
+    "FLoRA",
+    "FedIT",
+    "FlexLoRA",
+    "HetLoRA",
+    "InclusiveFL",
+    "LoRAStrategy",
+    "ReeFL",
+    "layerwise_average",
+    "merge_stacked",
+    "stack_lora",
+]

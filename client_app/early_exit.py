@@ -1,0 +1,70 @@
+"""The train handler of the early-exit strategies (ReeFL and its baselines): build the
+model up to this node's deepest exit, load what the server sent, train with the method's
+objective, send back the same parameters."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from measurements.phases import phase
+from stamen import keys
+from stamen.config import StamenConfig
+from strategies.lora_records import from_record, to_record
+
+log = logging.getLogger("stamen.client")
+
+
+def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Message:
+    instr = msg.content.config_records[keys.CONFIG]
+    server_round, max_exit = int(instr[keys.SERVER_ROUND]), int(instr[keys.MAX_EXIT])
+    partition_id = int(context.node_config.get(keys.NODE_PARTITION_ID, 0))
+    with phase("load"):
+        from ml import early_exit
+        from ml.tasks import pick_device
+
+        from .app import node_task_and_data
+
+        task, data = node_task_and_data(context, cfg)
+        model = early_exit.model_from_config(task, cfg, exit_kind=str(instr[keys.EXIT_KIND]), max_exit=max_exit)
+        down = from_record(msg.content.array_records[keys.ARRAYS])
+        model.load_trainable_state(down)
+        model.to(pick_device(str(context.node_config.get(keys.NODE_DEVICE, "auto"))))
+        held = context.state.config_records.get(keys.STATE_EXIT_LOSS_EMA)
+        ema = [float(x) for x in held["ema"]] if held is not None else []
+    with phase("loop"):
+        result = early_exit.train_early_exit(
+            model,
+            task,
+            data,
+            objective=str(instr[keys.OBJECTIVE]),
+            steps=cfg.train.local_steps,
+            batch_size=cfg.train.batch_size,
+            learning_rate=cfg.train.learning_rate,
+            exit_learning_rate=cfg.train.head_learning_rate,
+            seed=cfg.train.seed + 7919 * server_round + partition_id,
+            distill_weight=float(instr[keys.DISTILL_WEIGHT]),
+            temperature=cfg.early_exit.distill_temperature,
+            loss_ema=ema,
+            ema_decay=cfg.early_exit.loss_ema,
+        )
+    with phase("serialize"):
+        state = model.trainable_state()
+        update = to_record({k: state[k] for k in down})  # exactly what this node was sent
+        context.state[keys.STATE_EXIT_LOSS_EMA] = ConfigRecord({"ema": result["loss_ema"]})
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: len(data),
+            keys.TRAIN_LOSS: result["loss"],
+            keys.MAX_EXIT: max_exit,
+            keys.EXIT_LOSSES: result["exit_losses"],
+            keys.TEACHER_EXIT: result["teacher"] + 1,
+        }
+    )
+    log.info(
+        "round %d: partition %d, %d examples, max exit %d (%d blocks), loss %.4f, exit losses %s",
+        server_round, partition_id, len(data), max_exit, model.blocks_run, result["loss"],
+        " ".join(f"{x:.3f}" for x in result["exit_losses"]),
+    )
+    return Message(RecordDict({keys.ARRAYS: update, keys.METRICS: metrics}), reply_to=msg)
