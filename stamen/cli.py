@@ -5,7 +5,7 @@
     stamen testbed  the emulated testbed: namespaces, shaped links, delay, CPU/memory limits
     stamen report   summary and plots of where each round's time went
     stamen device   the device profile this machine reports (class, rank, memory, CUDA)
-    stamen study    the accuracy study's table and plot (docs/lora-baselines.md)
+    stamen study    the accuracy studies' tables and plots (docs/lora-baselines.md, docs/early-exit.md)
 """
 
 from __future__ import annotations

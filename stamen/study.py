@@ -38,6 +38,8 @@ def setting(config: dict) -> str:
 def collect(dirs: list[Path]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run in _runs(dirs):
+        if _is_early_exit(run):
+            continue
         config = json.loads((run / "config.json").read_text())
         rows = list(csv.DictReader(open(run / "metrics.csv")))
         if len(rows) < 2 or len(rows) - 1 < int(config.get("strategy.num-rounds", 0)):
@@ -105,8 +107,23 @@ def plot(groups, target: Path) -> Path:
     return target
 
 
+def _is_early_exit(run: Path) -> bool:
+    from stamen.config import EARLY_EXIT_STRATEGIES
+
+    return json.loads((run / "config.json").read_text()).get("strategy.name") in EARLY_EXIT_STRATEGIES
+
+
 def study(dirs: list[str | Path], echo=print) -> list[dict]:
+    """The LoRA study's table and plot; runs of the early-exit strategies go to
+    :func:`stamen.exit_study.exit_study` (their own table and plot)."""
     dirs = [Path(d) for d in dirs]
+    exit_runs = [r for r in _runs(dirs) if _is_early_exit(r)]
+    if exit_runs:
+        from stamen.exit_study import exit_study
+
+        rows = exit_study(exit_runs, dirs[0], echo=echo)
+        if len(exit_runs) == len(_runs(dirs)):
+            return rows
     groups = collect(dirs)
     if not groups:
         raise FileNotFoundError(f"no run directories (metrics.csv + config.json) under {', '.join(map(str, dirs))}")

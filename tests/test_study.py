@@ -39,3 +39,29 @@ def test_table_by_hand(tmp_path):
 def test_no_runs_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         study([tmp_path])
+
+
+def _exit_run(root, name, strategy, seed, means, exits, ensemble):
+    d = root / name
+    d.mkdir(parents=True)
+    config = {"strategy.name": strategy, "data.name": "digits", "train.seed": seed, "strategy.num-rounds": len(means) - 1}
+    (d / "config.json").write_text(json.dumps(config))
+    header = "round,eval_accuracy_exit1,eval_accuracy_exit2,eval_accuracy_mean,eval_accuracy_ensemble,eval_accuracy_at_0.9,eval_blocks_at_0.9"
+    lines = [header] + [f"{i},{exits[0]},{exits[1]},{m},{ensemble},{exits[1]},0.75" for i, m in enumerate(means)]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_early_exit_runs_get_their_own_table(tmp_path):
+    _exit_run(tmp_path, "1", "reefl", 0, [0.1, 0.8], [0.7, 0.9], 0.85)
+    _exit_run(tmp_path, "2", "reefl", 1, [0.1, 0.6], [0.5, 0.7], 0.75)
+    _exit_run(tmp_path, "3", "depthfl", 0, [0.1, 0.5], [0.4, 0.6], 0.55)
+    lines = []
+    rows = {r["strategy"]: r for r in study([tmp_path], echo=lines.append)}
+    assert set(rows) == {"reefl", "depthfl"}
+    reefl = rows["reefl"]
+    assert reefl["runs"] == 2 and reefl["final_mean_accuracy"] == pytest.approx(0.7)
+    assert reefl["final_mean_accuracy_std"] == pytest.approx(0.1414214, rel=1e-5)
+    assert reefl["final_exit_accuracy"] == pytest.approx([0.6, 0.8]) and reefl["final_ensemble_accuracy"] == pytest.approx(0.8)
+    assert reefl["early_exit"] == [{"threshold": 0.9, "blocks": 0.75, "accuracy": pytest.approx(0.8)}]
+    assert (tmp_path / "exit_study.png").stat().st_size > 0
+    assert any("0.700 +- 0.141" in line and "0.800 / 75%" in line for line in lines)

@@ -1,0 +1,45 @@
+"""ReeFL end to end on loopback: a real flower-superlink and two stamen-supernodes, one
+claiming max exit 1 (2 of 8 ViT blocks), the other the full depth; digits, 2 rounds."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from deploy.local import LocalDeployment, NodeSpec
+
+pytestmark = pytest.mark.integration
+
+VIT = "vit:image_size=8,patch_size=2,num_channels=1,hidden_size=32,num_hidden_layers=8,num_attention_heads=2,intermediate_size=64"
+
+
+def test_reefl_with_a_shallow_and_a_deep_node(tmp_path, flower_programs):
+    nodes = [
+        NodeSpec(0, 2, device_class="raspberry-pi", extra={"max-exit": 1}),
+        NodeSpec(1, 2, device_class="nvidia-gpu", extra={"max-exit": 4}),
+    ]
+    overrides = (
+        f'strategy.name="reefl" model.task="image-classification" model.path="{VIT}" data.name="digits" '
+        f'early-exit.tuning="full" strategy.num-rounds=2 train.local-steps=10 train.batch-size=16 '
+        f'output.dir="{tmp_path}"'
+    )
+    with LocalDeployment(nodes, workdir=tmp_path / "_deploy") as dep:
+        run_id = dep.run([overrides], echo=lambda line: None, timeout=600)
+    run = tmp_path / str(run_id)
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    for r in rows[1:]:
+        assert r["num_clients"] == "2" and r["dropped"] == "0" and r["skipped"] == "0"
+        for j in range(1, 5):
+            assert 0.0 <= float(r[f"eval_accuracy_exit{j}"]) <= 1.0
+        assert float(r["eval_blocks_at_0.5"]) <= 1.0
+    assert float(rows[2]["eval_accuracy_mean"]) > float(rows[0]["eval_accuracy_mean"])  # 10 classes: it learned
+
+    clients = [r for r in csv.DictReader(open(run / "clients.csv")) if r["status"] == "ok"]
+    assert len(clients) == 4
+    up = {r["device_class"]: int(r["payload_up_bytes"]) for r in clients if r["round"] == "2"}
+    assert up["raspberry-pi"] < up["nvidia-gpu"] / 2  # the shallow node holds 2 of 8 blocks
+
+    final = np.load(run / "global_model.npz")  # the full model's trainable state, block 7 included
+    assert any(k.startswith("backbone.layers.7.") for k in final.files)
+    assert {"ree.meta", "ree.position", "head.linear.weight"} <= set(final.files)
