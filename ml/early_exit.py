@@ -10,7 +10,10 @@ kinds of exit module:
   learned positional embedding. It runs after every block. At an exit block the logits
   are ``head(meta output + that block's CLS)`` from one shared head; after every block
   its output at that block's position replaces the CLS token fed to the next block
-  (modulation).
+  (modulation). For text encoders trained with mean pooling (all-MiniLM-L6-v2) a block's
+  feature is the mean over its tokens instead of CLS, and modulation adds the module's
+  update (output minus input at that position) to the CLS token: replacing the CLS
+  state of a pretrained BERT with a pooled vector breaks the blocks above it.
 * ``"per-exit"`` (DepthFL, InclusiveFL, ExclusiveFL): one head per exit on that block's
   CLS, nothing shared.
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 EXIT_KINDS = ("ree", "per-exit")
+POOLINGS = ("cls", "mean")
 TUNINGS = ("full", "lora", "frozen")
 _BLOCK = re.compile(r"^backbone\.(?:encoder\.layer|layers)\.(\d+)\.")  # BERT: encoder.layer, ViT: layers
 _LORA_TARGETS = ("query", "value", "q_proj", "v_proj")  # BERT, ViT (transformers 5)
@@ -103,7 +107,9 @@ class ReeModule(nn.Module):
     token and the CLS features of the blocks run so far, with a positional embedding per
     block."""
 
-    def __init__(self, dim: int, num_blocks: int, *, heads: int = 4, attn_dim: int = 32, mlp_ratio: float = 1.35) -> None:
+    def __init__(
+        self, dim: int, num_blocks: int, *, heads: int = 4, attn_dim: int = 32, mlp_ratio: float = 1.35, gate_init: float = 0.0
+    ) -> None:
         super().__init__()
         self.meta = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.position = nn.Parameter(torch.randn(1, num_blocks + 1, dim) * 0.02)
@@ -112,6 +118,9 @@ class ReeModule(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         hidden = max(1, int(dim * mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        # how much of the module's update modulation writes into the CLS token, per
+        # channel; 0 at first, so a pretrained backbone starts out undisturbed (LayerScale)
+        self.gate = nn.Parameter(torch.full((dim,), gate_init))
 
     def forward(self, cls_features: torch.Tensor) -> torch.Tensor:
         """(batch, n, dim) CLS features of blocks 1..n -> (batch, n + 1, dim); index 0 is
@@ -147,8 +156,12 @@ class EarlyExitClassifier(nn.Module):
         ree_attn_dim: int = 32,
         ree_mlp_ratio: float = 1.35,
         modulation: bool = True,
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: accepted {', '.join(POOLINGS)}")
+        self.pooling = pooling
         if exit_kind not in EXIT_KINDS:
             raise ValueError(f"exit kind {exit_kind!r}: accepted {', '.join(EXIT_KINDS)}")
         self.backbone = backbone
@@ -190,6 +203,16 @@ class EarlyExitClassifier(nn.Module):
         hidden = self.backbone.embeddings(input_ids=batch["input_ids"])
         return hidden, _additive_mask(batch["attention_mask"], hidden.dtype)
 
+    def _summary(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A block's feature: its CLS token, or the mean over the (unmasked) tokens for
+        encoders trained with mean pooling (all-MiniLM-L6-v2's CLS is nearly constant)."""
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if attention_mask is None:
+            return hidden.mean(1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
     def forward(self, **batch: torch.Tensor) -> list[torch.Tensor]:
         hidden, mask = self._embed(batch)
         layers = backbone_blocks(self.backbone)
@@ -198,7 +221,7 @@ class EarlyExitClassifier(nn.Module):
             hidden = layers[block](hidden, attention_mask=mask) if mask is not None else layers[block](hidden)
             if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
                 hidden = hidden[0]
-            cls = hidden[:, 0]
+            cls = self._summary(hidden, batch.get("attention_mask"))
             is_exit = (block + 1) in self.exit_blocks
             if self.exit_kind == "ree":
                 cls_so_far.append(cls)
@@ -206,7 +229,12 @@ class EarlyExitClassifier(nn.Module):
                 if is_exit:
                     logits.append(self.head(out[:, 0] + cls))
                 if self.modulation and block + 1 < self.blocks_run:
-                    hidden = torch.cat([out[:, -1:], hidden[:, 1:]], dim=1)
+                    # the module's update at this block's position goes into the CLS token:
+                    # with CLS features this *is* the module's output (ReeFL's replacement);
+                    # with mean-pooled features the CLS token keeps the state the
+                    # pretrained blocks expect, plus the module's update
+                    update = self.ree.gate * (out[:, -1] - cls)
+                    hidden = torch.cat([(hidden[:, 0] + update).unsqueeze(1), hidden[:, 1:]], dim=1)
             elif is_exit:
                 logits.append(self.heads[len(logits)](cls))
         return logits
@@ -349,11 +377,11 @@ def train_early_exit(
     from .data import batch_indices
     from .tasks import to_device
 
-    exit_names = ("ree.", "head.", "heads.")
+    exit_names = ("ree.", "head.", "heads.")  # the gate (ree.gate) learns at the backbone rate, see ReeModule
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for n, p in params if not n.startswith(exit_names)], "lr": learning_rate},
-        {"params": [p for n, p in params if n.startswith(exit_names)], "lr": exit_learning_rate},
+        {"params": [p for n, p in params if not n.startswith(exit_names) or n == "ree.gate"], "lr": learning_rate},
+        {"params": [p for n, p in params if n.startswith(exit_names) and n != "ree.gate"], "lr": exit_learning_rate},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     ema = list(loss_ema)[: model.max_exit]
@@ -394,11 +422,16 @@ def build_model(
     ree_heads: int = 4,
     ree_attn_dim: int = 32,
     ree_mlp_ratio: float = 1.35,
+    pooling: str = "auto",
     seed: int = 0,
     max_exit: int | None = None,
 ) -> EarlyExitClassifier:
     """The early-exit model of a task. Every process that builds it with the same seed gets
-    the same initial weights (the server still sends what trains)."""
+    the same initial weights (the server still sends what trains). ``pooling="auto"``:
+    the mean over tokens for text (as the single-exit classifier, ml/model.py), CLS for
+    images."""
+    if pooling == "auto":
+        pooling = "cls" if getattr(task, "name", "") == "image-classification" else "mean"
     torch.manual_seed(seed)
     model = EarlyExitClassifier(
         task.load_backbone(),
@@ -408,6 +441,7 @@ def build_model(
         ree_heads=ree_heads,
         ree_attn_dim=ree_attn_dim,
         ree_mlp_ratio=ree_mlp_ratio,
+        pooling=pooling,
     )
     set_tuning(model, tuning, lora_rank=lora_rank, lora_alpha=lora_alpha, seed=seed)
     if max_exit is not None:

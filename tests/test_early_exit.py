@@ -187,11 +187,13 @@ def test_modulation_feeds_the_ree_output_to_the_next_block():
     off = ee.EarlyExitClassifier(_tiny_vit(), 10, exit_blocks=(2, 4), exit_kind="ree", modulation=False).eval()
     off.load_state_dict(on.state_dict())
     x = torch.randn(2, 1, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad():  # the gate starts at 0: the backbone runs undisturbed
+        for a, b in zip(on(pixel_values=x), off(pixel_values=x)):
+            torch.testing.assert_close(a, b)
+        on.ree.gate.fill_(1.0)  # ReeFL's replacement: the CLS token becomes the module's output
         a, b = on(pixel_values=x), off(pixel_values=x)
     # exit 1 (block 2) already sees block 2 fed with the module's output of block 1
     assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
-    # and the module's output at block 1's position is what block 2 received as CLS
     seen = {}
     on.backbone.layers[1].register_forward_pre_hook(lambda m, args: seen.update(cls=args[0][:, 0].clone()))
     with torch.no_grad():
