@@ -1,5 +1,7 @@
 """ReeFL end to end on loopback: a real flower-superlink and two stamen-supernodes, one
-claiming max exit 1 (2 of 8 ViT blocks), the other the full depth; digits, 2 rounds."""
+claiming max exit 1 (2 of 8 ViT blocks), the other the full depth; digits, 2 rounds.
+(A ViT from scratch needs a few hundred steps before its accuracy leaves chance, so this
+test checks what moved and what was sent, not accuracy; the study measures that.)"""
 
 import csv
 
@@ -33,13 +35,19 @@ def test_reefl_with_a_shallow_and_a_deep_node(tmp_path, flower_programs):
         for j in range(1, 5):
             assert 0.0 <= float(r[f"eval_accuracy_exit{j}"]) <= 1.0
         assert float(r["eval_blocks_at_0.5"]) <= 1.0
-    assert float(rows[2]["eval_accuracy_mean"]) > float(rows[0]["eval_accuracy_mean"])  # 10 classes: it learned
 
     clients = [r for r in csv.DictReader(open(run / "clients.csv")) if r["status"] == "ok"]
     assert len(clients) == 4
     up = {r["device_class"]: int(r["payload_up_bytes"]) for r in clients if r["round"] == "2"}
     assert up["raspberry-pi"] < up["nvidia-gpu"] / 2  # the shallow node holds 2 of 8 blocks
 
-    final = np.load(run / "global_model.npz")  # the full model's trainable state, block 7 included
-    assert any(k.startswith("backbone.layers.7.") for k in final.files)
-    assert {"ree.meta", "ree.position", "head.linear.weight"} <= set(final.files)
+    # the global model moved from the initial one everywhere: the blocks both nodes hold,
+    # the block only the deep node holds, and the shared module and head
+    from ml.early_exit import build_model
+    from ml.tasks import ImageClassification
+
+    initial = build_model(ImageClassification(VIT, num_labels=10), exit_kind="ree", tuning="full", seed=0).trainable_state()
+    final = np.load(run / "global_model.npz")
+    assert set(final.files) == set(initial)
+    for name in ("backbone.layers.0.attention.q_proj.weight", "backbone.layers.7.attention.q_proj.weight", "ree.attention.qkv.weight", "head.linear.weight"):
+        assert not np.allclose(final[name], initial[name]), f"{name} did not change"
