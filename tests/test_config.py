@@ -53,3 +53,28 @@ def test_missing_and_unknown_keys(defaults):
 def test_target_modules_list(defaults):
     cfg = StamenConfig.from_run_config({**defaults, "lora.target-modules": "q_proj, v_proj"})
     assert cfg.lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_early_exit_section(defaults):
+    cfg = StamenConfig.from_run_config({**defaults, "strategy.name": "reefl", "early-exit.exits": "2 4 6"})
+    ee = cfg.early_exit
+    assert cfg.is_early_exit and ee.exits == (2, 4, 6) and ee.thresholds[-1] == 0.99
+    assert ee.exit_for("raspberry-pi", None, 4) == 1 and ee.exit_for("nvidia-gpu", None, 3) == 3  # capped at the model's exits
+    by_partition = StamenConfig.from_run_config({**defaults, "early-exit.exit-by-partition": "1 2 3 4"}).early_exit
+    assert [by_partition.exit_for("cpu", p, 4) for p in range(6)] == [1, 2, 3, 4, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"data.name": "digits"}, "data.name = 'digits' does not fit model.task = 'text-classification'"),
+        ({"data.name": "digits", "model.task": "image-classification"}, "needs an early-exit strategy"),
+        ({"strategy.name": "reefl", "model.task": "causal-lm"}, "classifies"),
+        ({"early-exit.ree-attn-dim": 30}, "multiple of early-exit.ree-heads"),
+        ({"early-exit.thresholds": "0.5 1.5"}, r"early-exit.thresholds = '0.5 1.5': write numbers in \(0, 1\]"),
+        ({"early-exit.tuning": "half"}, "early-exit.tuning = 'half' is not known"),
+    ],
+)
+def test_bad_early_exit_values_are_named(defaults, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        StamenConfig.from_run_config({**defaults, **overrides})

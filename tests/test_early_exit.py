@@ -243,3 +243,13 @@ def test_training_lowers_the_loss_and_reports_every_exit():
     assert len(out["exit_losses"]) == 2 and len(out["loss_ema"]) == 2 and out["teacher"] in (0, 1)
     assert after["accuracy_mean"] > max(0.9, before["accuracy_mean"])
     assert 0.5 <= after["blocks_at_0.6"] <= 1.0
+
+
+def test_digits_ship_with_scikit_learn():
+    from ml.data import FederatedSplit
+
+    split = FederatedSplit.make("digits", test_fraction=0.2, seed=42)
+    assert len(split.test) + len(split.train_pool) == 1797 and split.test.class_names == tuple("0123456789")
+    assert split.test.images.shape[1:] == (1, 8, 8) and -1.0 <= split.test.images.min() < split.test.images.max() <= 1.0
+    part = split.partition(partition_id=1, num_partitions=4, alpha=0.5, seed=42)
+    assert 0 < len(part) < len(split.train_pool)

@@ -80,3 +80,18 @@ def test_inclusivefl_sends_only_the_deepest_head(flower_identity, fake_grid):
 def test_node_exits_are_validated():
     with pytest.raises(ValueError, match="max exit"):
         ReeFL(node_exits={1: 3}, num_exits=2, required_exits=REQUIRED)
+
+
+def test_exits_from_profiles(run_config):
+    from server_app.profiles import exits_from_profiles
+    from stamen.config import StamenConfig
+
+    ee = StamenConfig.from_run_config({**run_config, "early-exit.exit-by-partition": "1 2"}).early_exit
+    profiles = {
+        1: {"device-class": "cpu", "partition-id": 0},
+        2: {"device-class": "cpu", "partition-id": 1},
+        3: {"device-class": "cpu", "partition-id": 0, "max-exit": 4},  # node-config wins
+    }
+    assert exits_from_profiles(profiles, ee, 4) == {1: 1, 2: 2, 3: 4}
+    with pytest.raises(ValueError, match="max-exit = 5"):
+        exits_from_profiles({1: {"max-exit": 5}}, ee, 4)

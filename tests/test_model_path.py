@@ -37,3 +37,13 @@ def test_bad_paths_are_named(spec, message):
 def test_directory_without_config(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         locate_model(str(tmp_path))
+
+
+def test_vit_config_spec():
+    from ml.model_path import vit_config_fields
+
+    source = locate_model("vit:image_size=8, patch_size=2,layer_norm_eps=1e-6")
+    assert source.kind == "vit-config" and source.location.startswith("vit:")
+    assert vit_config_fields(source.location) == {"image_size": 8, "patch_size": 2, "layer_norm_eps": 1e-6}
+    with pytest.raises(ConfigError, match="cannot read 'hidden'"):
+        locate_model("vit:hidden")
