@@ -47,12 +47,11 @@ def train(msg: Message, context: Context) -> Message:
         from ml.tasks import train_local
 
         task, data, model, targets = _prepare(msg, context, cfg)
-    regularizer, penalty = None, float(instr.get(keys.TAIL_PENALTY, 0.0))
+    penalty = float(instr.get(keys.TAIL_PENALTY, 0.0))
+    regularizer = None
     if penalty > 0:  # HetLoRA: push the tail rank components toward zero
         fraction = float(instr[keys.TAIL_FRACTION])
-
-        def regularizer(m):
-            return penalty * tail_norm(m, targets, fraction)
+        regularizer = lambda m: penalty * tail_norm(m, targets, fraction)  # noqa: E731
 
     with phase("loop"):
         loss = train_local(
@@ -93,8 +92,6 @@ def train(msg: Message, context: Context) -> Message:
 def _prepare(msg: Message, context: Context, cfg: StamenConfig):
     """The model this round trains: the global model (from the downlink and the node's
     state) with a fresh LoRA of the node's rank, and the node's data partition."""
-    import torch
-
     from ml.lora import attach_fresh_lora
     from ml.model import load_adapted_weights, load_head_state, target_module_names
     from ml.tasks import pick_device
