@@ -1,0 +1,189 @@
+"""Structured pruning of whole units: attention heads and MLP channels.
+
+A *unit group* is one layer's attention or MLP. Its units are produced by the rows of
+some Linear layers (the *producers*) and consumed by the columns of others (the
+*consumers*):
+
+| model | attention unit | producers (rows) | consumers (columns) | MLP unit | producers | consumers |
+| --- | --- | --- | --- | --- | --- | --- |
+| BERT-like | a head | query, key, value | attention.output.dense | a channel | intermediate.dense | output.dense |
+| Llama-like | a key/value group (one k/v head and the query heads that share it) | q_proj, k_proj, v_proj | o_proj | a channel | gate_proj, up_proj | down_proj |
+
+Pruning a unit removes its rows and columns (:func:`prune`), so the model really is
+smaller: both attention implementations reshape with ``-1`` heads, and Llama keeps its
+query-per-key/value ratio because whole groups go. Zeroing the same rows and columns
+instead (:func:`mask`) gives the same outputs; a test checks it.
+
+Importance (:class:`UnitImportance`) comes from the LoRA gradients local training
+already computes: a unit's score is the squared norm of the gradient of the LoRA
+factors that touch it (B's rows on producers, A's columns on consumers), smoothed over
+steps with an exponential moving average. A group with no LoRA on it falls back to the
+norm of its producers' weight rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    name: str  # e.g. "encoder.layer.3.attention"
+    kind: str  # "heads" | "channels"
+    producers: tuple[tuple[str, int], ...]  # (module name, rows per unit)
+    consumers: tuple[str, ...]  # module names; columns per unit = cols_per_unit
+    cols_per_unit: int
+    num_units: int
+
+    def rows(self, rows_per_unit: int, units: Sequence[int]) -> np.ndarray:
+        return np.concatenate([np.arange(u * rows_per_unit, (u + 1) * rows_per_unit) for u in units]).astype(np.int64) if len(units) else np.zeros(0, np.int64)
+
+    def cols(self, units: Sequence[int]) -> np.ndarray:
+        return self.rows(self.cols_per_unit, units)
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    """The Linear holding the weight: the module itself, or a peft LoRA layer's base."""
+    return getattr(module, "base_layer", module)
+
+
+def unit_groups(model: nn.Module) -> list[UnitGroup]:
+    """Every prunable group of a BERT-like or Llama-like model, in module order."""
+    groups = []
+    for name, module in model.named_modules():
+        if hasattr(module, "query") and hasattr(module, "key") and hasattr(module, "value"):  # BertSelfAttention
+            parent = name.rsplit(".", 1)[0]  # ...attention
+            head = module.attention_head_size
+            n = _linear(module.query).out_features // head
+            rows = ((f"{name}.query", head), (f"{name}.key", head), (f"{name}.value", head))
+            groups.append(UnitGroup(parent, "heads", rows, (f"{parent}.output.dense",), head, n))
+        elif hasattr(module, "q_proj") and hasattr(module, "o_proj") and hasattr(module, "head_dim"):  # Llama-like
+            head = module.head_dim
+            kv = _linear(module.k_proj).out_features // head
+            q_per_kv = _linear(module.q_proj).out_features // head // kv
+            rows = ((f"{name}.q_proj", head * q_per_kv), (f"{name}.k_proj", head), (f"{name}.v_proj", head))
+            groups.append(UnitGroup(name, "heads", rows, (f"{name}.o_proj",), head * q_per_kv, kv))
+        elif hasattr(module, "gate_proj") and hasattr(module, "up_proj") and hasattr(module, "down_proj"):
+            n = _linear(module.gate_proj).out_features
+            groups.append(UnitGroup(name, "channels", ((f"{name}.gate_proj", 1), (f"{name}.up_proj", 1)), (f"{name}.down_proj",), 1, n))
+        elif name.endswith(".intermediate") and hasattr(module, "dense"):  # BertIntermediate
+            parent = name.rsplit(".", 1)[0]
+            n = _linear(module.dense).out_features
+            groups.append(UnitGroup(f"{parent}.mlp", "channels", ((f"{name}.dense", 1),), (f"{parent}.output.dense",), 1, n))
+    return groups
+
+
+@torch.no_grad()
+def _slice_rows(module: nn.Module, index: torch.Tensor) -> None:
+    base = _linear(module)
+    base.weight = nn.Parameter(base.weight[index].clone(), requires_grad=base.weight.requires_grad)
+    if base.bias is not None:
+        base.bias = nn.Parameter(base.bias[index].clone(), requires_grad=base.bias.requires_grad)
+    base.out_features = len(index)
+    for lora_b in getattr(module, "lora_B", {}).values():  # peft: B is (out, r)
+        lora_b.weight = nn.Parameter(lora_b.weight[index].clone(), requires_grad=lora_b.weight.requires_grad)
+        lora_b.out_features = len(index)
+    if hasattr(module, "out_features"):
+        module.out_features = len(index)
+
+
+@torch.no_grad()
+def _slice_cols(module: nn.Module, index: torch.Tensor) -> None:
+    base = _linear(module)
+    base.weight = nn.Parameter(base.weight[:, index].clone(), requires_grad=base.weight.requires_grad)
+    base.in_features = len(index)
+    for lora_a in getattr(module, "lora_A", {}).values():  # peft: A is (r, in)
+        lora_a.weight = nn.Parameter(lora_a.weight[:, index].clone(), requires_grad=lora_a.weight.requires_grad)
+        lora_a.in_features = len(index)
+    if hasattr(module, "in_features"):
+        module.in_features = len(index)
+
+
+def prune(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> None:
+    """Remove every unit not in ``keep[group name]`` (in place). Groups not named are left
+    whole. Keep at least one unit per group."""
+    groups = {g.name: g for g in unit_groups(model)}
+    for name, units in keep.items():
+        group = groups[name]
+        units = sorted(set(int(u) for u in units))
+        if not units or units[0] < 0 or units[-1] >= group.num_units:
+            raise ValueError(f"{name}: keep 1..{group.num_units} units in 0..{group.num_units - 1}, got {units}")
+        for module, per_unit in group.producers:
+            _slice_rows(model.get_submodule(module), torch.as_tensor(group.rows(per_unit, units)))
+        for module in group.consumers:
+            _slice_cols(model.get_submodule(module), torch.as_tensor(group.cols(units)))
+
+
+@torch.no_grad()
+def mask(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> None:
+    """Zero the rows and columns :func:`prune` would remove (in place; shapes unchanged)."""
+    groups = {g.name: g for g in unit_groups(model)}
+    for name, units in keep.items():
+        group = groups[name]
+        dropped = sorted(set(range(group.num_units)) - set(int(u) for u in units))
+        for module, per_unit in group.producers:
+            base = _linear(model.get_submodule(module))
+            rows = torch.as_tensor(group.rows(per_unit, dropped))
+            base.weight[rows] = 0.0
+            if base.bias is not None:
+                base.bias[rows] = 0.0
+        for module in group.consumers:
+            _linear(model.get_submodule(module)).weight[:, torch.as_tensor(group.cols(dropped))] = 0.0
+
+
+def keep_most_important(scores: Mapping[str, np.ndarray], ratio: float) -> dict[str, list[int]]:
+    """Per group, keep the ``1 - ratio`` share of units with the highest scores (at least
+    one), in index order."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning ratio {ratio}: must lie in [0, 1)")
+    keep = {}
+    for name, s in scores.items():
+        n = max(1, int(round(len(s) * (1.0 - ratio))))
+        keep[name] = sorted(int(i) for i in np.argsort(-np.asarray(s), kind="stable")[:n])
+    return keep
+
+
+class UnitImportance:
+    """Per-unit scores from LoRA gradients, smoothed over steps: call :meth:`update` after
+    ``backward()`` and before ``zero_grad``."""
+
+    def __init__(self, model: nn.Module, *, smoothing: float = 0.9) -> None:
+        self.model, self.smoothing = model, smoothing
+        self.groups = unit_groups(model)
+        self.scores: dict[str, np.ndarray] = {}
+
+    def _grad_score(self, group: UnitGroup) -> np.ndarray | None:
+        total, seen = np.zeros(group.num_units), False
+        for module_name, per_unit in group.producers:
+            for lora_b in getattr(self.model.get_submodule(module_name), "lora_B", {}).values():
+                if lora_b.weight.grad is not None:
+                    rows = lora_b.weight.grad.detach().pow(2).sum(1).cpu().numpy()
+                    total += rows.reshape(group.num_units, per_unit).sum(1)
+                    seen = True
+        for module_name in group.consumers:
+            for lora_a in getattr(self.model.get_submodule(module_name), "lora_A", {}).values():
+                if lora_a.weight.grad is not None:
+                    cols = lora_a.weight.grad.detach().pow(2).sum(0).cpu().numpy()
+                    total += cols.reshape(group.num_units, group.cols_per_unit).sum(1)
+                    seen = True
+        return total if seen else None
+
+    def _weight_score(self, group: UnitGroup) -> np.ndarray:
+        total = np.zeros(group.num_units)
+        for module_name, per_unit in group.producers:
+            w = _linear(self.model.get_submodule(module_name)).weight.detach().pow(2).sum(1).cpu().numpy()
+            total += w.reshape(group.num_units, per_unit).sum(1)
+        return total
+
+    def update(self) -> None:
+        for group in self.groups:
+            score = self._grad_score(group)
+            if score is None:
+                score = self._weight_score(group)
+            old = self.scores.get(group.name)
+            self.scores[group.name] = score if old is None or old.shape != score.shape else self.smoothing * old + (1 - self.smoothing) * score

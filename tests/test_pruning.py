@@ -1,0 +1,96 @@
+"""Structured pruning (ml/pruning.py): the pruned model equals the masked full model on
+the same inputs, it is really smaller, and importance follows the LoRA gradients."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from ml import pruning
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=12)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3, intermediate_size=20, head_dim=4)
+    return LlamaModel(config).eval()
+
+
+def _inputs():
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_unit_groups_of_bert_and_llama():
+    bert = {g.name: g for g in pruning.unit_groups(_bert())}
+    assert bert["encoder.layer.0.attention"].num_units == 4 and bert["encoder.layer.0.mlp"].num_units == 12
+    llama = {g.name: g for g in pruning.unit_groups(_llama())}
+    attn = llama["layers.0.self_attn"]
+    assert attn.num_units == 3 and dict(attn.producers)["layers.0.self_attn.q_proj"] == 8  # 2 query heads of 4 per group
+    assert llama["layers.1.mlp"].num_units == 20
+
+
+@pytest.mark.parametrize("build,keep", [
+    (_bert, {"encoder.layer.0.attention": [0, 2], "encoder.layer.1.attention": [3], "encoder.layer.0.mlp": [1, 5, 6, 11]}),
+    (_llama, {"layers.0.self_attn": [0, 2], "layers.1.self_attn": [1], "layers.1.mlp": list(range(0, 20, 3))}),
+])
+def test_the_pruned_model_equals_the_masked_full_model(build, keep):
+    full = build()
+    masked, pruned = copy.deepcopy(full), copy.deepcopy(full)
+    pruning.mask(masked, keep)
+    pruning.prune(pruned, keep)
+    with torch.no_grad():
+        a = masked(**_inputs()).last_hidden_state
+        b = pruned(**_inputs()).last_hidden_state
+        c = full(**_inputs()).last_hidden_state
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, c)  # pruning changed something
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(pruned) < n(full)
+
+
+def test_pruning_a_lora_model_slices_the_adapter_too():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = _bert()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value", "dense"], lora_dropout=0.0), model)
+    pruning.prune(model, {"encoder.layer.0.attention": [1, 2], "encoder.layer.0.mlp": [0, 3, 4]})
+    q = model.encoder.layer[0].attention.self.query
+    assert q.lora_B["default"].weight.shape == (8, 2) and q.base_layer.weight.shape == (8, 16)
+    o = model.encoder.layer[0].attention.output.dense
+    assert o.lora_A["default"].weight.shape == (2, 8) and o.base_layer.weight.shape == (16, 8)
+    assert model.encoder.layer[0].output.dense.lora_A["default"].weight.shape == (2, 3)
+    with torch.no_grad():
+        assert torch.isfinite(model(**_inputs()).last_hidden_state).all()
+
+
+def test_importance_follows_the_lora_gradient_and_picks_the_kept_units():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = _bert()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model)
+    imp = pruning.UnitImportance(model, smoothing=0.5)
+    q = model.encoder.layer[0].attention.self.query.lora_B["default"].weight
+    for step in range(2):
+        model.zero_grad()
+        q.grad = torch.zeros_like(q)
+        q.grad[4:8] = 1.0 + step  # head 1's rows of the query adapter (head size 4)
+        imp.update()
+    scores = imp.scores["encoder.layer.0.attention"]
+    # 4 rows x rank 2 entries: 8 * 1^2, then 8 * 2^2; EMA with 0.5
+    assert scores.argmax() == 1 and scores[1] == pytest.approx(0.5 * 8 + 0.5 * 32)
+    assert np.count_nonzero(scores) == 1
+    assert pruning.keep_most_important({"g": np.array([0.1, 3.0, 2.0, 0.5])}, 0.5) == {"g": [1, 2]}
+    assert pruning.keep_most_important({"g": np.array([1.0, 2.0])}, 0.9) == {"g": [1]}  # at least one
+    with pytest.raises(ValueError):
+        pruning.keep_most_important({"g": np.ones(2)}, 1.0)
