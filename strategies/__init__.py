@@ -2,7 +2,7 @@
 
 Registry: ``strategy.name`` -> the class that implements it. Two families: LoRA on a
 single-exit model (``LoRAStrategy``) and depth-heterogeneous early exits
-(``EarlyExitStrategy``; the ServerApp picks the family by the class). To add a method:
+(``EarlyExitStrategy``). To add a method:
 
 1. write ``strategies/<name>.py``: its math as pure functions over numpy arrays, and a
    class that overrides the smallest hooks of :class:`LoRAStrategy` (``downlink``,
@@ -11,7 +11,8 @@ single-exit model (``LoRAStrategy``) and depth-heterogeneous early exits
    method sets ``exit_kind`` and ``objective`` of :class:`EarlyExitStrategy` (a new
    objective is a branch of ``ml.early_exit.local_loss``) or overrides ``trains``;
 2. options of its own: a config section in ``stamen/config.py`` and ``from_config``;
-3. add it to ``STRATEGIES`` here and to ``stamen.config.STRATEGIES``;
+3. add it to ``STRATEGIES`` here and to ``stamen.config.LORA_STRATEGIES`` or
+   ``stamen.config.EARLY_EXIT_STRATEGIES`` (the ServerApp picks its path by that);
 4. unit tests of the math on tiny arrays, and a line in the study (``conf/``).
 """
 

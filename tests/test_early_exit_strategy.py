@@ -95,3 +95,12 @@ def test_exits_from_profiles(run_config):
     assert exits_from_profiles(profiles, ee, 4) == {1: 1, 2: 2, 3: 4}
     with pytest.raises(ValueError, match="max-exit = 5"):
         exits_from_profiles({1: {"max-exit": 5}}, ee, 4)
+
+
+def test_the_registries_agree():
+    from stamen.config import EARLY_EXIT_STRATEGIES, LORA_STRATEGIES
+    from strategies import STRATEGIES, EarlyExitStrategy, LoRAStrategy
+
+    assert set(STRATEGIES) == set(LORA_STRATEGIES) | set(EARLY_EXIT_STRATEGIES)
+    assert all(issubclass(STRATEGIES[n], EarlyExitStrategy) for n in EARLY_EXIT_STRATEGIES)
+    assert all(issubclass(STRATEGIES[n], LoRAStrategy) for n in LORA_STRATEGIES)
