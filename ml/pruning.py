@@ -187,3 +187,78 @@ class UnitImportance:
                 score = self._weight_score(group)
             old = self.scores.get(group.name)
             self.scores[group.name] = score if old is None or old.shape != score.shape else self.smoothing * old + (1 - self.smoothing) * score
+
+
+def keep_count(num_units: int, ratio: float) -> int:
+    """How many of ``num_units`` a pruning ratio keeps (at least one)."""
+    return max(1, int(round(num_units * (1.0 - ratio))))
+
+
+def module_indices(groups: Sequence[UnitGroup], kept: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]]:
+    """{module: (kept rows, kept columns)} in the unpruned model's coordinates, for every
+    producer and consumer of the groups (``kept[group]``: the unpruned unit numbers kept).
+    ``None``: that side is whole."""
+    out: dict[str, list] = {}
+    for g in groups:
+        units = np.asarray(kept[g.name])
+        for module, per_unit in g.producers:
+            out.setdefault(module, [None, None])[0] = g.rows(per_unit, units)
+        for module in g.consumers:
+            out.setdefault(module, [None, None])[1] = g.cols(units)
+    return {m: (r, c) for m, (r, c) in out.items()}
+
+
+def train_pruned(model: nn.Module, task, data, *, ratio: float, steps: int, seed: int, scores: Mapping[str, np.ndarray] | None = None, smoothing: float = 0.9, **train_kwargs) -> dict:
+    """Local training with gradual structured pruning to ``ratio`` of every group's units.
+
+    With ``scores`` (the unpruned units' importance from an earlier round) the model is
+    pruned before the first step and trains pruned throughout. Without, it scores units
+    for a quarter of the steps, prunes to ``ratio / 2``, trains and scores another
+    quarter, prunes to ``ratio``, and tunes for the rest (prune, then tune to recover).
+
+    Returns {"loss", "loss_start", "loss_end" (means over the first and last quarter of
+    the steps), "kept" (per group, the unpruned unit numbers kept), "scores" (per group,
+    importance of every unpruned unit; pruned units keep their last score)}."""
+    from .tasks import train_local
+
+    groups = unit_groups(model)
+    full = {g.name: g.num_units for g in groups}
+    kept = {g.name: np.arange(g.num_units) for g in groups}
+    known = {name: np.asarray(s, dtype=np.float64).copy() for name, s in (scores or {}).items() if len(s) == full.get(name, -1)}
+    memory = {name: known.get(name, np.zeros(n)) for name, n in full.items()}
+
+    def prune_to(r: float, current: Mapping[str, np.ndarray]) -> None:
+        keep_now = {}
+        for name, units in kept.items():
+            n = min(len(units), keep_count(full[name], r))
+            order = np.argsort(-np.asarray(current[name]), kind="stable")[:n]  # positions in the current model
+            keep_now[name] = sorted(int(i) for i in order)
+        prune(model, keep_now)
+        for name, positions in keep_now.items():
+            kept[name] = kept[name][positions]
+
+    losses: list[float] = []
+    if ratio > 0 and len(known) == len(full):
+        prune_to(ratio, {name: memory[name][kept[name]] for name in kept})
+        plan = [(steps, None)]
+    elif ratio > 0:
+        quarter = max(1, steps // 4)
+        plan = [(quarter, ratio / 2), (quarter, ratio), (max(steps - 2 * quarter, 0), None)]
+    else:
+        plan = [(steps, None)]
+    for i, (n_steps, then_ratio) in enumerate(plan):
+        importance = UnitImportance(model, smoothing=smoothing)
+        if n_steps:
+            train_local(model, task, data, steps=n_steps, seed=seed + 104729 * i, on_backward=importance.update, losses=losses, **train_kwargs)
+        for name, s in importance.scores.items():
+            memory[name][kept[name]] = s
+        if then_ratio is not None:
+            prune_to(then_ratio, importance.scores)
+    quarter = max(1, len(losses) // 4)
+    return {
+        "loss": float(np.mean(losses)),
+        "loss_start": float(np.mean(losses[:quarter])),
+        "loss_end": float(np.mean(losses[-quarter:])),
+        "kept": kept,
+        "scores": memory,
+    }

@@ -170,11 +170,15 @@ def train_local(
     head_learning_rate: float,
     seed: int,
     regularizer=None,
+    on_backward=None,
+    losses: list[float] | None = None,
 ) -> float:
     """Run ``steps`` optimizer steps of AdamW on the trainable parameters; mean loss.
 
     ``regularizer(model) -> tensor``, if given, is added to each step's loss (the reported
-    loss is the task loss alone)."""
+    loss is the task loss alone). ``on_backward()``, if given, runs after each backward
+    pass, before the optimizer step (pruning importance reads the gradients there).
+    ``losses``, if given, receives each step's loss."""
     lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     groups = [{"params": lora, "lr": learning_rate}]
@@ -183,15 +187,18 @@ def train_local(
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     model.train()
     batches: Iterator[np.ndarray] = batch_indices(len(data), batch_size, seed=seed)
-    losses = []
+    losses = [] if losses is None else losses
+    first = len(losses)
     for _ in range(steps):
         loss = task.loss(model, to_device(task.batch(data, next(batches)), model))
         optimizer.zero_grad(set_to_none=True)
         (loss + regularizer(model) if regularizer is not None else loss).backward()
+        if on_backward is not None:
+            on_backward()
         optimizer.step()
         losses.append(loss.item())
     model.eval()
-    return float(np.mean(losses))
+    return float(np.mean(losses[first:]))
 
 
 def build_task(cfg):
