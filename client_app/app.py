@@ -53,18 +53,20 @@ def train(msg: Message, context: Context) -> Message:
         fraction = float(instr[keys.TAIL_FRACTION])
         regularizer = lambda m: penalty * tail_norm(m, targets, fraction)  # noqa: E731
 
+    pruned = None
     with phase("loop"):
-        loss = train_local(
-            model,
-            task,
-            data,
+        options = dict(
             steps=cfg.train.local_steps,
             batch_size=cfg.train.batch_size,
             learning_rate=cfg.train.learning_rate,
             head_learning_rate=cfg.train.head_learning_rate,
             seed=cfg.train.seed + 7919 * server_round + partition_id,
-            regularizer=regularizer,
         )
+        if keys.PRUNE_RATIO in instr:  # FedSpine: prune heads and channels while training
+            pruned = _train_pruned(model, task, data, float(instr[keys.PRUNE_RATIO]), context, options)
+            loss = pruned["loss"]
+        else:
+            loss = train_local(model, task, data, regularizer=regularizer, **options)
     rank, alpha = int(instr[keys.LORA_RANK]), float(instr[keys.LORA_ALPHA])
     with phase("serialize"):
         factors = lora_factors(model, targets)
@@ -76,13 +78,17 @@ def train(msg: Message, context: Context) -> Message:
                 log.info("round %d: HetLoRA self-pruning, rank %d -> %d", server_round, rank, kept)
                 # the kept components keep their scaling: alpha / rank stays the same
                 factors, alpha, rank = truncate(factors, kept), alpha * kept / rank, kept
-        update = to_record({**factors_to_arrays(factors), **head_state(model)})
+        arrays = {**factors_to_arrays(factors), **head_state(model)}
+        if pruned is not None:
+            arrays.update(pruned["kept"](targets))
+        update = to_record(arrays)
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: len(data),
             keys.TRAIN_LOSS: loss,
             keys.LORA_RANK: rank,
             keys.LORA_ALPHA: alpha,
+            **({keys.LOSS_START: pruned["loss_start"], keys.LOSS_END: pruned["loss_end"]} if pruned else {}),
         }
     )
     log.info("round %d: partition %d, %d examples, rank %d, loss %.4f", server_round, partition_id, len(data), rank, loss)
@@ -128,6 +134,32 @@ def _prepare(msg: Message, context: Context, cfg: StamenConfig):
 
         load_lora_factors(model, start)
     return task, data, model, targets
+
+
+def _train_pruned(model, task, data, ratio: float, context: Context, options: dict) -> dict:
+    """Gradual structured pruning while training (ml/pruning.py), with the unit scores this
+    node kept from earlier rounds; returns train_pruned's result, its "kept" turned into a
+    function of the adapted modules -> the reply's kept.<module>.rows/.cols arrays."""
+    from ml import pruning
+
+    groups = pruning.unit_groups(model)  # before pruning: the unpruned coordinates
+    held = context.state.array_records.get(keys.STATE_PRUNE_SCORES)
+    scores = from_record(held) if held is not None else None
+    result = pruning.train_pruned(model, task, data, ratio=ratio, scores=scores, **options)
+    context.state[keys.STATE_PRUNE_SCORES] = to_record(result["scores"])
+    indices = pruning.module_indices(groups, result["kept"])
+
+    def kept_arrays(targets: list[str]) -> dict[str, np.ndarray]:
+        """A side no pruning touched is whole: all of its (unchanged) indices."""
+        out = {}
+        for module in targets:
+            rows, cols = indices.get(module, (None, None))
+            out_dim, in_dim = pruning.weight_of(model.get_submodule(module)).shape
+            out[keys.KEPT_PREFIX + module + keys.KEPT_ROWS] = np.arange(out_dim, dtype=np.int64) if rows is None else rows
+            out[keys.KEPT_PREFIX + module + keys.KEPT_COLS] = np.arange(in_dim, dtype=np.int64) if cols is None else cols
+        return out
+
+    return {**result, "kept": kept_arrays}
 
 
 def node_task_and_data(context: Context, cfg: StamenConfig):

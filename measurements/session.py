@@ -67,6 +67,24 @@ class MeasurementSession:
         self.run_dir.write_table("clients.csv", CLIENTS_COLUMNS, client_rows(sent, events, self.profiles))
         self.run_dir.write_table("resources.csv", RESOURCES_COLUMNS, resource_rows(sent, events))
 
+    def round_times(self, server_round: int) -> dict[int, float]:
+        """{node: seconds} of one round's training message, as measured so far: downlink +
+        train + uplink where the node measured all three (stamen-supernode), else the
+        server's send-to-reply time (e2e_s). Nodes without a reply are left out."""
+        grid = self.strategy.grid if self.strategy is not None else None
+        if grid is None:
+            return {}
+        out = {}
+        for row in client_rows(grid.messages(), self.telemetry.events(), self.profiles):
+            if row["round"] != server_round or row["status"] != "ok":
+                continue
+            parts = [row.get(k) for k in ("downlink_s", "train_s", "uplink_s")]
+            if all(isinstance(x, (int, float)) for x in parts):
+                out[row["node_id"]] = float(sum(parts))
+            elif isinstance(row.get("e2e_s"), (int, float)):
+                out[row["node_id"]] = float(row["e2e_s"])
+        return out
+
     def finish(self, grid, nodes: list[int], *, timeout: float) -> None:
         """Ask every node for the events it still holds, then write the final tables."""
         if self.enabled and nodes:

@@ -52,6 +52,11 @@ def _linear(module: nn.Module) -> nn.Linear:
     return getattr(module, "base_layer", module)
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or of a peft LoRA layer's base Linear."""
+    return _linear(module).weight
+
+
 def unit_groups(model: nn.Module) -> list[UnitGroup]:
     """Every prunable group of a BERT-like or Llama-like model, in module order."""
     groups = []

@@ -76,6 +76,7 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
         log(ERROR, "strategy %s: %s", cfg.strategy.name, err)
         raise
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
+    algorithm.attach_run(run, measurements.round_times)
     initial = join_global(adapted_weights(model, targets), head_state(model))
     evaluate = ServerEvaluation(cfg, task, model, split.test, run, algorithm)
     result = strategy.start(
@@ -87,6 +88,7 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
     )
     run.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
     measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
+    algorithm.finish()  # after the last uplinks are in: e.g. the bandits' last rewards
     log(INFO, "done: %s", evaluate.summary())
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-LORA_STRATEGIES = ("flora", "fedit", "hetlora", "flexlora")
+LORA_STRATEGIES = ("flora", "fedit", "hetlora", "flexlora", "fedspine")
 EARLY_EXIT_STRATEGIES = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
 STRATEGIES = LORA_STRATEGIES + EARLY_EXIT_STRATEGIES
 TASKS = ("text-classification", "causal-lm", "image-classification")
@@ -65,6 +65,18 @@ class HetLoRAConfig:
     tail_penalty: float
     tail_fraction: float
     prune_threshold: float
+
+
+@dataclass(frozen=True)
+class FedSpineConfig:
+    """Pruning-ratio bandits (strategy.name = "fedspine"): docs/pruning.md."""
+
+    ratios: tuple[float, ...]  # arms: every (ratio, rank) pair
+    ranks: tuple[int, ...]
+    gamma: float  # the bandit's discount per update (1 = UCB1)
+    exploration: float  # UCB's exploration weight
+    time_weight: float  # how much a round time above the median costs in the reward
+    state_file: str  # a bandit_state.json of an earlier run to resume from; "" = start fresh
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,7 @@ class StamenConfig:
     measure: MeasureConfig
     hetlora: HetLoRAConfig
     early_exit: EarlyExitConfig
+    fedspine: FedSpineConfig
 
     @property
     def is_early_exit(self) -> bool:
@@ -229,7 +242,17 @@ class StamenConfig:
                 ree_mlp_ratio=r.number("early-exit.ree-mlp-ratio", low=0.0, low_open=True),
                 thresholds=r.fractions("early-exit.thresholds"),
             ),
+            fedspine=FedSpineConfig(
+                ratios=r.ratio_list("fedspine.ratios"),
+                ranks=r.rank_list("fedspine.ranks"),
+                gamma=r.number("fedspine.gamma", low=0.0, high=1.0, low_open=True),
+                exploration=r.number("fedspine.exploration", low=0.0),
+                time_weight=r.number("fedspine.time-weight", low=0.0),
+                state_file=r.text("fedspine.state-file", allow_empty=True),
+            ),
         )
+        if cfg.strategy.name == "fedspine" and not (cfg.fedspine.ratios and cfg.fedspine.ranks):
+            raise ConfigError("strategy.name = 'fedspine' needs fedspine.ratios and fedspine.ranks, e.g. '0 0.2 0.5' and '4 8'")
         if cfg.model.task not in DATA_TASKS[cfg.data.name]:
             raise ConfigError(
                 f"data.name = {cfg.data.name!r} does not fit model.task = {cfg.model.task!r}; "
@@ -369,6 +392,17 @@ class _Reader:
             items = (-1.0,)
         if not all(0.0 < i <= 1.0 for i in items):
             raise ConfigError(f"{key} = {value!r}: write numbers in (0, 1] separated by spaces, e.g. '0.5 0.9 0.99'")
+        return items
+
+    def ratio_list(self, key: str) -> tuple[float, ...]:
+        """``"0 0.1 0.5"`` -> (0.0, 0.1, 0.5), each in [0, 1)."""
+        value = self.text(key, allow_empty=True)
+        try:
+            items = tuple(float(i) for i in value.replace(",", " ").split())
+        except ValueError:
+            items = (-1.0,)
+        if not all(0.0 <= i < 1.0 for i in items):
+            raise ConfigError(f"{key} = {value!r}: write ratios in [0, 1) separated by spaces, e.g. '0 0.1 0.2 0.3 0.5'")
         return items
 
     def reject_unknown(self) -> None:

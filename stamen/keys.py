@@ -45,6 +45,14 @@ DISTILL_WEIGHT = "distill-weight"  # this round's distillation weight (ramped up
 EXIT_LOSSES = "exit-losses"  # reply metric: mean training loss of each exit the node trained
 TEACHER_EXIT = "teacher-exit"  # reply metric: the exit ReeFL's self-distillation used as teacher (1-based)
 
+# FedSpine-style pruning (strategies/fedspine.py, ml/pruning.py)
+PRUNE_RATIO = "prune-ratio"  # instruction: share of heads and MLP channels to prune
+KEPT_PREFIX = "kept."  # reply arrays "kept.<module>.rows" / ".cols": unpruned indices the node kept
+KEPT_ROWS = ".rows"
+KEPT_COLS = ".cols"
+LOSS_START = "loss-start"  # reply metric: mean loss of the first quarter of local steps
+LOSS_END = "loss-end"  # reply metric: ... of the last quarter (the bandit's reward)
+
 # node-config keys (set with `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -57,7 +65,8 @@ NODE_DEVICE = "device"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
 # node state (context.state) entries
 STATE_GLOBAL = "stamen.global-weights"
 STATE_META = "stamen.global-meta"
-STATE_EXIT_LOSS_EMA = "stamen.exit-loss-ema"  # ReeFL: each exit's loss moving average on this node
+STATE_EXIT_LOSS_EMA = "stamen.exit-loss-ema"
+STATE_PRUNE_SCORES = "stamen.prune-scores"  # pruning: each unit group's importance on this node  # ReeFL: each exit's loss moving average on this node
 NODE_NETWORK = "network"  # a label for the node's link ("ethernet", "wifi", "5g"); reports group by it
 
 # Measurements (measurements/): device-side events travel to the server in a reply's

@@ -22,6 +22,7 @@ from .depthfl import DepthFL
 from .early_exit import EarlyExitStrategy, layerwise_average
 from .exclusivefl import ExclusiveFL
 from .fedit import FedIT
+from .fedspine import FedSpine
 from .flexlora import FlexLoRA
 from .flora import FLoRA, merge_stacked, stack_lora
 from .hetlora import HetLoRA
@@ -33,6 +34,7 @@ STRATEGIES = {
     "fedit": FedIT,
     "hetlora": HetLoRA,
     "flexlora": FlexLoRA,
+    "fedspine": FedSpine,
     "reefl": ReeFL,
     "depthfl": DepthFL,
     "inclusivefl": InclusiveFL,
@@ -47,6 +49,7 @@ __all__ = [
     "ExclusiveFL",
     "FLoRA",
     "FedIT",
+    "FedSpine",
     "FlexLoRA",
     "HetLoRA",
     "InclusiveFL",

@@ -68,6 +68,7 @@ class LoRAStrategy(FedAvg):
         self._global: dict[str, np.ndarray] = {}
 
     accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
+    accepts_pruned_units = False  # True: a reply carries factors of pruned matrices and the kept indices (FedSpine)
 
     @classmethod
     def from_config(cls, cfg, **common) -> LoRAStrategy:
@@ -88,6 +89,16 @@ class LoRAStrategy(FedAvg):
 
     def forget_node(self, node_id: int) -> None:
         """Called when a node failed or went silent: its local state is unknown."""
+
+    def observe_reply(self, node_id: int, metrics) -> None:
+        """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""
+
+    def attach_run(self, run_dir, round_times=None) -> None:
+        """The run directory (for state a strategy saves) and ``round_times(server_round)
+        -> {node: seconds}`` from the instrumentation layer; most strategies need neither."""
+
+    def finish(self) -> None:
+        """After the last round."""
 
     # --- Flower Strategy ---------------------------------------------------------------
     def rank_of(self, node_id: int) -> int:
@@ -159,6 +170,7 @@ class LoRAStrategy(FedAvg):
                     head_shapes=head_shapes,
                     rank=record.ranks.get(node_id, -1),
                     allow_smaller_rank=self.accepts_pruned_ranks,
+                    allow_pruned=self.accepts_pruned_units,
                 )
                 update = dataclasses.replace(update, node_id=node_id)
             except InvalidUpdate as err:
@@ -167,6 +179,7 @@ class LoRAStrategy(FedAvg):
             updates.append(update)
             heads.append(head)
             losses.append(msg.content.metric_records[keys.METRICS].get(keys.TRAIN_LOSS, float("nan")))
+            self.observe_reply(node_id, msg.content.metric_records[keys.METRICS])
         for node_id in set(record.participants) - answered:
             self._drop(record, node_id, "no reply before the round timeout")
             self.forget_node(node_id)

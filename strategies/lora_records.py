@@ -30,6 +30,7 @@ class ClientLoRA:
     num_examples: int
     scaling: float  # s_k = alpha_k / r_k
     node_id: int = -1  # who sent it (-1: unknown, e.g. in unit tests)
+    kept: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None  # pruned: module -> (rows, cols) kept
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -66,11 +67,15 @@ def parse_reply(
     head_shapes: Mapping[str, tuple[int, ...]],
     rank: int,
     allow_smaller_rank: bool = False,
+    allow_pruned: bool = False,
 ) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
     """Decode and check one train reply; raise InvalidUpdate naming what is wrong.
 
     ``allow_smaller_rank``: the node may have pruned its rank (HetLoRA); the reply's
-    ``lora-rank`` metric says which rank, at most ``rank``."""
+    ``lora-rank`` metric says which rank, at most ``rank``. ``allow_pruned``: the node
+    pruned heads / channels (FedSpine); for every module the reply carries
+    ``kept.<module>.rows`` and ``.cols`` (the unpruned indices it kept, increasing) and
+    factors of the kept shape."""
     if keys.ARRAYS not in content.array_records:
         raise InvalidUpdate(f"no ArrayRecord '{keys.ARRAYS}' in the reply")
     if keys.METRICS not in content.metric_records:
@@ -90,15 +95,22 @@ def parse_reply(
         rank = reported
     arrays = from_record(content.array_records[keys.ARRAYS])
     expected = {m + s for m in module_shapes for s in (keys.LORA_A, keys.LORA_B)} | set(head_shapes)
+    if allow_pruned:
+        expected |= {keys.KEPT_PREFIX + m + s for m in module_shapes for s in (keys.KEPT_ROWS, keys.KEPT_COLS)}
     missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
     if missing:
         raise InvalidUpdate(f"missing keys: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     if extra:
         raise InvalidUpdate(f"unexpected keys: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
 
-    factors = {}
+    factors, kept = {}, {}
     for module, (out_dim, in_dim) in module_shapes.items():
         a, b = arrays[module + keys.LORA_A], arrays[module + keys.LORA_B]
+        if allow_pruned:
+            rows = _indices(arrays, keys.KEPT_PREFIX + module + keys.KEPT_ROWS, out_dim)
+            cols = _indices(arrays, keys.KEPT_PREFIX + module + keys.KEPT_COLS, in_dim)
+            kept[module] = (rows, cols)
+            out_dim, in_dim = len(rows), len(cols)
         if a.shape != (rank, in_dim) or b.shape != (out_dim, rank):
             raise InvalidUpdate(
                 f"{module}: got A {a.shape}, B {b.shape}; expected A {(rank, in_dim)}, B {(out_dim, rank)} (rank {rank})"
@@ -111,7 +123,17 @@ def parse_reply(
     for k, v in arrays.items():
         if not np.all(np.isfinite(v)):
             raise InvalidUpdate(f"{k}: non-finite values")
-    return ClientLoRA(factors, int(num_examples), float(alpha) / rank), head
+    return ClientLoRA(factors, int(num_examples), float(alpha) / rank, kept=kept or None), head
+
+
+def _indices(arrays: Mapping[str, np.ndarray], key: str, size: int) -> np.ndarray:
+    """Kept indices: a non-empty, strictly increasing integer vector within [0, size)."""
+    v = arrays[key]
+    if v.ndim != 1 or v.dtype.kind not in "iu" or len(v) == 0:
+        raise InvalidUpdate(f"{key}: must be a non-empty integer vector, got {v.dtype} {v.shape}")
+    if v[0] < 0 or v[-1] >= size or np.any(np.diff(v) <= 0):
+        raise InvalidUpdate(f"{key}: indices must increase strictly within [0, {size})")
+    return v.astype(np.int64)
 
 
 def weighted_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> dict[str, np.ndarray]:
