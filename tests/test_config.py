@@ -78,3 +78,11 @@ def test_early_exit_section(defaults):
 def test_bad_early_exit_values_are_named(defaults, overrides, message):
     with pytest.raises(ConfigError, match=message):
         StamenConfig.from_run_config({**defaults, **overrides})
+
+
+@pytest.mark.parametrize("overlay", sorted((ROOT / "conf").rglob("*.toml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_study_overlay_is_a_valid_config(defaults, overlay):
+    """Each conf/ row, laid over the defaults, parses (a typo in a key fails here, not
+    an hour into a study)."""
+    cfg = StamenConfig.from_run_config({**defaults, **tomllib.loads(overlay.read_text())})
+    assert cfg.strategy.name in overlay.read_text()
