@@ -119,7 +119,7 @@ class ReeModule(nn.Module):
         hidden = max(1, int(dim * mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         # how much of the module's update modulation writes into the CLS token, per
-        # channel; 0 at first, so a pretrained backbone starts out undisturbed (LayerScale)
+        # channel (LayerScale); 1 = ReeFL's replacement, 0 = the backbone undisturbed
         self.gate = nn.Parameter(torch.full((dim,), gate_init))
 
     def forward(self, cls_features: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,10 @@ class EarlyExitClassifier(nn.Module):
         self.modulation = modulation
         dim = backbone.config.hidden_size
         if exit_kind == "ree":
-            self.ree = ReeModule(dim, self.num_blocks, heads=ree_heads, attn_dim=ree_attn_dim, mlp_ratio=ree_mlp_ratio)
+            # CLS features: gate 1, ReeFL's replacement; mean-pooled features of a
+            # pretrained text encoder: gate 0, the backbone starts out undisturbed
+            gate = 1.0 if pooling == "cls" else 0.0
+            self.ree = ReeModule(dim, self.num_blocks, heads=ree_heads, attn_dim=ree_attn_dim, mlp_ratio=ree_mlp_ratio, gate_init=gate)
             self.head = ExitHead(dim, num_classes)
         else:
             self.heads = nn.ModuleList(ExitHead(dim, num_classes) for _ in self.exit_blocks)

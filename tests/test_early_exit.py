@@ -187,10 +187,8 @@ def test_modulation_feeds_the_ree_output_to_the_next_block():
     off = ee.EarlyExitClassifier(_tiny_vit(), 10, exit_blocks=(2, 4), exit_kind="ree", modulation=False).eval()
     off.load_state_dict(on.state_dict())
     x = torch.randn(2, 1, 8, 8)
-    with torch.no_grad():  # the gate starts at 0: the backbone runs undisturbed
-        for a, b in zip(on(pixel_values=x), off(pixel_values=x)):
-            torch.testing.assert_close(a, b)
-        on.ree.gate.fill_(1.0)  # ReeFL's replacement: the CLS token becomes the module's output
+    assert torch.all(on.ree.gate == 1.0)  # CLS features: ReeFL's replacement from the start
+    with torch.no_grad():
         a, b = on(pixel_values=x), off(pixel_values=x)
     # exit 1 (block 2) already sees block 2 fed with the module's output of block 1
     assert not torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
@@ -201,6 +199,20 @@ def test_modulation_feeds_the_ree_output_to_the_next_block():
         h1 = on.backbone.layers[0](on.backbone.embeddings(x))
         expected = on.ree(h1[:, :1])[:, 1]  # over [meta; CLS of block 1]: block 1's position
     torch.testing.assert_close(seen["cls"], expected)
+
+
+def test_with_mean_pooled_features_modulation_starts_closed():
+    """Text encoders trained with mean pooling: the gate starts at 0, so the pretrained
+    blocks first run exactly as without modulation."""
+    torch.manual_seed(0)
+    on = ee.EarlyExitClassifier(_tiny_bert(), 3, exit_blocks=(2, 4), exit_kind="ree", pooling="mean").eval()
+    off = ee.EarlyExitClassifier(_tiny_bert(), 3, exit_blocks=(2, 4), exit_kind="ree", pooling="mean", modulation=False).eval()
+    off.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        for a, b in zip(on(**_text_batch()), off(**_text_batch())):
+            torch.testing.assert_close(a, b)
+        on.ree.gate.fill_(0.5)
+        assert not torch.allclose(on(**_text_batch())[1], off(**_text_batch())[1])
 
 
 def test_tuning_modes_choose_what_trains():
