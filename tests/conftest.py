@@ -77,3 +77,18 @@ def run_config():
 
     root = Path(__file__).resolve().parent.parent
     return dict(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+@pytest.fixture(scope="session")
+def two_loopback_nodes(tmp_path_factory, flower_programs):
+    """One real flower-superlink and two stamen-supernodes on 127.0.0.1, shared by the
+    end-to-end tests of several methods (each does its own `flwr run`): node 0 a
+    raspberry-pi claiming max exit 1, node 1 an nvidia-gpu with the full depth."""
+    from deploy.local import LocalDeployment, NodeSpec
+
+    nodes = [
+        NodeSpec(0, 2, device_class="raspberry-pi", extra={"max-exit": 1}),
+        NodeSpec(1, 2, device_class="nvidia-gpu", extra={"max-exit": 4}),
+    ]
+    with LocalDeployment(nodes, workdir=tmp_path_factory.mktemp("loopback") / "_deploy") as dep:
+        yield dep

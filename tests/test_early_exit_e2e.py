@@ -8,25 +8,18 @@ import csv
 import numpy as np
 import pytest
 
-from deploy.local import LocalDeployment, NodeSpec
-
 pytestmark = pytest.mark.integration
 
 VIT = "vit:image_size=8,patch_size=2,num_channels=1,hidden_size=32,num_hidden_layers=8,num_attention_heads=2,intermediate_size=64"
 
 
-def test_reefl_with_a_shallow_and_a_deep_node(tmp_path, flower_programs):
-    nodes = [
-        NodeSpec(0, 2, device_class="raspberry-pi", extra={"max-exit": 1}),
-        NodeSpec(1, 2, device_class="nvidia-gpu", extra={"max-exit": 4}),
-    ]
+def test_reefl_with_a_shallow_and_a_deep_node(tmp_path, two_loopback_nodes):
     overrides = (
         f'strategy.name="reefl" model.task="image-classification" model.path="{VIT}" data.name="digits" '
-        f'early-exit.tuning="full" strategy.num-rounds=2 train.local-steps=10 train.batch-size=16 '
+        f'early-exit.tuning="full" strategy.num-rounds=2 train.local-steps=5 train.batch-size=16 '
         f'output.dir="{tmp_path}"'
     )
-    with LocalDeployment(nodes, workdir=tmp_path / "_deploy") as dep:
-        run_id = dep.run([overrides], echo=lambda line: None, timeout=600)
+    run_id = two_loopback_nodes.run([overrides], echo=lambda line: None, timeout=600)
     run = tmp_path / str(run_id)
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["round"] for r in rows] == ["0", "1", "2"]
