@@ -1,7 +1,7 @@
 """The early-exit study's table and plot from run directories (``stamen study`` hands the
 ReeFL / DepthFL / InclusiveFL / ExclusiveFL runs here).
 
-Finished runs (every planned round in metrics.csv) are grouped by (data.name,
+Finished runs (every planned round in metrics.csv; stamen.study.finished_runs) are grouped by (data.name,
 strategy.name). Per group: the final round's accuracy averaged over the exits, each
 exit's, and the ensemble's, as mean and sample std over the runs (seeds); and the
 early-exit inference curve (accuracy against the share of blocks run, one point per
@@ -11,13 +11,14 @@ confidence threshold) of the final round, averaged over the runs. Writes
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from stamen.study import plot_band
 
 COLORS = {"reefl": "#55A868", "depthfl": "#4C72B0", "inclusivefl": "#8172B2", "exclusivefl": "#C44E52"}
 ORDER = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
@@ -27,13 +28,10 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def collect(run_dirs: list[Path]) -> dict[tuple[str, str], list[dict]]:
+def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
+    """Group finished runs (stamen.study.finished_runs) by (data, strategy)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for run in run_dirs:
-        config = json.loads((run / "config.json").read_text())
-        rows = list(csv.DictReader(open(run / "metrics.csv")))
-        if len(rows) < 2 or len(rows) - 1 < int(config.get("strategy.num-rounds", 0)):
-            continue  # unfinished: not a result
+    for run, config, rows in finished:
         last = rows[-1]
         exits = sorted(int(m.group(1)) for k in last if (m := re.fullmatch(r"eval_accuracy_exit(\d+)", k)))
         thresholds = sorted(float(m.group(1)) for k in last if (m := re.fullmatch(r"eval_accuracy_at_(.+)", k)))
@@ -96,10 +94,7 @@ def plot(groups, rows: list[dict], target: Path) -> Path:
             if d != data:
                 continue
             color = COLORS.get(name)
-            n = min(len(r["mean"]) for r in runs)
-            curves = [r["mean"][:n] for r in runs]
-            ax_row[0].plot(range(n), [statistics.mean(c[i] for c in curves) for i in range(n)], marker="o", ms=3, color=color, label=f"{name} ({len(runs)} seeds)")
-            ax_row[0].fill_between(range(n), [min(c[i] for c in curves) for i in range(n)], [max(c[i] for c in curves) for i in range(n)], color=color, alpha=0.15)
+            plot_band(ax_row[0], [r["mean"] for r in runs], color=color, label=f"{name} ({len(runs)} seeds)")
             row = next(r for r in rows if r["data"] == data and r["strategy"] == name)
             ax_row[1].plot(range(1, len(row["final_exit_accuracy"]) + 1), row["final_exit_accuracy"], marker="o", color=color, label=name)
             ax_row[2].plot([p["blocks"] for p in row["early_exit"]], [p["accuracy"] for p in row["early_exit"]], marker="o", color=color, label=name)
@@ -115,8 +110,8 @@ def plot(groups, rows: list[dict], target: Path) -> Path:
     return target
 
 
-def exit_study(run_dirs: list[Path], out_dir: Path, echo=print) -> list[dict]:
-    groups = collect(run_dirs)
+def exit_study(finished: list[tuple[Path, dict, list[dict]]], out_dir: Path, echo=print) -> list[dict]:
+    groups = collect(finished)
     if not groups:
         raise FileNotFoundError(f"no finished early-exit runs under {out_dir}")
     rows = table(groups)

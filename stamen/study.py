@@ -30,20 +30,33 @@ def _runs(dirs: list[Path]) -> list[Path]:
     return found
 
 
+def finished_runs(dirs: list[Path]) -> list[tuple[Path, dict, list[dict]]]:
+    """(run directory, its config, its metrics.csv rows) of every run under ``dirs`` that
+    finished every planned round; a run still going or failed is not a result."""
+    out = []
+    for run in _runs(dirs):
+        config = json.loads((run / "config.json").read_text())
+        rows = list(csv.DictReader(open(run / "metrics.csv")))
+        if len(rows) >= 2 and len(rows) - 1 >= int(config.get("strategy.num-rounds", 0)):
+            out.append((run, config, rows))
+    return out
+
+
+def plot_band(ax, curves: list[list[float]], *, color, label: str) -> None:
+    """Mean over runs per round, with the min-max band."""
+    n = min(len(c) for c in curves)
+    ax.plot(range(n), [statistics.mean(c[i] for c in curves) for i in range(n)], marker="o", ms=3, color=color, label=label)
+    ax.fill_between(range(n), [min(c[i] for c in curves) for i in range(n)], [max(c[i] for c in curves) for i in range(n)], color=color, alpha=0.15)
+
+
 def setting(config: dict) -> str:
     ranks = config.get("lora.rank-by-partition") or []
     return "heterogeneous" if len(set(ranks)) > 1 else "homogeneous"
 
 
-def collect(dirs: list[Path]) -> dict[tuple[str, str], list[dict]]:
+def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for run in _runs(dirs):
-        if _is_early_exit(run):
-            continue
-        config = json.loads((run / "config.json").read_text())
-        rows = list(csv.DictReader(open(run / "metrics.csv")))
-        if len(rows) < 2 or len(rows) - 1 < int(config.get("strategy.num-rounds", 0)):
-            continue  # unfinished (still running, or failed): not a result
+    for run, config, rows in finished:
         groups[(config["strategy.name"], setting(config))].append(
             {
                 "run": str(run),
@@ -89,13 +102,7 @@ def plot(groups, target: Path) -> Path:
         for (name, k), runs in sorted(groups.items()):
             if k != kind:
                 continue
-            n = min(len(r["accuracy"]) for r in runs)
-            curves = [r["accuracy"][:n] for r in runs]
-            mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
-            color = COLORS.get(name)
-            ax.plot(range(n), mean, marker="o", ms=3, color=color, label=f"{name} ({len(runs)} seeds)")
-            ax.fill_between(range(n), [min(c[i] for c in curves) for i in range(n)],
-                            [max(c[i] for c in curves) for i in range(n)], color=color, alpha=0.15)
+            plot_band(ax, [r["accuracy"] for r in runs], color=COLORS.get(name), label=f"{name} ({len(runs)} seeds)")
         ax.set_title(f"{kind} ranks")
         ax.set_xlabel("round")
         ax.set_ylabel("held-out accuracy")
@@ -107,24 +114,22 @@ def plot(groups, target: Path) -> Path:
     return target
 
 
-def _is_early_exit(run: Path) -> bool:
-    from stamen.config import EARLY_EXIT_STRATEGIES
-
-    return json.loads((run / "config.json").read_text()).get("strategy.name") in EARLY_EXIT_STRATEGIES
-
-
 def study(dirs: list[str | Path], echo=print) -> list[dict]:
     """The LoRA study's table and plot; runs of the early-exit strategies go to
     :func:`stamen.exit_study.exit_study` (their own table and plot)."""
+    from stamen.config import EARLY_EXIT_STRATEGIES
+
     dirs = [Path(d) for d in dirs]
-    exit_runs = [r for r in _runs(dirs) if _is_early_exit(r)]
+    finished = finished_runs(dirs)
+    exit_runs = [f for f in finished if f[1].get("strategy.name") in EARLY_EXIT_STRATEGIES]
+    lora_runs = [f for f in finished if f[1].get("strategy.name") not in EARLY_EXIT_STRATEGIES]
     if exit_runs:
         from stamen.exit_study import exit_study
 
         rows = exit_study(exit_runs, dirs[0], echo=echo)
-        if len(exit_runs) == len(_runs(dirs)):
+        if not lora_runs:
             return rows
-    groups = collect(dirs)
+    groups = collect(lora_runs)
     if not groups:
         raise FileNotFoundError(f"no run directories (metrics.csv + config.json) under {', '.join(map(str, dirs))}")
     rows = table(groups)
