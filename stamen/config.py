@@ -9,6 +9,7 @@ training starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -385,24 +386,20 @@ class _Reader:
 
     def fractions(self, key: str) -> tuple[float, ...]:
         """``"0.5 0.9 0.99"`` -> (0.5, 0.9, 0.99), each in (0, 1]."""
-        value = self.text(key, allow_empty=True)
-        try:
-            items = tuple(float(i) for i in value.replace(",", " ").split())
-        except ValueError:
-            items = (-1.0,)
-        if not all(0.0 < i <= 1.0 for i in items):
-            raise ConfigError(f"{key} = {value!r}: write numbers in (0, 1] separated by spaces, e.g. '0.5 0.9 0.99'")
-        return items
+        return self._unit_floats(key, lambda x: 0.0 < x <= 1.0, "numbers in (0, 1]", "0.5 0.9 0.99")
 
     def ratio_list(self, key: str) -> tuple[float, ...]:
         """``"0 0.1 0.5"`` -> (0.0, 0.1, 0.5), each in [0, 1)."""
+        return self._unit_floats(key, lambda x: 0.0 <= x < 1.0, "ratios in [0, 1)", "0 0.1 0.2 0.3 0.5")
+
+    def _unit_floats(self, key: str, accepted, what: str, example: str) -> tuple[float, ...]:
         value = self.text(key, allow_empty=True)
         try:
             items = tuple(float(i) for i in value.replace(",", " ").split())
         except ValueError:
-            items = (-1.0,)
-        if not all(0.0 <= i < 1.0 for i in items):
-            raise ConfigError(f"{key} = {value!r}: write ratios in [0, 1) separated by spaces, e.g. '0 0.1 0.2 0.3 0.5'")
+            items = (math.nan,)
+        if not all(accepted(i) for i in items):
+            raise ConfigError(f"{key} = {value!r}: write {what} separated by spaces, e.g. '{example}'")
         return items
 
     def reject_unknown(self) -> None:
