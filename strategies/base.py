@@ -38,7 +38,40 @@ class RoundRecord:
     global_rank: int = 0
 
 
-class LoRAStrategy(FedAvg):
+class SampledStrategy(FedAvg):
+    """What every strategy of the project takes from Flower's FedAvg and adds to it:
+    node sampling, a message TTL, evaluation on the server only (a held-out split), and
+    dropped nodes logged with the reason. The LoRA and the early-exit families build on it."""
+
+    def __init__(self, *, fraction_train: float = 1.0, min_nodes: int = 2, message_ttl: float | None = None) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,  # evaluation is server-side, on a held-out split
+            min_train_nodes=min_nodes,
+            min_available_nodes=min_nodes,
+        )
+        self.message_ttl = message_ttl
+
+    def sample(self, grid: Grid) -> list[int]:
+        """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``."""
+        wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        return node_ids
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    @staticmethod
+    def _drop(record, node_id: int, reason: str) -> None:
+        """``record``: a round record with ``dropped`` and ``server_round``."""
+        record.dropped[node_id] = reason
+        log(WARNING, "dropping node %d from round %d: %s", node_id, record.server_round, reason)
+
+
+class LoRAStrategy(SampledStrategy):
     """Base for heterogeneous-LoRA strategies (sampling and reply checks from here)."""
 
     def __init__(
@@ -52,16 +85,10 @@ class LoRAStrategy(FedAvg):
         message_ttl: float | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,  # evaluation is server-side, on a held-out split
-            min_train_nodes=min_nodes,
-            min_available_nodes=min_nodes,
-        )
+        super().__init__(fraction_train=fraction_train, min_nodes=min_nodes, message_ttl=message_ttl)
         self.node_ranks = dict(node_ranks)
         self.default_rank = default_rank
         self.lora_alpha = lora_alpha
-        self.message_ttl = message_ttl
         self.seed = seed
         self.rounds: list[RoundRecord] = []
         self._current: RoundRecord | None = None
@@ -112,8 +139,7 @@ class LoRAStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = from_record(arrays)
-        wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        node_ids = self.sample(grid)
         record = RoundRecord(server_round)
         messages = []
         for node_id in node_ids:
@@ -199,15 +225,3 @@ class LoRAStrategy(FedAvg):
             }
         )
         return to_record(new_global), metrics
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
-
-    @staticmethod
-    def _drop(record: RoundRecord, node_id: int, reason: str) -> None:
-        record.dropped[node_id] = reason
-        log(WARNING, "dropping node %d from round %d: %s", node_id, record.server_round, reason)
-

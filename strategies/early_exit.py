@@ -18,12 +18,11 @@ from logging import INFO, WARNING
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from stamen import keys
 
+from .base import SampledStrategy
 from .lora_records import InvalidUpdate, from_record, to_record
 
 
@@ -79,8 +78,8 @@ class DepthRound:
     train_loss: float = float("nan")
 
 
-class EarlyExitStrategy(FedAvg):
-    """Depth-heterogeneous training with layer-wise averaging (Flower's FedAvg sampling)."""
+class EarlyExitStrategy(SampledStrategy):
+    """Depth-heterogeneous training with layer-wise averaging."""
 
     exit_kind = "per-exit"  # the model's exit module: "ree" | "per-exit"
     objective = "all-exits"  # the nodes' local loss (ml/early_exit.py: local_loss)
@@ -97,12 +96,7 @@ class EarlyExitStrategy(FedAvg):
         min_nodes: int = 2,
         message_ttl: float | None = None,
     ) -> None:
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,  # evaluation is server-side, on a held-out split
-            min_train_nodes=min_nodes,
-            min_available_nodes=min_nodes,
-        )
+        super().__init__(fraction_train=fraction_train, min_nodes=min_nodes, message_ttl=message_ttl)
         bad = {n: e for n, e in node_exits.items() if not 1 <= e <= num_exits}
         if bad:
             raise ValueError(f"nodes {bad}: max exit must lie in 1..{num_exits}")
@@ -111,7 +105,6 @@ class EarlyExitStrategy(FedAvg):
         self.required_exits = dict(required_exits)
         self.distill_weight = distill_weight
         self.distill_rampup_rounds = distill_rampup_rounds
-        self.message_ttl = message_ttl
         self.rounds: list[DepthRound] = []
         self._global: dict[str, np.ndarray] = {}
         self._sent: dict[int, dict[str, tuple[int, ...]]] = {}
@@ -150,8 +143,7 @@ class EarlyExitStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = from_record(arrays)
-        wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+        node_ids = self.sample(grid)
         record = DepthRound(server_round)
         self._sent = {}
         messages = []
@@ -225,14 +217,3 @@ class EarlyExitStrategy(FedAvg):
             {keys.TRAIN_LOSS: record.train_loss, "num-clients": len(updates), "dropped": len(record.dropped)}
         )
         return to_record(new_global), metrics
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
-
-    @staticmethod
-    def _drop(record: DepthRound, node_id: int, reason: str) -> None:
-        record.dropped[node_id] = reason
-        log(WARNING, "dropping node %d from round %d: %s", node_id, record.server_round, reason)
