@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from logging import ERROR, INFO
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from measurements.session import MeasurementSession
-from ml.model import adapted_weights, head_state, load_adapted_weights, load_head_state, target_module_names
+from ml.model import adapted_weights, head_state, target_module_names
 from ml.tasks import build_task, pick_device
 from stamen.config import ConfigError, StamenConfig
 from strategies import STRATEGIES
-from strategies.lora_records import from_record, join_global, split_global, to_record
+from strategies.lora_records import from_record, join_global, to_record
 
+from .evaluation import ServerEvaluation
 from .profiles import query_profiles, ranks_from_profiles
 from .run_dir import RunDirectory
 
@@ -90,52 +89,3 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
     measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
     algorithm.finish()  # after the last uplinks are in: e.g. the bandits' last rewards
     log(INFO, "done: %s", evaluate.summary())
-
-
-class ServerEvaluation:
-    """Evaluates the global model on the held-out split after every round and writes
-    the round's row of metrics.csv (Strategy.start calls it with round 0 first)."""
-
-    def __init__(self, cfg: StamenConfig, task, model, test, run: RunDirectory, strategy) -> None:
-        self.cfg, self.task, self.model, self.run, self.strategy = cfg, task, model, run, strategy
-        n = cfg.eval.max_examples or len(test)
-        keep = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(test))[: min(n, len(test))])
-        self.test = test.subset(keep)
-        self.t0 = time.monotonic()
-        self.last: dict[str, float] = {}
-
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        weights, head = split_global(from_record(arrays))
-        load_adapted_weights(self.model, weights)
-        load_head_state(self.model, head)
-        with torch.inference_mode():
-            metrics = self.task.evaluate(self.model, self.test, self.cfg.eval.batch_size)
-        row = {f"eval_{k}": v for k, v in metrics.items()}
-        row.update(round=server_round, elapsed_s=time.monotonic() - self.t0)
-        rec = next((r for r in self.strategy.rounds if r.server_round == server_round), None)
-        if rec is not None:
-            row.update(
-                train_loss=rec.train_loss,
-                num_clients=len(rec.participants) - len(rec.dropped),
-                global_rank=rec.global_rank,
-                dropped=len(rec.dropped),
-                downlink_bytes=sum(rec.downlink_bytes.values()),
-            )
-        self.run.append_metrics(row)
-        self.last = {"round": server_round, **metrics}
-        log(
-            INFO,
-            "round %d/%d: %s | clients %s, global rank %s, dropped %s, downlink %.2f MB, %.0f s elapsed",
-            server_round,
-            self.cfg.strategy.num_rounds,
-            ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            row.get("num_clients", "-"),
-            row.get("global_rank", "-"),
-            row.get("dropped", "-"),
-            row.get("downlink_bytes", 0) / 1e6,
-            row["elapsed_s"],
-        )
-        return MetricRecord(metrics)
-
-    def summary(self) -> str:
-        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last.items())

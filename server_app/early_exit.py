@@ -4,12 +4,10 @@ evaluation of every exit after every round."""
 
 from __future__ import annotations
 
-import time
 from logging import INFO
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -19,6 +17,7 @@ from stamen.config import StamenConfig
 from strategies import STRATEGIES
 from strategies.lora_records import from_record, to_record
 
+from .evaluation import ServerEvaluation
 from .profiles import exits_from_profiles, query_profiles
 from .run_dir import RunDirectory
 
@@ -68,55 +67,31 @@ def run(grid: Grid, cfg: StamenConfig, task, split, model, run_dir: RunDirectory
     log(INFO, "done: %s", evaluate.summary())
 
 
-class ExitEvaluation:
+class ExitEvaluation(ServerEvaluation):
     """Evaluates every exit of the global model on the held-out split after every round
     (round 0 first) and writes the round's row of metrics.csv: ``eval_accuracy_exit<j>``,
     ``eval_accuracy_mean`` (over exits), ``eval_accuracy_ensemble``, and per confidence
     threshold t ``eval_accuracy_at_<t>`` with ``eval_blocks_at_<t>`` (share of blocks run).
     ``eval_accuracy`` is the deepest exit's (the full model's) accuracy."""
 
-    def __init__(self, cfg: StamenConfig, task, model, test, run_dir: RunDirectory, strategy) -> None:
-        self.cfg, self.task, self.model, self.run_dir, self.strategy = cfg, task, model, run_dir, strategy
-        n = cfg.eval.max_examples or len(test)
-        keep = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(test))[: min(n, len(test))])
-        self.test = test.subset(keep)
-        self.t0 = time.monotonic()
-        self.last: dict[str, float] = {}
-
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def measure(self, arrays: ArrayRecord) -> dict[str, float]:
         self.model.load_trainable_state(from_record(arrays))
         with torch.inference_mode():
             metrics = early_exit.evaluate(
                 self.model, self.task, self.test, batch_size=self.cfg.eval.batch_size, thresholds=self.cfg.early_exit.thresholds
             )
         metrics["accuracy"] = metrics[f"accuracy_exit{len(self.model.exit_blocks)}"]
-        row = {f"eval_{k}": v for k, v in metrics.items()}
-        row.update(round=server_round, elapsed_s=time.monotonic() - self.t0)
-        rec = next((r for r in self.strategy.rounds if r.server_round == server_round), None)
-        if rec is not None:
-            row.update(
-                train_loss=rec.train_loss,
-                num_clients=len(rec.participants) - len(rec.dropped),
-                skipped=len(rec.skipped),
-                dropped=len(rec.dropped),
-                downlink_bytes=sum(rec.downlink_bytes.values()),
-            )
-        self.run_dir.append_metrics(row)
-        self.last = {"round": server_round, **{k: v for k, v in metrics.items() if not k.startswith(("accuracy_at", "blocks_at"))}}
-        log(
-            INFO,
-            "round %d/%d: exits %s | mean %.4f, ensemble %.4f | clients %s, skipped %s, dropped %s, %.0f s elapsed",
-            server_round,
-            self.cfg.strategy.num_rounds,
-            " ".join(f"{metrics[f'accuracy_exit{j}']:.3f}" for j in range(1, len(self.model.exit_blocks) + 1)),
-            metrics["accuracy_mean"],
-            metrics["accuracy_ensemble"],
-            row.get("num_clients", "-"),
-            row.get("skipped", "-"),
-            row.get("dropped", "-"),
-            row["elapsed_s"],
-        )
-        return MetricRecord(metrics)
+        return metrics
 
-    def summary(self) -> str:
-        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last.items())
+    def round_fields(self, rec) -> dict:
+        return {"skipped": len(rec.skipped)}
+
+    def metrics_text(self, metrics: dict[str, float]) -> str:
+        exits = " ".join(f"{metrics[f'accuracy_exit{j}']:.3f}" for j in range(1, len(self.model.exit_blocks) + 1))
+        return f"exits {exits} | mean {metrics['accuracy_mean']:.4f}, ensemble {metrics['accuracy_ensemble']:.4f}"
+
+    def round_text(self, row: dict) -> str:
+        return f"clients {row.get('num_clients', '-')}, skipped {row.get('skipped', '-')}, dropped {row.get('dropped', '-')}"
+
+    def summary_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if not k.startswith(("accuracy_at", "blocks_at"))}

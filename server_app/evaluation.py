@@ -1,0 +1,87 @@
+"""Server-side evaluation after every round: the held-out split, one row of metrics.csv,
+one log line. :class:`ServerEvaluation` serves the LoRA strategies; a family with other
+figures overrides its hooks (server_app/early_exit.py: ExitEvaluation)."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.supercore import log
+
+from ml.model import load_adapted_weights, load_head_state
+from stamen.config import StamenConfig
+from strategies.lora_records import from_record, split_global
+
+from .run_dir import RunDirectory
+
+
+class ServerEvaluation:
+    """Evaluates the global model on the held-out split after every round and writes
+    the round's row of metrics.csv (Strategy.start calls it with round 0 first)."""
+
+    def __init__(self, cfg: StamenConfig, task, model, test, run: RunDirectory, strategy) -> None:
+        self.cfg, self.task, self.model, self.run, self.strategy = cfg, task, model, run, strategy
+        n = cfg.eval.max_examples or len(test)
+        keep = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(test))[: min(n, len(test))])
+        self.test = test.subset(keep)
+        self.t0 = time.monotonic()
+        self.last: dict[str, float] = {}
+
+    # --- hooks ------------------------------------------------------------------------------
+    def measure(self, arrays: ArrayRecord) -> dict[str, float]:
+        """Load the global arrays into the model and evaluate it."""
+        weights, head = split_global(from_record(arrays))
+        load_adapted_weights(self.model, weights)
+        load_head_state(self.model, head)
+        with torch.inference_mode():
+            return self.task.evaluate(self.model, self.test, self.cfg.eval.batch_size)
+
+    def round_fields(self, rec) -> dict:
+        """metrics.csv columns of this family from the strategy's round record."""
+        return {"global_rank": rec.global_rank}
+
+    def metrics_text(self, metrics: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+    def round_text(self, row: dict) -> str:
+        return (
+            f"clients {row.get('num_clients', '-')}, global rank {row.get('global_rank', '-')}, "
+            f"dropped {row.get('dropped', '-')}, downlink {row.get('downlink_bytes', 0) / 1e6:.2f} MB"
+        )
+
+    def summary_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        return metrics
+
+    # --- Strategy.start's evaluate_fn ---------------------------------------------------------
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        metrics = self.measure(arrays)
+        row = {f"eval_{k}": v for k, v in metrics.items()}
+        row.update(round=server_round, elapsed_s=time.monotonic() - self.t0)
+        rec = next((r for r in self.strategy.rounds if r.server_round == server_round), None)
+        if rec is not None:
+            row.update(
+                train_loss=rec.train_loss,
+                num_clients=len(rec.participants) - len(rec.dropped),
+                dropped=len(rec.dropped),
+                downlink_bytes=sum(rec.downlink_bytes.values()),
+                **self.round_fields(rec),
+            )
+        self.run.append_metrics(row)
+        self.last = {"round": server_round, **self.summary_metrics(metrics)}
+        log(
+            INFO,
+            "round %d/%d: %s | %s, %.0f s elapsed",
+            server_round,
+            self.cfg.strategy.num_rounds,
+            self.metrics_text(metrics),
+            self.round_text(row),
+            row["elapsed_s"],
+        )
+        return MetricRecord(metrics)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last.items())
