@@ -53,7 +53,15 @@ def train(msg: Message, context: Context) -> Message:
         fraction = float(instr[keys.TAIL_FRACTION])
         regularizer = lambda m: penalty * tail_norm(m, targets, fraction)  # noqa: E731
 
-    pruned = None
+    privacy = None
+    if cfg.dp.local:  # DP-SGD: check the budget before anything trains
+        from .privacy import RoundPrivacy
+
+        privacy = RoundPrivacy.plan(cfg, context, len(data))
+        if privacy.exhausted():
+            return privacy.stop_reply(msg, server_round)
+
+    pruned, dp_metrics = None, {}
     with phase("loop"):
         options = dict(
             steps=cfg.train.local_steps,
@@ -65,6 +73,15 @@ def train(msg: Message, context: Context) -> Message:
         if keys.PRUNE_RATIO in instr:  # FedSpine: prune heads and channels while training
             pruned = _train_pruned(model, task, data, float(instr[keys.PRUNE_RATIO]), context, options)
             loss = pruned["loss"]
+        elif privacy is not None:
+            from ml.privacy import train_private
+
+            result = train_private(
+                model, task, data, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                ledger=privacy.ledger, regularizer=regularizer, **options,
+            )
+            privacy.save(context, result.ledger)
+            loss, dp_metrics = result.loss, privacy.metrics(result.ledger)
         else:
             loss = train_local(model, task, data, regularizer=regularizer, **options)
     rank, alpha = int(instr[keys.LORA_RANK]), float(instr[keys.LORA_ALPHA])
@@ -89,9 +106,12 @@ def train(msg: Message, context: Context) -> Message:
             keys.LORA_RANK: rank,
             keys.LORA_ALPHA: alpha,
             **({keys.LOSS_START: pruned["loss_start"], keys.LOSS_END: pruned["loss_end"]} if pruned else {}),
+            **dp_metrics,
         }
     )
     log.info("round %d: partition %d, %d examples, rank %d, loss %.4f", server_round, partition_id, len(data), rank, loss)
+    if dp_metrics:
+        log.info("round %d: DP-SGD noise %.3f, epsilon %.3f spent (delta %g)", server_round, dp_metrics[keys.DP_NOISE], dp_metrics[keys.DP_EPSILON], dp_metrics[keys.DP_DELTA])
     return Message(RecordDict({keys.ARRAYS: update, keys.METRICS: metrics}), reply_to=msg)
 
 

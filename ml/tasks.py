@@ -108,6 +108,16 @@ class CausalLM(_TextTask):
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
+    def example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean over sequences of each sequence's mean next-token loss: DP-SGD's form,
+        where one sequence is the privacy unit (:meth:`loss` is the token mean over the
+        batch, in which a long sequence weighs more and scales the others)."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        tokens = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        counted = (targets != -100).to(tokens.dtype)
+        return ((tokens * counted).sum(1) / counted.sum(1).clamp(min=1.0)).mean()
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TextDataset, batch_size: int) -> dict[str, float]:
         model.eval()

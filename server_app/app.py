@@ -17,6 +17,7 @@ from strategies import STRATEGIES
 from strategies.lora_records import from_record, join_global, to_record
 
 from .evaluation import ServerEvaluation
+from .privacy import write_privacy
 from .profiles import query_profiles, ranks_from_profiles
 from .run_dir import RunDirectory
 
@@ -86,6 +87,7 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
         evaluate_fn=evaluate,
     )
     run.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
+    write_privacy(run, algorithm)
     measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
     algorithm.finish()  # after the last uplinks are in: e.g. the bandits' last rewards
     log(INFO, "done: %s", evaluate.summary())

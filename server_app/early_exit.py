@@ -18,6 +18,7 @@ from strategies import STRATEGIES
 from strategies.lora_records import from_record, to_record
 
 from .evaluation import ServerEvaluation
+from .privacy import write_privacy
 from .profiles import exits_from_profiles, query_profiles
 from .run_dir import RunDirectory
 
@@ -63,6 +64,7 @@ def run(grid: Grid, cfg: StamenConfig, task, split, model, run_dir: RunDirectory
         grid, to_record(initial), num_rounds=cfg.strategy.num_rounds, timeout=cfg.strategy.round_timeout, evaluate_fn=evaluate
     )
     run_dir.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
+    write_privacy(run_dir, algorithm)
     measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
     log(INFO, "done: %s", evaluate.summary())
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+CENTRAL_DP_STRATEGIES = ("flora", "fedit")  # their aggregate is a (uniform) average of per-node updates
 LORA_STRATEGIES = ("flora", "fedit", "hetlora", "flexlora", "fedspine")
 EARLY_EXIT_STRATEGIES = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
 STRATEGIES = LORA_STRATEGIES + EARLY_EXIT_STRATEGIES
@@ -78,6 +79,27 @@ class FedSpineConfig:
     exploration: float  # UCB's exploration weight
     time_weight: float  # how much a round time above the median costs in the reward
     state_file: str  # a bandit_state.json of an earlier run to resume from; "" = start fresh
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy (docs/privacy.md). ``local``: DP-SGD with Opacus on every node;
+    ``central``: the server clips each node's update and noises the aggregate."""
+
+    mode: str  # off | local | central
+    noise_multiplier: float  # local: DP-SGD's; central: the Gaussian mechanism's on the aggregate; 0 = from epsilon (local)
+    max_grad_norm: float  # local: per-example gradient clipping norm
+    clipping_norm: float  # central: per-node update clipping norm
+    epsilon: float  # local: the target (noise derived for the planned rounds) or, with a noise multiplier, the budget; 0 = none
+    delta: float
+
+    @property
+    def local(self) -> bool:
+        return self.mode == "local"
+
+    @property
+    def central(self) -> bool:
+        return self.mode == "central"
 
 
 @dataclass(frozen=True)
@@ -174,6 +196,7 @@ class StamenConfig:
     hetlora: HetLoRAConfig
     early_exit: EarlyExitConfig
     fedspine: FedSpineConfig
+    dp: DPConfig
 
     @property
     def is_early_exit(self) -> bool:
@@ -251,6 +274,14 @@ class StamenConfig:
                 time_weight=r.number("fedspine.time-weight", low=0.0),
                 state_file=r.text("fedspine.state-file", allow_empty=True),
             ),
+            dp=DPConfig(
+                mode=r.choice("dp.mode", ("off", "local", "central")),
+                noise_multiplier=r.number("dp.noise-multiplier", low=0.0),
+                max_grad_norm=r.number("dp.max-grad-norm", low=0.0, low_open=True),
+                clipping_norm=r.number("dp.clipping-norm", low=0.0, low_open=True),
+                epsilon=r.number("dp.epsilon", low=0.0),
+                delta=r.number("dp.delta", low=0.0, high=1.0, low_open=True, high_open=True),
+            ),
         )
         if cfg.strategy.name == "fedspine" and not (cfg.fedspine.ratios and cfg.fedspine.ranks):
             raise ConfigError("strategy.name = 'fedspine' needs fedspine.ratios and fedspine.ranks, e.g. '0 0.2 0.5' and '4 8'")
@@ -271,6 +302,7 @@ class StamenConfig:
                 f"early-exit.ree-attn-dim = {cfg.early_exit.ree_attn_dim} must be a multiple of "
                 f"early-exit.ree-heads = {cfg.early_exit.ree_heads}"
             )
+        _check_dp(cfg)
         r.mark_used(k for k in run_config if k.startswith("measure."))
         r.reject_unknown()
         return cfg
@@ -287,6 +319,28 @@ class StamenConfig:
                     value = dict(value)
                 out[f"{section.name}.{field.name.replace('_', '-')}"] = value
         return out
+
+
+def _check_dp(cfg: StamenConfig) -> None:
+    """What a DP mode needs, and what it cannot serve (docs/privacy.md says why)."""
+    dp, name = cfg.dp, cfg.strategy.name
+    if dp.local:
+        if dp.noise_multiplier == 0 and dp.epsilon == 0:
+            raise ConfigError("dp.mode = 'local' needs dp.noise-multiplier > 0 or a target dp.epsilon > 0")
+        if name == "fedspine":
+            raise ConfigError(
+                "dp.mode = 'local' does not serve strategy fedspine: its pruning scores and kept units come from "
+                "un-noised gradients and would leave the node outside the guarantee"
+            )
+    if dp.central:
+        if name not in CENTRAL_DP_STRATEGIES:
+            raise ConfigError(
+                f"dp.mode = 'central' serves {', '.join(CENTRAL_DP_STRATEGIES)}, not strategy.name = {name!r}: "
+                "its aggregate is not an average of per-node updates, so clipping a node's update does not bound "
+                "its influence (docs/privacy.md)"
+            )
+        if dp.noise_multiplier == 0:
+            raise ConfigError("dp.mode = 'central' needs dp.noise-multiplier > 0")
 
 
 class _Reader:

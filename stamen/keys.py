@@ -53,6 +53,15 @@ KEPT_COLS = ".cols"
 LOSS_START = "loss-start"  # reply metric: mean loss of the first quarter of local steps
 LOSS_END = "loss-end"  # reply metric: ... of the last quarter (the bandit's reward)
 
+# Differential privacy (ml/privacy.py, client_app/privacy.py)
+DP_EPSILON = "dp-epsilon"  # reply metric: the node's epsilon spent since the start of the run
+DP_DELTA = "dp-delta"
+DP_NOISE = "dp-noise-multiplier"  # reply metric: this round's DP-SGD noise multiplier
+DP_SAMPLE_RATE = "dp-sample-rate"  # reply metric: this round's Poisson sampling rate
+DP_STEPS = "dp-steps"  # reply metric: DP-SGD steps since the start of the run
+DP_STOPPED = "dp-stopped"  # reply metric, 1: the budget is spent; the reply carries no update
+DP_STATUS = "stamen.dp"  # reply ConfigRecord with "reason" when the node stopped training
+
 # node-config keys (set with `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
@@ -66,7 +75,8 @@ NODE_DEVICE = "device"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
 STATE_GLOBAL = "stamen.global-weights"
 STATE_META = "stamen.global-meta"
 STATE_EXIT_LOSS_EMA = "stamen.exit-loss-ema"
-STATE_PRUNE_SCORES = "stamen.prune-scores"  # pruning: each unit group's importance on this node  # ReeFL: each exit's loss moving average on this node
+STATE_PRUNE_SCORES = "stamen.prune-scores"  # pruning: each unit group's importance on this node
+STATE_DP_LEDGER = "stamen.dp-ledger"  # DP: the node's accountant history (noise, rate, steps) rows
 NODE_NETWORK = "network"  # a label for the node's link ("ethernet", "wifi", "5g"); reports group by it
 
 # Measurements (measurements/): device-side events travel to the server in a reply's

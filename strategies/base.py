@@ -51,12 +51,52 @@ class SampledStrategy(FedAvg):
             min_available_nodes=min_nodes,
         )
         self.message_ttl = message_ttl
+        self.retired: dict[int, str] = {}  # node -> why it trains no more (its privacy budget is spent)
+        self.privacy_log: list[dict] = []  # one row per DP reply: privacy.csv
+
+    PRIVACY_COLUMNS = ("round", "node_id", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "status")
 
     def sample(self, grid: Grid) -> list[int]:
-        """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``."""
-        wanted = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
-        return node_ids
+        """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``;
+        a retired node is never sampled again."""
+        connected = len(list(grid.get_node_ids()))
+        wanted = max(int(connected * self.fraction_train), self.min_train_nodes)
+        if not self.retired:
+            node_ids, _ = sample_nodes(grid, self.min_available_nodes, wanted)
+            return node_ids
+        everyone, _ = sample_nodes(grid, self.min_available_nodes, connected)  # all of them, shuffled
+        return [n for n in everyone if n not in self.retired][:wanted]
+
+    def take_privacy(self, record, node_id: int, content: RecordDict) -> bool:
+        """Note a reply's privacy figures (``dp.mode = "local"``) in :attr:`privacy_log`;
+        True when the node's budget is spent: it is dropped from this round with its
+        reason and never sampled again (the round goes on with the others)."""
+        metrics = content.metric_records.get(keys.METRICS)
+        if metrics is None or keys.DP_EPSILON not in metrics:
+            return False
+        stopped = bool(metrics.get(keys.DP_STOPPED, 0))
+        self.privacy_log.append(
+            {
+                "round": record.server_round,
+                "node_id": node_id,
+                "epsilon": float(metrics[keys.DP_EPSILON]),
+                "delta": float(metrics[keys.DP_DELTA]),
+                "noise_multiplier": float(metrics[keys.DP_NOISE]),
+                "sample_rate": float(metrics[keys.DP_SAMPLE_RATE]),
+                "steps": int(metrics[keys.DP_STEPS]),
+                "status": "budget-spent" if stopped else "trained",
+            }
+        )
+        if stopped:
+            status = content.config_records.get(keys.DP_STATUS)
+            reason = str(status["reason"]) if status is not None and "reason" in status else "privacy budget spent"
+            self.retired[node_id] = reason
+            self._drop(record, node_id, reason)
+        return stopped
+
+    def privacy_summary(self) -> dict[int, float]:
+        """Each node's epsilon at the end: the last figure it reported."""
+        return {row["node_id"]: row["epsilon"] for row in self.privacy_log}
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []
@@ -188,6 +228,8 @@ class LoRAStrategy(SampledStrategy):
             if msg.has_error():
                 self._drop(record, node_id, f"client error: {msg.error.reason}")
                 self.forget_node(node_id)
+                continue
+            if self.take_privacy(record, node_id, msg.content):
                 continue
             try:
                 update, head = parse_reply(

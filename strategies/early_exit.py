@@ -195,6 +195,8 @@ class EarlyExitStrategy(SampledStrategy):
             if msg.has_error():
                 self._drop(record, node_id, f"client error: {msg.error.reason}")
                 continue
+            if self.take_privacy(record, node_id, msg.content):
+                continue
             try:
                 arrays = check_update(from_record(msg.content.array_records[keys.ARRAYS]), self._sent.get(node_id, {}))
                 metrics = msg.content.metric_records[keys.METRICS]

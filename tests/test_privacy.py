@@ -1,0 +1,250 @@
+"""Client-side DP-SGD (ml/privacy.py, client_app/privacy.py) and the server's handling of
+DP replies (strategies/base.py): the LoRA really trains under Opacus, the epsilon a node
+reports is a fresh Opacus accountant's for the same steps, spending is cumulative, and a
+node whose budget is spent stops while the round goes on."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from ml.privacy import Ledger, noise_for_budget, sample_rate, train_private
+from stamen import keys
+
+
+def fresh_epsilon(noise, rate, steps, delta):
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=rate)
+    return accountant.get_epsilon(delta=delta)
+
+
+# --- the ledger ----------------------------------------------------------------------------
+def test_sample_rate_is_one_over_the_batches_of_an_epoch():
+    assert sample_rate(40, 4) == pytest.approx(0.1)
+    assert sample_rate(41, 4) == pytest.approx(1 / 11)
+    with pytest.raises(ValueError):
+        sample_rate(0, 4)
+
+
+def test_the_ledger_composes_rounds_like_one_accountant():
+    ledger = Ledger().after(1.1, 0.05, 7).after(1.1, 0.05, 5)
+    assert ledger.steps == 12
+    assert ledger.epsilon(1e-5) == pytest.approx(fresh_epsilon(1.1, 0.05, 12, 1e-5), rel=1e-9)
+    assert Ledger().epsilon(1e-5) == 0.0
+    assert Ledger.from_array(ledger.to_array()) == ledger
+    # more noise, less spent
+    assert Ledger().after(2.0, 0.05, 12).epsilon(1e-5) < ledger.epsilon(1e-5)
+
+
+def test_the_noise_for_a_target_spends_at_most_the_target():
+    noise = noise_for_budget(epsilon=4.0, delta=1e-5, rate=0.02, steps=300)
+    spent = Ledger().after(noise, 0.02, 300).epsilon(1e-5)
+    assert 3.9 <= spent <= 4.0
+    assert Ledger().after(noise * 0.9, 0.02, 300).epsilon(1e-5) > 4.0  # less noise would overspend
+
+
+# --- DP-SGD on a tiny LoRA classifier ------------------------------------------------------
+class TinyData:
+    def __init__(self, n, seed=0):
+        rng = np.random.default_rng(seed)
+        self.x = rng.integers(0, 50, (n, 7))
+        self.y = rng.integers(0, 3, n)
+
+    def __len__(self):
+        return len(self.y)
+
+
+class TinyTask:
+    def batch(self, data, index):
+        x = torch.as_tensor(data.x[index])
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.as_tensor(data.y[index])}
+
+    def loss(self, model, batch):
+        return model(**batch)[0]
+
+
+TARGETS = ["backbone.encoder.layer.0.attention.self.query", "backbone.encoder.layer.1.attention.self.value"]
+
+
+def tiny_lora_classifier():
+    from transformers import BertConfig, BertModel
+
+    from ml.lora import attach_fresh_lora
+    from ml.model import EncoderClassifier
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=12,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # training is deterministic but for DP's draws
+    model = EncoderClassifier(BertModel(config, add_pooling_layer=False), 3).eval()
+    return attach_fresh_lora(model, TARGETS, rank=2, alpha=4.0, seed=0)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+OPTIONS = dict(batch_size=4, learning_rate=1e-2, head_learning_rate=1e-2, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_dp_sgd_trains_the_lora_and_head_and_nothing_else():
+    model = tiny_lora_classifier()
+    before = snapshot(model)
+    result = train_private(model, TinyTask(), TinyData(40), steps=5, seed=0, **OPTIONS)
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    lora_b = {n for n in before if "lora_B" in n}
+    assert lora_b and lora_b <= changed  # B starts at zero: a change is training, not an initialisation
+    assert {n for n in before if "lora_A" in n} <= changed and {"head.weight", "head.bias"} <= changed
+    assert all("lora_" in n or n.startswith("head.") for n in changed)  # the frozen base stays frozen
+    assert result.ledger.history == [(1.0, 0.1, 5)] and result.rate == pytest.approx(0.1)
+    assert math.isfinite(result.loss)
+    # Opacus's hooks are gone: the same model trains and evaluates as before
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    model(**TinyTask().batch(TinyData(4), np.arange(4)))[0].backward()
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_the_reported_epsilon_is_a_fresh_accountants_over_all_rounds():
+    model, ledger = tiny_lora_classifier(), Ledger()
+    for round_ in range(3):
+        ledger = train_private(model, TinyTask(), TinyData(40), steps=4, seed=round_, ledger=ledger, **OPTIONS).ledger
+    assert ledger.steps == 12
+    assert ledger.epsilon(1e-5) == pytest.approx(fresh_epsilon(1.0, 0.1, 12, 1e-5), rel=1e-9)
+
+
+def test_the_noise_is_applied():
+    """Two runs that differ only in the seed of torch's generator (Poisson draws and noise)
+    end apart; with the noise switched almost off and every example in every batch
+    (batch size = data size, so q = 1 and Poisson sampling keeps each example with
+    probability 1), they end together."""
+    def lora_b_after(seed, noise, batch_size):
+        model = tiny_lora_classifier()
+        train_private(model, TinyTask(), TinyData(16), steps=3, seed=seed, **{**OPTIONS, "noise_multiplier": noise, "batch_size": batch_size})
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lora_B" in n])
+
+    noisy = (lora_b_after(0, 5.0, 16) - lora_b_after(1, 5.0, 16)).abs().max()
+    quiet = (lora_b_after(0, 1e-9, 16) - lora_b_after(1, 1e-9, 16)).abs().max()
+    # Adam divides by the gradient's running scale, so even 1e-9 noise moves coordinates
+    # whose gradient is ~0 a little; noise at 5x the clipping norm moves everything
+    assert quiet < 1e-3 and noisy > 10 * quiet and noisy > 1e-2
+
+
+def test_a_data_free_regularizer_is_added_after_the_noise():
+    from ml.lora import tail_norm
+
+    model = tiny_lora_classifier()
+    reg = lambda m: 10.0 * tail_norm(m, TARGETS, 0.5)  # noqa: E731
+    result = train_private(model, TinyTask(), TinyData(40), steps=3, seed=0, regularizer=reg, **OPTIONS)
+    assert result.ledger.steps == 3 and math.isfinite(result.loss)
+
+
+def test_causal_lm_example_loss_is_the_mean_of_each_sequences_own_loss():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ml.tasks import CausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=20, head_dim=8)).eval()
+    ids = torch.randint(1, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    labels = ids.masked_fill(mask == 0, -100)
+    task = CausalLM.__new__(CausalLM)  # no tokenizer needed for the loss
+    with torch.no_grad():
+        both = task.example_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        own = [model(input_ids=ids[i : i + 1, : n], labels=ids[i : i + 1, : n]).loss for i, n in enumerate((6, 3))]
+        token_mean = task.loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert both.item() == pytest.approx(((own[0] + own[1]) / 2).item(), rel=1e-5)
+    assert token_mean.item() == pytest.approx(((5 * own[0] + 2 * own[1]) / 7).item(), rel=1e-5)  # what DP must not use
+
+
+# --- the node's budget ------------------------------------------------------------------------
+def dp_config(**dp):
+    import tomllib
+
+    from stamen.config import StamenConfig
+
+    raw = tomllib.load(open("pyproject.toml", "rb"))["tool"]["flwr"]["app"]["config"]
+    raw.update({"dp.mode": "local", "strategy.num-rounds": 3, "train.local-steps": 10, "train.batch-size": 8})
+    raw.update({k if "." in k else f"dp.{k.replace('_', '-')}": v for k, v in dp.items()})
+    return StamenConfig.from_run_config(raw)
+
+
+def context():
+    return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+
+
+def test_a_target_epsilon_is_spread_over_the_planned_rounds():
+    from client_app.privacy import RoundPrivacy
+
+    cfg, ctx = dp_config(epsilon=2.0), context()
+    spent = []
+    for _ in range(3):
+        plan = RoundPrivacy.plan(cfg, ctx, num_examples=200)
+        assert not plan.exhausted()
+        plan.save(ctx, plan.ledger.after(plan.noise_multiplier, plan.rate, plan.steps))  # as if it trained
+        spent.append(RoundPrivacy.plan(cfg, ctx, 200).ledger.epsilon(1e-5))
+    assert spent[0] < spent[1] < spent[2] <= 2.0 * 1.01 and spent[2] > 1.9
+    assert RoundPrivacy.plan(cfg, ctx, 200).exhausted()  # a 4th round would overspend
+
+
+def test_a_node_over_budget_replies_with_the_reason_and_no_update(flower_identity):
+    from client_app.privacy import RoundPrivacy
+
+    cfg, ctx = dp_config(noise_multiplier=1.0, epsilon=0.5), context()
+    plan = RoundPrivacy.plan(cfg, ctx, num_examples=200)
+    assert plan.noise_multiplier == 1.0 and plan.exhausted()  # 10 steps at q = 1/25 cost more than 0.5
+    instruction = Message(RecordDict({keys.CONFIG: ConfigRecord({keys.SERVER_ROUND: 1})}), dst_node_id=7, message_type="train")
+    reply = plan.stop_reply(instruction, 1)
+    metrics = reply.content.metric_records[keys.METRICS]
+    assert metrics[keys.DP_STOPPED] == 1 and metrics[keys.DP_EPSILON] == 0.0 and len(reply.content.array_records[keys.ARRAYS]) == 0
+    assert "dp.epsilon 0.5" in reply.content.config_records[keys.DP_STATUS]["reason"]
+
+
+def test_dp_config_is_checked_at_the_door():
+    from stamen.config import ConfigError
+
+    with pytest.raises(ConfigError, match="noise-multiplier > 0 or a target"):
+        dp_config()
+    with pytest.raises(ConfigError, match="fedspine"):
+        dp_config(noise_multiplier=1.0, **{"strategy.name": "fedspine"})
+    with pytest.raises(ConfigError, match="central"):
+        dp_config(mode="central", noise_multiplier=1.0, **{"strategy.name": "hetlora"})
+
+
+# --- the server side ----------------------------------------------------------------------
+def test_a_spent_node_is_dropped_retired_and_the_round_goes_on(flower_identity, fake_grid, tmp_path):
+    from tests.test_flora_strategy import global_state, good_reply
+
+    from strategies.flora import FLoRA
+    from strategies.lora_records import to_record
+
+    strategy = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=8.0, min_nodes=1)
+    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
+    trained, _ = good_reply(msgs[1], rank=2, n=10, seed=1)
+    dp = {keys.DP_EPSILON: 0.8, keys.DP_DELTA: 1e-5, keys.DP_NOISE: 1.1, keys.DP_SAMPLE_RATE: 0.1, keys.DP_STEPS: 10}
+    for k, v in dp.items():
+        trained.content.metric_records[keys.METRICS][k] = v
+    stopped = Message(
+        RecordDict({
+            keys.ARRAYS: to_record({}),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 0, keys.DP_STOPPED: 1, **dp, keys.DP_EPSILON: 3.9}),
+            keys.DP_STATUS: ConfigRecord({"reason": "privacy budget: epsilon 3.900 spent"}),
+        }),
+        reply_to=msgs[2],
+    )
+    arrays, metrics = strategy.aggregate_train(1, [trained, stopped])
+    assert arrays is not None and metrics["num-clients"] == 1  # node 1's update went in
+    assert strategy.rounds[-1].dropped == {2: "privacy budget: epsilon 3.900 spent"}
+    assert strategy.retired == {2: "privacy budget: epsilon 3.900 spent"}
+    assert [(r["node_id"], r["epsilon"], r["status"]) for r in strategy.privacy_log] == [(1, 0.8, "trained"), (2, 3.9, "budget-spent")]
+    assert strategy.privacy_summary() == {1: 0.8, 2: 3.9}
+    # node 2 is never sampled again
+    for _ in range(5):
+        nodes = {m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), fake_grid([1, 2]))}
+        assert nodes == {1}
