@@ -75,6 +75,12 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
     except ValueError as err:  # e.g. fedit with mixed ranks
         log(ERROR, "strategy %s: %s", cfg.strategy.name, err)
         raise
+    if cfg.dp.central:  # the server clips every node's update and noises the aggregate
+        from strategies.central_dp import CentralDP
+
+        algorithm = CentralDP(
+            algorithm, noise_multiplier=cfg.dp.noise_multiplier, clipping_norm=cfg.dp.clipping_norm, delta=cfg.dp.delta, seed=cfg.train.seed
+        )
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     algorithm.attach_run(run, measurements.round_times)
     initial = join_global(adapted_weights(model, targets), head_state(model))

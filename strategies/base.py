@@ -134,6 +134,7 @@ class LoRAStrategy(SampledStrategy):
         self._current: RoundRecord | None = None
         self._global: dict[str, np.ndarray] = {}
 
+    central_dp_space: str | None = None  # "product" | "factors": dp.mode = "central" can wrap it (strategies/central_dp.py)
     accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
     accepts_pruned_units = False  # True: a reply carries factors of pruned matrices and the kept indices (FedSpine)
 
@@ -156,6 +157,11 @@ class LoRAStrategy(SampledStrategy):
 
     def forget_node(self, node_id: int) -> None:
         """Called when a node failed or went silent: its local state is unknown."""
+
+    def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
+        """Central DP: add ``noise(array) -> array`` to what this round releases to the
+        nodes and return the global arrays the server keeps (see central_dp_space)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support central DP")
 
     def observe_reply(self, node_id: int, metrics) -> None:
         """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""

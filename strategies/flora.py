@@ -112,6 +112,14 @@ class FLoRA(LoRAStrategy):
     def forget_node(self, node_id: int) -> None:
         self._node_version.pop(node_id, None)
 
+    central_dp_space = "product"  # the merge adds the mean of the nodes' s_k B_k A_k
+
+    def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
+        """The released weights are the dense merged ones; the noise is not in the stacked
+        factors, so next round every node gets dense weights."""
+        self._last_stack = None
+        return {k: noise(v) for k, v in new_global.items()}
+
     def aggregate_lora(
         self, updates: list[ClientLoRA], heads: list[dict[str, np.ndarray]], global_arrays: dict[str, np.ndarray]
     ) -> dict[str, np.ndarray]:

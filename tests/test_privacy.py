@@ -248,3 +248,42 @@ def test_a_spent_node_is_dropped_retired_and_the_round_goes_on(flower_identity, 
     for _ in range(5):
         nodes = {m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), fake_grid([1, 2]))}
         assert nodes == {1}
+
+
+# --- through the ClientApp's train handler, for every LoRA strategy --------------------------
+@pytest.mark.parametrize("name", ["flora", "hetlora"])  # fedit and flexlora train through the same path as hetlora (a sent adapter)
+def test_two_private_rounds_through_the_train_handler(name, flower_identity, fake_grid, tiny_bert, run_config):
+    """The client's own path (the model moved to its device, then the LoRA injected; opacus
+    issue #820): the LoRA trains under DP-SGD, and the epsilon each reply reports is a fresh
+    accountant's for all the steps the node has taken since the start of the run."""
+    from client_app.app import train
+    from ml.model import adapted_weights, head_state, load_model, target_module_names
+    from strategies import STRATEGIES
+    from strategies.lora_records import from_record, join_global, to_record
+
+    run_config.update({
+        "model.path": str(tiny_bert), "train.local-steps": 3, "train.batch-size": 4, "model.max-seq-len": 32,
+        "strategy.name": name, "dp.mode": "local", "dp.noise-multiplier": 0.8, "dp.max-grad-norm": 1.0,
+    })
+    server_model = load_model("text-classification", str(tiny_bert), num_labels=5)
+    targets = target_module_names(server_model)
+    arrays = to_record(join_global(adapted_weights(server_model, targets), head_state(server_model)))
+    strategy = STRATEGIES[name](node_ranks={7: 4, 8: 4}, default_rank=4, lora_alpha=16.0, min_nodes=1)
+    contexts = {
+        n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": 8}, state=RecordDict(), run_config=run_config)
+        for i, n in enumerate((7, 8))
+    }
+    for server_round in (1, 2):
+        msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), fake_grid([7, 8])))
+        replies = [train(m, contexts[m.metadata.dst_node_id]) for m in msgs]
+        for reply in replies:
+            metrics = reply.content.metric_records[keys.METRICS]
+            factors = from_record(reply.content.array_records[keys.ARRAYS])
+            assert np.abs(factors[targets[0] + keys.LORA_B]).max() > 0  # B starts at zero (FLoRA) or as sent: it trained
+            assert metrics[keys.DP_STEPS] == 3 * server_round
+            expected = fresh_epsilon(0.8, metrics[keys.DP_SAMPLE_RATE], 3 * server_round, 1e-5)
+            assert metrics[keys.DP_EPSILON] == pytest.approx(expected, rel=1e-9)
+        arrays, agg = strategy.aggregate_train(server_round, replies)
+        assert agg["num-clients"] == 2
+    assert [r["round"] for r in strategy.privacy_log] == [1, 1, 2, 2]
+    assert all(r["status"] == "trained" for r in strategy.privacy_log)

@@ -1,0 +1,184 @@
+"""Central differential privacy for the LoRA strategies whose aggregate is an average of
+per-node updates (``dp.mode = "central"``): a wrapper by composition, after Flower's
+``DifferentialPrivacyServerSideFixedClipping`` (McMahan et al., 2018), with the clipping
+done where the wrapped strategy averages.
+
+Flower's wrapper clips ``reply arrays - sent arrays`` position by position. A Stamen
+node does not send back what it received (it receives dense weights and replies with
+LoRA factors), so that difference is not defined here. Instead, a node's update is:
+
+* ``product`` space (FLoRA, whose aggregate is the mean of the nodes' ``s_k B_k A_k``):
+  the products ``s_k B_k A_k`` of every adapted matrix and the head's change. Clipped by
+  scaling ``B_k`` and the head's change by ``min(1, C / norm)``, which scales the product
+  exactly.
+* ``factors`` space (FedIT, whose aggregate is the mean of the factors): ``A_k - A``,
+  ``B_k - B`` (the adapter the node was sent) and the head's change, clipped as one vector.
+
+Then every node weighs the same (``num-examples`` is set to 1: with example-weighted
+means one node's influence is not bounded by ``C / n``), the wrapped strategy aggregates,
+and the strategy adds Gaussian noise of standard deviation ``z C / n`` (Flower's
+``compute_stdv``) to what the round releases (:meth:`LoRAStrategy.noise_release`). The
+guarantee is per node (all of its data), for the released global models; the accountant
+is Opacus's RDP with no amplification by sampling (rate 1), composed over rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+from flwr.supercore.differential_privacy import compute_stdv
+
+from stamen import keys
+
+from .lora_records import from_record, split_global, to_record
+
+
+def clip_factor(norm: float, clipping_norm: float) -> float:
+    """The scale that brings an update of ``norm`` within ``clipping_norm``."""
+    return 1.0 if norm <= clipping_norm else clipping_norm / norm
+
+
+def product_update(arrays: dict[str, np.ndarray], scaling: float, head_now: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A product-space update: ``s B A`` per adapted matrix, and the head's change."""
+    modules = sorted(k.removesuffix(keys.LORA_A) for k in arrays if k.endswith(keys.LORA_A))
+    out = [scaling * arrays[m + keys.LORA_B] @ arrays[m + keys.LORA_A] for m in modules]
+    return out + [arrays[k] - head_now[k] for k in sorted(head_now)]
+
+
+def factor_update(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], head_now: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A factor-space update: each factor minus the one the node was sent, and the head's change."""
+    out = [arrays[k.removeprefix(keys.INIT_PREFIX)] - v for k, v in sorted(sent.items())]
+    return out + [arrays[k] - head_now[k] for k in sorted(head_now)]
+
+
+def norm_of(parts: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts)))
+
+
+def clip_reply(
+    arrays: dict[str, np.ndarray],
+    *,
+    space: str,
+    scaling: float,
+    head_now: dict[str, np.ndarray],
+    sent: dict[str, np.ndarray],
+    clipping_norm: float,
+) -> tuple[dict[str, np.ndarray], float]:
+    """The reply's arrays with its update clipped to ``clipping_norm`` in ``space``; and
+    the update's norm before clipping."""
+    if space == "product":
+        norm = norm_of(product_update(arrays, scaling, head_now))
+    elif space == "factors":
+        norm = norm_of(factor_update(arrays, sent, head_now))
+    else:
+        raise ValueError(f"unknown central-DP space {space!r}")
+    c = clip_factor(norm, clipping_norm)
+    out = dict(arrays)
+    for k in head_now:
+        out[k] = (head_now[k] + c * (arrays[k] - head_now[k])).astype(arrays[k].dtype)
+    if space == "product":
+        for k in arrays:
+            if k.endswith(keys.LORA_B):
+                out[k] = (c * arrays[k]).astype(arrays[k].dtype)
+    else:
+        for k, start in sent.items():
+            name = k.removeprefix(keys.INIT_PREFIX)
+            out[name] = (start + c * (arrays[name] - start)).astype(arrays[name].dtype)
+    return out, norm
+
+
+class CentralDP(Strategy):
+    """Wraps a LoRA strategy with ``central_dp_space`` set (FLoRA, FedIT): clips each
+    node's update, weighs nodes equally, and has the strategy noise what it releases."""
+
+    def __init__(self, strategy, *, noise_multiplier: float, clipping_norm: float, delta: float, seed: int = 0) -> None:
+        super().__init__()
+        space = getattr(strategy, "central_dp_space", None)
+        if space is None:
+            raise ValueError(f"{type(strategy).__name__} does not support central DP (its aggregate is not an average of node updates)")
+        if noise_multiplier <= 0 or clipping_norm <= 0:
+            raise ValueError("central DP needs a positive noise multiplier and clipping norm")
+        self.strategy, self.space = strategy, space
+        self.noise_multiplier, self.clipping_norm, self.delta = noise_multiplier, clipping_norm, delta
+        self.rng = np.random.default_rng(seed)
+        self._head_now: dict[str, np.ndarray] = {}
+        self._sent: dict[int, dict[str, np.ndarray]] = {}
+        self.releases = 0
+
+    def __getattr__(self, name):  # rounds, privacy_log, attach_run, finish, ...: the wrapped strategy's
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> central DP (%s space): noise multiplier %s, clipping norm %s", self.space, self.noise_multiplier, self.clipping_norm)
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        _, self._head_now = split_global(from_record(arrays))
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._sent = {
+            m.metadata.dst_node_id: {
+                k: v for k, v in from_record(m.content.array_records[keys.ARRAYS]).items() if k.startswith(keys.INIT_PREFIX)
+            }
+            for m in messages
+        }
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        norms = []
+        for msg in replies:
+            if msg.has_error() or keys.ARRAYS not in msg.content.array_records or keys.METRICS not in msg.content.metric_records:
+                continue  # the wrapped strategy drops it with its reason
+            metrics = msg.content.metric_records[keys.METRICS]
+            arrays = from_record(msg.content.array_records[keys.ARRAYS])
+            sent = self._sent.get(msg.metadata.src_node_id, {})
+            try:
+                scaling = float(metrics[keys.LORA_ALPHA]) / float(metrics[keys.LORA_RANK])
+                clipped, norm = clip_reply(
+                    arrays, space=self.space, scaling=scaling, head_now=self._head_now, sent=sent, clipping_norm=self.clipping_norm
+                )
+            except (KeyError, ValueError) as err:  # malformed: leave it to the wrapped strategy's checks
+                log(WARNING, "central DP: cannot clip node %d's reply (%s)", msg.metadata.src_node_id, err)
+                continue
+            norms.append(norm)
+            msg.content[keys.ARRAYS] = to_record(clipped)
+            metrics[keys.NUM_EXAMPLES] = 1  # every node weighs the same
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        n = int(metrics["num-clients"])
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, n)
+        noised = self.strategy.noise_release(from_record(arrays), lambda a: a + self.rng.normal(0.0, std, a.shape).astype(a.dtype))
+        self.releases += 1
+        epsilon = self.epsilon()
+        log(
+            INFO,
+            "central DP round %d: %d updates clipped to %.3g (norms %s), noise std %.3g, epsilon %.3f (delta %g)",
+            server_round, n, self.clipping_norm, " ".join(f"{x:.3g}" for x in norms), std, epsilon, self.delta,
+        )
+        self.strategy.privacy_log.append(
+            {"round": server_round, "node_id": "all", "epsilon": epsilon, "delta": self.delta,
+             "noise_multiplier": self.noise_multiplier, "sample_rate": 1.0, "steps": self.releases, "status": "central"}
+        )
+        metrics["dp-epsilon"] = epsilon
+        return to_record(noised), metrics
+
+    def epsilon(self) -> float:
+        """Epsilon after the releases so far: Gaussian mechanism, no amplification."""
+        from ml.privacy import Ledger
+
+        return Ledger([(self.noise_multiplier, 1.0, self.releases)]).epsilon(self.delta)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round, replies)
