@@ -54,16 +54,29 @@ def setting(config: dict) -> str:
     return "heterogeneous" if len(set(ranks)) > 1 else "homogeneous"
 
 
+def privacy(config: dict) -> str:
+    """"" without DP; else e.g. "local DP eps 4" (the DP study: docs/privacy.md)."""
+    mode = config.get("dp.mode", "off")
+    if mode == "local":
+        target = float(config.get("dp.epsilon", 0))
+        return f"local DP eps {target:g}" if target and not float(config.get("dp.noise-multiplier", 0)) else f"local DP z {config.get('dp.noise-multiplier')}"
+    if mode == "central":
+        return f"central DP z {config.get('dp.noise-multiplier')}"
+    return ""
+
+
 def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run, config, rows in finished:
-        groups[(config["strategy.name"], setting(config))].append(
+        label = ", ".join(x for x in (config["strategy.name"], privacy(config)) if x)
+        groups[(label, setting(config))].append(
             {
                 "run": str(run),
                 "seed": config.get("train.seed"),
                 "accuracy": [float(r["eval_accuracy"]) for r in rows],
                 "downlink": [int(r["downlink_bytes"]) for r in rows[1:] if r.get("downlink_bytes")],
                 "ranks": config.get("lora.rank-by-partition"),
+                "epsilon": _final_epsilon(run),
             }
         )
     return groups
@@ -85,9 +98,18 @@ def table(groups) -> list[dict]:
                 "final_accuracy_std": statistics.stdev(final) if len(final) > 1 else math.nan,
                 "downlink_round1_mb": statistics.mean(r["downlink"][0] for r in runs if r["downlink"]) / 1e6,
                 "downlink_later_mb": statistics.mean(later) / 1e6 if later else math.nan,
+                "epsilon_max": max((r["epsilon"] for r in runs), default=math.nan),
             }
         )
     return out
+
+
+def _final_epsilon(run: Path) -> float:
+    """The largest epsilon any node (or the central mechanism) reported: privacy.csv."""
+    path = run / "privacy.csv"
+    if not path.is_file():
+        return math.nan
+    return max((float(r["epsilon"]) for r in csv.DictReader(open(path))), default=math.nan)
 
 
 def plot(groups, target: Path) -> Path:
@@ -102,7 +124,7 @@ def plot(groups, target: Path) -> Path:
         for (name, k), runs in sorted(groups.items()):
             if k != kind:
                 continue
-            plot_band(ax, [r["accuracy"] for r in runs], color=COLORS.get(name), label=f"{name} ({len(runs)} seeds)")
+            plot_band(ax, [r["accuracy"] for r in runs], color=COLORS.get(name), label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         ax.set_title(f"{kind} ranks")
         ax.set_xlabel("round")
         ax.set_ylabel("held-out accuracy")
@@ -133,12 +155,14 @@ def study(dirs: list[str | Path], echo=print) -> list[dict]:
     if not groups:
         raise FileNotFoundError(f"no run directories (metrics.csv + config.json) under {', '.join(map(str, dirs))}")
     rows = table(groups)
-    echo("| setting | strategy | seeds | rounds | final accuracy (mean +- std) | downlink round 1 | downlink later rounds |")
-    echo("|---|---|---|---|---|---|---|")
+    private = any(not math.isnan(r["epsilon_max"]) for r in rows)
+    echo("| setting | strategy | seeds | rounds | final accuracy (mean +- std) | downlink round 1 | downlink later rounds |"
+         + (" epsilon spent (max) |" if private else ""))
+    echo("|---|---|---|---|---|---|---|" + ("---|" if private else ""))
     for r in rows:
         echo(f"| {r['setting']} | {r['strategy']} | {r['runs']} | {r['rounds']} | "
              f"{r['final_accuracy_mean']:.3f} +- {r['final_accuracy_std']:.3f} | {r['downlink_round1_mb']:.2f} MB | "
-             f"{r['downlink_later_mb']:.2f} MB |")
+             f"{r['downlink_later_mb']:.2f} MB |" + (f" {r['epsilon_max']:.3f} |" if private else ""))
     (dirs[0] / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
     echo(f"wrote {dirs[0] / 'study.json'} and {plot(groups, dirs[0] / 'study.png')}")
     return rows

@@ -22,3 +22,10 @@ def test_early_exit_depth_bench_small_case():
     assert [r["max_exit"] for r in rows] == [1, 2, 3, 4] and [r["blocks"] for r in rows] == [2, 4, 6, 8]
     held = [r["held_mb"] for r in rows]
     assert held == sorted(held) and held[0] < held[-1]  # a shallower node holds less
+
+
+def test_dp_overhead_bench_small_case():
+    import dp_overhead
+
+    rows = dp_overhead.run("minilm", reps=1, echo=lambda line: None, memory=False)
+    assert [r["mode"] for r in rows] == ["plain", "dp-sgd"] and all(r["median_s"] > 0 for r in rows)

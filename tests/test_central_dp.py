@@ -10,7 +10,7 @@ from stamen import keys
 from strategies.central_dp import CentralDP, clip_factor, clip_reply, norm_of, product_update
 from strategies.fedit import FedIT
 from strategies.flora import FLoRA
-from strategies.lora_records import from_record, split_global, to_record
+from strategies.lora_records import from_record, to_record
 
 
 def test_clip_factor():

@@ -65,3 +65,20 @@ def test_early_exit_runs_get_their_own_table(tmp_path):
     assert reefl["early_exit"] == [{"threshold": 0.9, "blocks": 0.75, "accuracy": pytest.approx(0.8)}]
     assert (tmp_path / "exit_study.png").stat().st_size > 0
     assert any("0.700 +- 0.141" in line and "0.800 / 75%" in line for line in lines)
+
+
+def test_fedspine_study_time_to_target_and_ratios():
+    import math
+
+    from stamen.fedspine_study import table, time_to
+
+    curve = [(10.0, 0.2), (70.0, 0.85), (130.0, 0.91), (190.0, 0.89)]
+    assert time_to(curve, 0.9) == 130.0 and math.isnan(time_to(curve, 0.95))
+    rows = {
+        "bandit": {"run": "a", "strategy": "fedspine", "curve": curve, "round_s": [60.0, 58.0, 62.0], "train_s": {"1": [40.0, 30.0], "2": [10.0]}, "profiles": {}, "arms": []},
+        "no-pruning": {"run": "b", "strategy": "fedspine", "curve": [(10.0, 0.2), (260.0, 0.93)], "round_s": [80.0], "train_s": {}, "profiles": {}, "arms": []},
+    }
+    out = {x["row"]: x for x in table(rows, 0.9)}
+    assert out["bandit"]["time_to_target_vs_bandit"] == 1.0 and out["no-pruning"]["time_to_target_vs_bandit"] == 2.0
+    assert out["bandit"]["median_round_s"] == 60.0 and out["bandit"]["slowest_node_train_s"] == 35.0
+    assert out["bandit"]["final_accuracy"] == 0.89 and out["bandit"]["best_accuracy"] == 0.91
