@@ -213,6 +213,8 @@ def test_dp_config_is_checked_at_the_door():
         dp_config()
     with pytest.raises(ConfigError, match="fedspine"):
         dp_config(noise_multiplier=1.0, **{"strategy.name": "fedspine"})
+    with pytest.raises(ConfigError, match="early-exit model"):
+        dp_config(noise_multiplier=1.0, **{"strategy.name": "reefl"})
     with pytest.raises(ConfigError, match="central"):
         dp_config(mode="central", noise_multiplier=1.0, **{"strategy.name": "hetlora"})
 
