@@ -30,5 +30,5 @@ def test_local_dp_on_loopback(tmp_path, two_loopback_nodes, small_run):
         assert int(second["steps"]) == 2 * steps  # cumulative: the node state kept round 1's spending
         accountant = RDPAccountant()
         accountant.history = [(float(second["noise_multiplier"]), float(second["sample_rate"]), 2 * steps)]
-        assert float(second["epsilon"]) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
+        assert float(second["epsilon"]) == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-5)  # the CSV keeps 6 digits
         assert float(first["epsilon"]) < float(second["epsilon"]) <= 3.0 * 1.01  # the noise was planned for 2 rounds
