@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tasks import to_device
+from .tasks import param_groups, to_device
 
 ACCOUNTANT = "rdp"  # Opacus's Renyi-DP accountant; its history is what a node keeps
 
@@ -129,16 +129,12 @@ def train_private(
     ledger: Ledger | None = None,
     regularizer=None,
     losses: list[float] | None = None,
-    loss_fn=None,
-    param_groups=None,
 ) -> PrivateResult:
     """``steps`` DP-SGD steps (AdamW on the privatized gradients) of the trainable
     parameters; returns the mean loss and the ledger with this round added.
 
     ``regularizer(model) -> tensor`` must not read the data (HetLoRA's tail norm): its
-    gradient is added after clipping and noise, which costs no privacy.
-    ``loss_fn(model, batch) -> tensor`` replaces :func:`example_loss` (the early-exit
-    objectives); ``param_groups`` replaces the LoRA / head learning-rate groups."""
+    gradient is added after clipping and noise, which costs no privacy."""
     from opacus import PrivacyEngine
 
     if noise_multiplier <= 0 or max_grad_norm <= 0:
@@ -147,13 +143,7 @@ def train_private(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("DP-SGD: the model has no trainable parameter")
-    if param_groups is None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        param_groups = [{"params": [p for n, p in named if not n.startswith("head.")], "lr": learning_rate}]
-        head = [p for n, p in named if n.startswith("head.")]
-        if head:
-            param_groups.append({"params": head, "lr": head_learning_rate})
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(model, learning_rate, head_learning_rate), weight_decay=0.0)
     loader = torch.utils.data.DataLoader(
         _Indices(len(data)),
         batch_size=batch_size,
@@ -172,7 +162,6 @@ def train_private(
         poisson_sampling=True,
     )
     rate = float(dp_loader.sample_rate)  # = sample_rate(len(data), batch_size)
-    compute_loss = loss_fn or (lambda m, b: example_loss(task, m, b))
     losses = [] if losses is None else losses
     first, empty = len(losses), 0
     private_model.train()
@@ -191,7 +180,7 @@ def train_private(
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                loss = compute_loss(private_model, to_device(batch, model))
+                loss = example_loss(task, private_model, to_device(batch, model))
                 loss.backward()
                 losses.append(loss.item())
             if regularizer is None:

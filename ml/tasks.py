@@ -169,6 +169,17 @@ def make_task(task: str, model_path: str, *, max_seq_len: int, num_labels: int):
     return CausalLM(model_path, max_seq_len=max_seq_len)
 
 
+def param_groups(model: nn.Module, learning_rate: float, head_learning_rate: float) -> list[dict]:
+    """The optimizer groups of a LoRA model: the adapter at ``learning_rate``, the head
+    (``head.*``, if it trains) at ``head_learning_rate``."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if not n.startswith("head.")], "lr": learning_rate}]
+    head = [p for n, p in trainable if n.startswith("head.")]
+    if head:
+        groups.append({"params": head, "lr": head_learning_rate})
+    return groups
+
+
 def train_local(
     model: nn.Module,
     task,
@@ -189,12 +200,7 @@ def train_local(
     loss is the task loss alone). ``on_backward()``, if given, runs after each backward
     pass, before the optimizer step (pruning importance reads the gradients there).
     ``losses``, if given, receives each step's loss."""
-    lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
-    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
-    groups = [{"params": lora, "lr": learning_rate}]
-    if head:
-        groups.append({"params": head, "lr": head_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(model, learning_rate, head_learning_rate), weight_decay=0.0)
     model.train()
     batches: Iterator[np.ndarray] = batch_indices(len(data), batch_size, seed=seed)
     losses = [] if losses is None else losses
