@@ -71,15 +71,16 @@ def train(msg: Message, context: Context) -> Message:
             seed=cfg.train.seed + 7919 * server_round + partition_id,
         )
         if keys.PRUNE_RATIO in instr:  # FedSpine: prune heads and channels while training
-            pruned = _train_pruned(model, task, data, float(instr[keys.PRUNE_RATIO]), context, options)
+            private = privacy.train_options() if privacy is not None else None
+            pruned = _train_pruned(model, task, data, float(instr[keys.PRUNE_RATIO]), context, dict(options, private=private))
             loss = pruned["loss"]
+            if privacy is not None:
+                privacy.save(context, pruned["ledger"])
+                dp_metrics = privacy.metrics(pruned["ledger"])
         elif privacy is not None:
             from ml.privacy import train_private
 
-            result = train_private(
-                model, task, data, noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-                ledger=privacy.ledger, regularizer=regularizer, **options,
-            )
+            result = train_private(model, task, data, regularizer=regularizer, **privacy.train_options(), **options)
             privacy.save(context, result.ledger)
             loss, dp_metrics = result.loss, privacy.metrics(result.ledger)
         else:
@@ -111,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     log.info("round %d: partition %d, %d examples, rank %d, loss %.4f", server_round, partition_id, len(data), rank, loss)
     if dp_metrics:
-        log.info("round %d: DP-SGD noise %.3f, epsilon %.3f spent (delta %g)", server_round, dp_metrics[keys.DP_NOISE], dp_metrics[keys.DP_EPSILON], dp_metrics[keys.DP_DELTA])
+        privacy.log_spent(server_round, dp_metrics)
     return Message(RecordDict({keys.ARRAYS: update, keys.METRICS: metrics}), reply_to=msg)
 
 

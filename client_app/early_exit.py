@@ -30,9 +30,22 @@ def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Messa
         model = early_exit.model_from_config(task, cfg, exit_kind=str(instr[keys.EXIT_KIND]), max_exit=max_exit)
         down = from_record(msg.content.array_records[keys.ARRAYS])
         model.load_trainable_state(down)
+        # train only what goes back (InclusiveFL: one head) and what the forward uses (a
+        # one-block model has no modulation gate): DP-SGD would otherwise noise them
+        idle = model.idle_parameters()
+        for name, param in model.named_parameters():
+            if name not in down or name in idle:
+                param.requires_grad_(False)
         model.to(pick_device(str(context.node_config.get(keys.NODE_DEVICE, "auto"))))
         held = context.state.config_records.get(keys.STATE_EXIT_LOSS_EMA)
         ema = [float(x) for x in held["ema"]] if held is not None else []
+    privacy = None
+    if cfg.dp.local:  # DP-SGD: check the budget before anything trains
+        from .privacy import RoundPrivacy
+
+        privacy = RoundPrivacy.plan(cfg, context, len(data))
+        if privacy.exhausted():
+            return privacy.stop_reply(msg, server_round)
     with phase("loop"):
         result = early_exit.train_early_exit(
             model,
@@ -48,10 +61,15 @@ def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Messa
             temperature=cfg.early_exit.distill_temperature,
             loss_ema=ema,
             ema_decay=cfg.early_exit.loss_ema,
+            private=privacy.train_options() if privacy is not None else None,
         )
+    dp_metrics = {}
+    if privacy is not None:
+        privacy.save(context, result["privacy"].ledger)
+        dp_metrics = privacy.metrics(result["privacy"].ledger)
     with phase("serialize"):
-        state = model.trainable_state()
-        update = to_record({k: state[k] for k in down})  # exactly what this node was sent
+        params = dict(model.named_parameters())
+        update = to_record({k: params[k].detach().cpu().numpy() for k in down})  # exactly what this node was sent
         context.state[keys.STATE_EXIT_LOSS_EMA] = ConfigRecord({"ema": result["loss_ema"]})
     metrics = MetricRecord(
         {
@@ -60,6 +78,7 @@ def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Messa
             keys.MAX_EXIT: max_exit,
             keys.EXIT_LOSSES: result["exit_losses"],
             keys.TEACHER_EXIT: result["teacher"] + 1,
+            **dp_metrics,
         }
     )
     log.info(
@@ -67,4 +86,6 @@ def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Messa
         server_round, partition_id, len(data), max_exit, model.blocks_run, result["loss"],
         " ".join(f"{x:.3f}" for x in result["exit_losses"]),
     )
+    if dp_metrics:
+        privacy.log_spent(server_round, dp_metrics)
     return Message(RecordDict({keys.ARRAYS: update, keys.METRICS: metrics}), reply_to=msg)

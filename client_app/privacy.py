@@ -63,6 +63,16 @@ class RoundPrivacy:
         # Opacus's noise search stops within 1% of the target; that much over is the target itself
         return self.epsilon_after() > self.budget * 1.01
 
+    def train_options(self) -> dict:
+        """The DP-SGD keyword arguments of ``ml.privacy.train_private``."""
+        return {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm, "ledger": self.ledger}
+
+    def log_spent(self, server_round: int, metrics: dict[str, float]) -> None:
+        log.info(
+            "round %d: DP-SGD noise %.3f, epsilon %.3f spent (delta %g)",
+            server_round, metrics[keys.DP_NOISE], metrics[keys.DP_EPSILON], metrics[keys.DP_DELTA],
+        )
+
     def save(self, context: Context, ledger: Ledger) -> None:
         from strategies.lora_records import to_record
 

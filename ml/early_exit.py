@@ -102,17 +102,46 @@ class _Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
 
 
+class ExitTokens(nn.Module):
+    """The Ree module's input sequence: a learnable meta token before the features of
+    blocks 1..n, plus a learned positional embedding per position.
+
+    Its own module (not parameters of :class:`ReeModule`) so that every parameter is used
+    inside the forward of the module that holds it: Opacus's per-example gradients
+    (ml/privacy.py) are computed per module from that module's input and output."""
+
+    def __init__(self, dim: int, num_blocks: int) -> None:
+        super().__init__()
+        self.meta = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.position = nn.Parameter(torch.randn(1, num_blocks + 1, dim) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, n, _ = features.shape
+        return torch.cat([self.meta.expand(b, -1, -1), features], dim=1) + self.position[:, : n + 1]
+
+
+class LayerScale(nn.Module):
+    """``scale * x`` with one learned scale per channel."""
+
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
 class ReeModule(nn.Module):
     """The shared recurrent exit module: a pre-norm transformer layer over a learnable meta
     token and the CLS features of the blocks run so far, with a positional embedding per
-    block."""
+    block. ``gate`` scales the update modulation writes into the CLS token (used by
+    :class:`EarlyExitClassifier`, not here)."""
 
     def __init__(
         self, dim: int, num_blocks: int, *, heads: int = 4, attn_dim: int = 32, mlp_ratio: float = 1.35, gate_init: float = 0.0
     ) -> None:
         super().__init__()
-        self.meta = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.position = nn.Parameter(torch.randn(1, num_blocks + 1, dim) * 0.02)
+        self.tokens = ExitTokens(dim, num_blocks)
         self.norm1 = nn.LayerNorm(dim)
         self.attention = _Attention(dim, heads, attn_dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -120,13 +149,12 @@ class ReeModule(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         # how much of the module's update modulation writes into the CLS token, per
         # channel (LayerScale); 1 = ReeFL's replacement, 0 = the backbone undisturbed
-        self.gate = nn.Parameter(torch.full((dim,), gate_init))
+        self.gate = LayerScale(dim, gate_init)
 
     def forward(self, cls_features: torch.Tensor) -> torch.Tensor:
         """(batch, n, dim) CLS features of blocks 1..n -> (batch, n + 1, dim); index 0 is
         the meta output, index i the output at block i's position."""
-        b, n, _ = cls_features.shape
-        x = torch.cat([self.meta.expand(b, -1, -1), cls_features], dim=1) + self.position[:, : n + 1]
+        x = self.tokens(cls_features)
         x = x + self.attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -236,11 +264,22 @@ class EarlyExitClassifier(nn.Module):
                     # with CLS features this *is* the module's output (ReeFL's replacement);
                     # with mean-pooled features the CLS token keeps the state the
                     # pretrained blocks expect, plus the module's update
-                    update = self.ree.gate * (out[:, -1] - cls)
+                    update = self.ree.gate(out[:, -1] - cls)
                     hidden = torch.cat([(hidden[:, 0] + update).unsqueeze(1), hidden[:, 1:]], dim=1)
             elif is_exit:
                 logits.append(self.heads[len(logits)](cls))
         return logits
+
+    def idle_parameters(self) -> set[str]:
+        """Names of the parameters this model's forward does not use: the backbone's own
+        final norm or pooler (the exits replace them), and ReeFL's gate when no
+        modulation happens (a model of one block). DP-SGD must not train them: Opacus
+        clips and noises every trainable parameter, and these have no gradient to clip."""
+        used = ("backbone.embeddings.", "backbone.encoder.layer.", "backbone.layers.", "ree.", "head.", "heads.")
+        idle = {n for n, _ in self.named_parameters() if not n.startswith(used)}
+        if self.exit_kind == "ree" and (not self.modulation or self.blocks_run == 1):
+            idle |= {n for n, _ in self.ree.gate.named_parameters(prefix="ree.gate")}
+        return idle
 
     def required_exits(self) -> dict[str, int]:
         """{trainable parameter name: the smallest max exit of a model that holds it}."""
@@ -369,42 +408,70 @@ def train_early_exit(
     temperature: float = 1.0,
     loss_ema: Sequence[float] = (),
     ema_decay: float = 0.9,
+    private: Mapping | None = None,
 ) -> dict:
     """``steps`` AdamW steps on the model's trainable parameters (the exit modules at
     ``exit_learning_rate``). ReeFL's teacher is, at every step, the exit with the lowest
     moving-average loss so far (``loss_ema`` carries it across rounds; the deepest exit
     before any is known).
 
+    ``private``: DP-SGD instead (ml/privacy.py), with its keyword arguments
+    ``noise_multiplier``, ``max_grad_norm`` and ``ledger``. The teacher is then always the
+    deepest exit: choosing it from un-noised losses would let the data steer training
+    outside the guarantee (the moving average is left as it was).
+
     Returns {"loss": mean objective, "exit_losses": mean CE per exit, "loss_ema": the
-    updated averages, "teacher": the last teacher (0-based)}."""
+    updated averages, "teacher": the last teacher (0-based)}, and under DP "privacy": the
+    :class:`ml.privacy.PrivateResult`."""
     from .data import batch_indices
     from .tasks import to_device
 
     exit_names = ("ree.", "head.", "heads.")  # the gate (ree.gate) learns at the backbone rate, see ReeModule
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_exit = lambda n: n.startswith(exit_names) and not n.startswith("ree.gate.")  # noqa: E731
     groups = [
-        {"params": [p for n, p in params if not n.startswith(exit_names) or n == "ree.gate"], "lr": learning_rate},
-        {"params": [p for n, p in params if n.startswith(exit_names) and n != "ree.gate"], "lr": exit_learning_rate},
+        {"params": [p for n, p in params if not is_exit(n)], "lr": learning_rate},
+        {"params": [p for n, p in params if is_exit(n)], "lr": exit_learning_rate},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    groups = [g for g in groups if g["params"]]
     ema = list(loss_ema)[: model.max_exit]
+    deepest = model.max_exit - 1
+    losses, exit_losses, teacher = [], [], deepest
+
+    def step_loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = dict(batch)
+        labels = batch.pop("labels")
+        loss, ce = local_loss(objective, m(**batch), labels, distill_weight=distill_weight, teacher=teacher, temperature=temperature)
+        exit_losses.append(ce.tolist())
+        return loss
+
+    if private is not None:
+        from .privacy import train_private
+
+        result = train_private(
+            model, task, data, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+            head_learning_rate=exit_learning_rate, seed=seed, loss=step_loss, groups=groups, losses=losses, **private,
+        )
+        return {
+            "loss": result.loss,
+            "exit_losses": [float(x) for x in np.mean(exit_losses, axis=0)] if exit_losses else [math.nan] * model.max_exit,
+            "loss_ema": ema,
+            "teacher": deepest,
+            "privacy": result,
+        }
+
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     batches = batch_indices(len(data), batch_size, seed=seed)
-    losses, exit_losses, teacher = [], [], model.max_exit - 1
     model.train()
     for _ in range(steps):
-        batch = to_device(task.batch(data, next(batches)), model)
-        labels = batch.pop("labels")
         known = [m for m in ema if not math.isnan(m)]
-        teacher = int(np.nanargmin(ema)) if len(known) == model.max_exit else model.max_exit - 1
-        loss, ce = local_loss(
-            objective, model(**batch), labels, distill_weight=distill_weight, teacher=teacher, temperature=temperature
-        )
+        teacher = int(np.nanargmin(ema)) if len(known) == model.max_exit else deepest
+        loss = step_loss(model, to_device(task.batch(data, next(batches)), model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        ema = update_loss_ema(ema, ce.tolist(), ema_decay)
+        ema = update_loss_ema(ema, exit_losses[-1], ema_decay)
         losses.append(loss.item())
-        exit_losses.append(ce.tolist())
     model.eval()
     return {
         "loss": float(np.mean(losses)),

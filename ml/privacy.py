@@ -129,12 +129,28 @@ def train_private(
     ledger: Ledger | None = None,
     regularizer=None,
     losses: list[float] | None = None,
+    loss=None,
+    groups: list[dict] | None = None,
+    on_step=None,
 ) -> PrivateResult:
     """``steps`` DP-SGD steps (AdamW on the privatized gradients) of the trainable
     parameters; returns the mean loss and the ledger with this round added.
 
     ``regularizer(model) -> tensor`` must not read the data (HetLoRA's tail norm): its
-    gradient is added after clipping and noise, which costs no privacy."""
+    gradient is added after clipping and noise, which costs no privacy.
+
+    ``loss(model, batch) -> tensor``, if given, replaces the task's per-example loss (the
+    early-exit objectives): it must be a mean over the batch of terms that each depend on
+    one example only. ``groups``, if given, are the optimizer's parameter groups instead
+    of the LoRA/head groups at ``learning_rate`` / ``head_learning_rate``. ``on_step()``,
+    if given, runs once the step's clipped and noised gradients are in ``p.grad`` (before
+    the regularizer's): what it reads of them is post-processing and costs no privacy
+    (FedSpine's unit importance).
+
+    The first non-empty step checks that Opacus saw every trainable parameter: the mean
+    of its per-example gradients must equal its ordinary gradient. A parameter used
+    outside the forward of the module that holds it gets no (or a wrong) per-example
+    gradient, and would otherwise be trained on noise alone while the loss looks fine."""
     from opacus import PrivacyEngine
 
     if noise_multiplier <= 0 or max_grad_norm <= 0:
@@ -143,7 +159,10 @@ def train_private(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("DP-SGD: the model has no trainable parameter")
-    optimizer = torch.optim.AdamW(param_groups(model, learning_rate, head_learning_rate), weight_decay=0.0)
+    if groups is None:
+        groups = param_groups(model, learning_rate, head_learning_rate)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    loss_of = loss if loss is not None else (lambda m, b: example_loss(task, m, b))
     loader = torch.utils.data.DataLoader(
         _Indices(len(data)),
         batch_size=batch_size,
@@ -163,7 +182,7 @@ def train_private(
     )
     rate = float(dp_loader.sample_rate)  # = sample_rate(len(data), batch_size)
     losses = [] if losses is None else losses
-    first, empty = len(losses), 0
+    first, empty, checked = len(losses), 0, False
     private_model.train()
     batches = iter(dp_loader)
     try:
@@ -180,16 +199,20 @@ def train_private(
                 for p in trainable:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             else:
-                loss = example_loss(task, private_model, to_device(batch, model))
-                loss.backward()
-                losses.append(loss.item())
-            if regularizer is None:
-                dp_optimizer.step()
-            elif dp_optimizer.pre_step():  # clipped and noised gradients are in p.grad now
-                extra = torch.autograd.grad(regularizer(model), trainable, allow_unused=True)
-                for p, g in zip(trainable, extra):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
+                value = loss_of(private_model, to_device(batch, model))
+                value.backward()
+                losses.append(value.item())
+                if not checked:
+                    check_per_example_gradients(model)
+                    checked = True
+            if dp_optimizer.pre_step():  # clipped and noised gradients are in p.grad now
+                if on_step is not None:
+                    on_step()
+                if regularizer is not None:
+                    extra = torch.autograd.grad(regularizer(model), trainable, allow_unused=True)
+                    for p, g in zip(trainable, extra):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
                 dp_optimizer.original_optimizer.step()
     finally:
         private_model.eval()
@@ -197,6 +220,40 @@ def train_private(
     spent = Ledger([(float(z), float(q), int(s)) for z, q, s in engine.accountant.history])
     mean = float(np.mean(losses[first:])) if len(losses) > first else float("nan")
     return PrivateResult(loss=mean, ledger=spent, rate=rate, empty_steps=empty)
+
+
+def check_per_example_gradients(model: nn.Module, *, rtol: float = 1e-3) -> None:
+    """After a backward pass through an Opacus-wrapped model (mean loss reduction): every
+    trainable parameter's per-example gradients must average to its ordinary gradient.
+    Raises naming the parameters that Opacus computed wrongly or not at all."""
+    wrong, unused = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        per_example = getattr(p, "grad_sample", None)
+        if p.grad is None and per_example is None:
+            unused.append(name)
+            continue
+        if per_example is None:
+            wrong.append(f"{name} (no per-example gradient)")
+            continue
+        error = float((per_example.mean(0) - p.grad).abs().max())
+        scale = float(p.grad.abs().max())
+        if error > rtol * scale + 1e-8:
+            wrong.append(f"{name} (off by {error:.3g}, gradient up to {scale:.3g})")
+    if unused:
+        raise RuntimeError(
+            f"DP-SGD: {len(unused)} trainable parameter(s) take no part in the loss: {', '.join(unused[:5])}"
+            f"{' ...' if len(unused) > 5 else ''}. Opacus clips and noises every trainable parameter; freeze "
+            "these (requires_grad = False)"
+        )
+    if wrong:
+        raise RuntimeError(
+            "DP-SGD: Opacus's per-example gradients do not add up to the gradient of "
+            f"{len(wrong)} parameter(s): {', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}. "
+            "A parameter used outside the forward of the module that holds it is invisible to "
+            "Opacus's hooks and would train on noise alone (ml/early_exit.py: ExitTokens, LayerScale)"
+        )
 
 
 def _batch_size(batch) -> int:

@@ -213,7 +213,19 @@ def module_indices(groups: Sequence[UnitGroup], kept: Mapping[str, np.ndarray]) 
     return {m: (r, c) for m, (r, c) in out.items()}
 
 
-def train_pruned(model: nn.Module, task, data, *, ratio: float, steps: int, seed: int, scores: Mapping[str, np.ndarray] | None = None, smoothing: float = 0.9, **train_kwargs) -> dict:
+def train_pruned(
+    model: nn.Module,
+    task,
+    data,
+    *,
+    ratio: float,
+    steps: int,
+    seed: int,
+    scores: Mapping[str, np.ndarray] | None = None,
+    smoothing: float = 0.9,
+    private: Mapping | None = None,
+    **train_kwargs,
+) -> dict:
     """Local training with gradual structured pruning to ``ratio`` of every group's units.
 
     With ``scores`` (the unpruned units' importance from an earlier round) the model is
@@ -223,7 +235,14 @@ def train_pruned(model: nn.Module, task, data, *, ratio: float, steps: int, seed
 
     Returns {"loss", "loss_start", "loss_end" (means over the first and last quarter of
     the steps), "kept" (per group, the unpruned unit numbers kept), "scores" (per group,
-    importance of every unpruned unit; pruned units keep their last score)}."""
+    importance of every unpruned unit; pruned units keep their last score)}.
+
+    ``private``: DP-SGD instead (ml/privacy.py), with its keyword arguments
+    ``noise_multiplier``, ``max_grad_norm`` and ``ledger``. Each phase is then its own
+    Opacus run (the model changes shape between phases); the importance reads the clipped
+    and noised LoRA gradients, so the scores, the units kept and everything pruned from
+    them are post-processing of the private gradients. The result's "ledger" is the
+    spending including all phases."""
     from .tasks import train_local
 
     groups = unit_groups(model)
@@ -251,10 +270,18 @@ def train_pruned(model: nn.Module, task, data, *, ratio: float, steps: int, seed
         plan = [(quarter, ratio / 2), (quarter, ratio), (max(steps - 2 * quarter, 0), None)]
     else:
         plan = [(steps, None)]
+    ledger = private.get("ledger") if private is not None else None
     for i, (n_steps, then_ratio) in enumerate(plan):
         importance = UnitImportance(model, smoothing=smoothing)
-        if n_steps:
+        if n_steps and private is None:
             train_local(model, task, data, steps=n_steps, seed=seed + 104729 * i, on_backward=importance.update, losses=losses, **train_kwargs)
+        elif n_steps:
+            from .privacy import train_private
+
+            options = {**private, "ledger": ledger}
+            ledger = train_private(
+                model, task, data, steps=n_steps, seed=seed + 104729 * i, on_step=importance.update, losses=losses, **options, **train_kwargs
+            ).ledger
         for name, s in importance.scores.items():
             memory[name][kept[name]] = s
         if then_ratio is not None:
@@ -266,4 +293,5 @@ def train_pruned(model: nn.Module, task, data, *, ratio: float, steps: int, seed
         "loss_end": float(np.mean(losses[-quarter:])),
         "kept": kept,
         "scores": memory,
+        **({"ledger": ledger} if private is not None else {}),
     }

@@ -327,18 +327,6 @@ def _check_dp(cfg: StamenConfig) -> None:
     if dp.local:
         if dp.noise_multiplier == 0 and dp.epsilon == 0:
             raise ConfigError("dp.mode = 'local' needs dp.noise-multiplier > 0 or a target dp.epsilon > 0")
-        if cfg.is_early_exit:
-            raise ConfigError(
-                f"dp.mode = 'local' does not serve strategy {name!r} yet: the early-exit model has trainable "
-                "parameters used outside any layer's forward (ReeFL's gate, meta token and positional embedding; "
-                "the ViT's CLS and position embeddings), which Opacus's per-example gradient hooks do not see "
-                "(docs/privacy.md)"
-            )
-        if name == "fedspine":
-            raise ConfigError(
-                "dp.mode = 'local' does not serve strategy fedspine: its pruning scores and kept units come from "
-                "un-noised gradients and would leave the node outside the guarantee"
-            )
     if dp.central:
         if name not in CENTRAL_DP_STRATEGIES:
             raise ConfigError(

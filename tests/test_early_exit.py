@@ -64,7 +64,7 @@ def test_required_exit_of_parameter_names():
     assert ee.required_exit("backbone.encoder.layer.2.output.dense.bias", exits) == 2
     assert ee.required_exit("backbone.layers.5.attention.q_proj.weight", exits) == 3  # ViT naming
     assert ee.required_exit("heads.1.linear.weight", exits) == 2
-    assert ee.required_exit("ree.meta", exits) == ee.required_exit("backbone.embeddings.cls_token", exits) == 1
+    assert ee.required_exit("ree.tokens.meta", exits) == ee.required_exit("backbone.embeddings.cls_token", exits) == 1
 
 
 # --- losses and the inference rule -------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_modulation_feeds_the_ree_output_to_the_next_block():
     off = ee.EarlyExitClassifier(_tiny_vit(), 10, exit_blocks=(2, 4), exit_kind="ree", modulation=False).eval()
     off.load_state_dict(on.state_dict())
     x = torch.randn(2, 1, 8, 8)
-    assert torch.all(on.ree.gate == 1.0)  # CLS features: ReeFL's replacement from the start
+    assert torch.all(on.ree.gate.scale == 1.0)  # CLS features: ReeFL's replacement from the start
     with torch.no_grad():
         a, b = on(pixel_values=x), off(pixel_values=x)
     # exit 1 (block 2) already sees block 2 fed with the module's output of block 1
@@ -211,7 +211,7 @@ def test_with_mean_pooled_features_modulation_starts_closed():
     with torch.no_grad():
         for a, b in zip(on(**_text_batch()), off(**_text_batch())):
             torch.testing.assert_close(a, b)
-        on.ree.gate.fill_(0.5)
+        on.ree.gate.scale.fill_(0.5)
         assert not torch.allclose(on(**_text_batch())[1], off(**_text_batch())[1])
 
 
@@ -265,3 +265,12 @@ def test_digits_ship_with_scikit_learn():
     assert split.test.images.shape[1:] == (1, 8, 8) and -1.0 <= split.test.images.min() < split.test.images.max() <= 1.0
     part = split.partition(partition_id=1, num_partitions=4, alpha=0.5, seed=42)
     assert 0 < len(part) < len(split.train_pool)
+
+
+def test_idle_parameters_are_those_the_forward_never_uses():
+    model = ee.EarlyExitClassifier(_tiny_vit(4), 10, exit_blocks=(1, 2, 3, 4), exit_kind="ree")
+    assert model.idle_parameters() == {"backbone.layernorm.weight", "backbone.layernorm.bias"}  # the exits replace it
+    model.truncate(1)  # one block: nothing to modulate
+    assert model.idle_parameters() == {"backbone.layernorm.weight", "backbone.layernorm.bias", "ree.gate.scale"}
+    model(pixel_values=torch.zeros(2, 1, 8, 8))[0].sum().backward()
+    assert {n for n, p in model.named_parameters() if p.grad is None} == model.idle_parameters()

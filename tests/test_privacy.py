@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ml.privacy import Ledger, noise_for_budget, sample_rate, train_private
@@ -163,6 +165,189 @@ def test_causal_lm_example_loss_is_the_mean_of_each_sequences_own_loss():
     assert token_mean.item() == pytest.approx(((5 * own[0] + 2 * own[1]) / 7).item(), rel=1e-5)  # what DP must not use
 
 
+# --- early-exit models under DP-SGD ----------------------------------------------------------
+def _bert(layers=4):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # one-at-a-time must see the same model
+    return BertModel(config, add_pooling_layer=False)
+
+
+def _vit(layers=4):
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=layers,
+                       num_attention_heads=2, intermediate_size=32)
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def _early_exit_case(case):
+    from ml import early_exit as ee
+
+    torch.manual_seed(0)
+    if case == "reefl-vit-full":
+        model = ee.EarlyExitClassifier(_vit(), 10, exit_blocks=(2, 4), exit_kind="ree")
+        ee.set_tuning(model, "full")
+        batch = {"pixel_values": torch.randn(3, 1, 8, 8), "labels": torch.tensor([1, 2, 3])}
+        return model, batch, "ree-self-distill"
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2])}
+    if case == "reefl-bert-lora":
+        model = ee.EarlyExitClassifier(_bert(), 3, exit_blocks=(2, 4), exit_kind="ree", pooling="mean")
+        ee.set_tuning(model, "lora", lora_rank=2)
+        with torch.no_grad():
+            model.ree.gate.scale.fill_(0.5)  # open, so the gate's gradient is not zero
+        return model, batch, "ree-self-distill"
+    model = ee.EarlyExitClassifier(_bert(), 3, exit_blocks=(1, 2, 4), exit_kind="per-exit", pooling="mean")
+    ee.set_tuning(model, "lora", lora_rank=2)
+    return model, batch, "mutual-distill"
+
+
+@pytest.mark.parametrize("case", ["reefl-vit-full", "reefl-bert-lora", "depthfl-bert-lora"])
+def test_opacus_per_example_gradients_of_the_early_exit_models_are_exact(case):
+    """For every trainable parameter (the backbone's, the shared Ree module's tokens, layers
+    and gate, the heads), Opacus's per-example gradient equals the gradient of that
+    example's loss taken alone. ReeFL's module runs after every block (Opacus sums its
+    per-example gradients over the calls), the ViT's CLS and position embeddings go
+    through Opacus's functorch fallback."""
+    from opacus import GradSampleModule
+
+    from ml.early_exit import local_loss
+
+    model, batch, objective = _early_exit_case(case)
+    model.train()
+    labels = batch.pop("labels")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_of(m, b, y):
+        return local_loss(objective, m(**b), y, distill_weight=1.0, teacher=model.max_exit - 1)[0]
+
+    alone = {n: [] for n, _ in trainable}
+    for i in range(len(labels)):
+        model.zero_grad(set_to_none=True)
+        loss_of(model, {k: v[i : i + 1] for k, v in batch.items()}, labels[i : i + 1]).backward()
+        for n, p in trainable:
+            alone[n].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
+    model.zero_grad(set_to_none=True)
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    try:
+        loss_of(wrapped, batch, labels).backward()
+        assert any(n.startswith("ree.gate.") for n, _ in trainable) == case.startswith("reefl")
+        for n, p in trainable:
+            torch.testing.assert_close(p.grad_sample, torch.stack(alone[n]), rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    finally:
+        wrapped._close()
+
+
+def test_a_parameter_opacus_cannot_see_stops_dp_sgd():
+    """The old shape of ReeFL's gate: a parameter of a module that Opacus handles as a whole,
+    used outside that module's forward. Opacus gives it a zero per-example gradient, so
+    DP-SGD would train it on noise alone; train_private refuses instead."""
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+            self.gate = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.weight
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 4)
+            self.holder = Holder()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, input_ids, attention_mask, labels):
+            x = self.embed(input_ids).mean(1)
+            return (F.cross_entropy(self.head(self.holder(x) * self.holder.gate), labels),)
+
+    torch.manual_seed(0)
+    model = Model()
+    model.embed.weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"holder\.gate \(off by"):
+        train_private(model, TinyTask(), TinyData(40), steps=2, seed=0, **{**OPTIONS, "batch_size": 20})
+
+
+def _digits_like(n=48):
+    from ml.data import ImageDataset
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    images = (rng.normal(0, 0.3, (n, 1, 8, 8)) + labels[:, None, None, None] * 2 - 1).astype(np.float32)
+    return ImageDataset(images, labels.astype(np.int64), ("a", "b"))
+
+
+class ImageTask:
+    num_labels = 2
+
+    @staticmethod
+    def batch(d, index):
+        return {"pixel_values": torch.from_numpy(d.images[index]), "labels": torch.as_tensor(d.labels[index])}
+
+
+def test_reefl_trains_every_part_under_dp_sgd_with_the_deepest_exit_as_teacher():
+    from ml import early_exit as ee
+
+    torch.manual_seed(0)
+    model = ee.EarlyExitClassifier(_vit(2), 2, exit_blocks=(1, 2), exit_kind="ree")
+    with pytest.raises(RuntimeError, match=r"take no part in the loss: backbone\.layernorm\.weight"):  # the ViT's final norm
+        ee.train_early_exit(model, ImageTask, _digits_like(), objective="all-exits", steps=1, batch_size=8, learning_rate=1e-3,
+                            exit_learning_rate=1e-2, seed=0, private={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    ee.set_tuning(model, "full")  # every parameter of the blocks, none past them
+    before = snapshot(model)
+    out = ee.train_early_exit(
+        model, ImageTask, _digits_like(), objective="ree-self-distill", steps=4, batch_size=8, learning_rate=1e-3,
+        exit_learning_rate=1e-2, seed=0, distill_weight=1.0, loss_ema=[0.1, 5.0],  # un-noised EMA would pick exit 1
+        private={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "ledger": Ledger().after(1.0, 1 / 6, 3)},
+    )
+    after = snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("backbone.embeddings.") for n in trainable) and {"ree.gate.scale", "ree.tokens.meta"} <= trainable
+    assert {n for n in before if not torch.equal(before[n], after[n])} == trainable
+    assert out["teacher"] == 1 and out["loss_ema"] == [0.1, 5.0]  # fixed to the deepest exit, the EMA untouched
+    assert len(out["exit_losses"]) == 2 and math.isfinite(out["loss"])
+    ledger = out["privacy"].ledger
+    assert ledger.steps == 7 and ledger.epsilon(1e-5) == pytest.approx(fresh_epsilon(1.0, 1 / 6, 7, 1e-5), rel=1e-9)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_fedspine_prunes_from_the_noised_gradients_and_accounts_every_phase():
+    """Round 1 of FedSpine trains in three phases (score, prune to half the ratio, score,
+    prune, tune); each is its own Opacus run and the ledger holds all their steps. The
+    unit importance is read from the clipped and noised gradients (post-processing)."""
+    from ml import pruning
+
+    def run(seed, noise):
+        model = tiny_lora_classifier()
+        out = pruning.train_pruned(
+            model, TinyTask(), TinyData(40), ratio=0.5, steps=8, seed=seed, batch_size=4, learning_rate=1e-2,
+            head_learning_rate=1e-2, private={"noise_multiplier": noise, "max_grad_norm": 1.0, "ledger": Ledger()},
+        )
+        return model, out
+
+    model, out = run(0, 1.0)
+    assert out["ledger"].history == [(1.0, 0.1, 8)]  # 2 + 2 + 4 steps; Opacus merges equal (noise, rate) entries
+    assert out["ledger"].epsilon(1e-5) == pytest.approx(fresh_epsilon(1.0, 0.1, 8, 1e-5), rel=1e-9)
+    assert {k: len(v) for k, v in out["kept"].items()} == {
+        "backbone.encoder.layer.0.attention": 2, "backbone.encoder.layer.1.attention": 2,
+        "backbone.encoder.layer.0.mlp": 6, "backbone.encoder.layer.1.mlp": 6,
+    }
+    assert model.backbone.encoder.layer[0].attention.self.query.base_layer.weight.shape == (8, 16)
+    # the scores are squared LoRA gradients: read after the noise, they grow with it (a
+    # clipped per-example gradient is at most 1; noise 1e4 adds ~1e4/4 per coordinate)
+    quiet, loud = run(0, 1e-9)[1]["scores"], run(0, 1e4)[1]["scores"]
+    with_lora = "backbone.encoder.layer.0.attention"  # its query has LoRA (TARGETS)
+    assert loud[with_lora].sum() > 1e6 * quiet[with_lora].sum() > 0
+    without = "backbone.encoder.layer.1.mlp"  # no LoRA: scored from its pretrained weights, data-free
+    np.testing.assert_allclose(loud[without], quiet[without])
+
+
 # --- the node's budget ------------------------------------------------------------------------
 def dp_config(**dp):
     import tomllib
@@ -211,10 +396,8 @@ def test_dp_config_is_checked_at_the_door():
 
     with pytest.raises(ConfigError, match="noise-multiplier > 0 or a target"):
         dp_config()
-    with pytest.raises(ConfigError, match="fedspine"):
-        dp_config(noise_multiplier=1.0, **{"strategy.name": "fedspine"})
-    with pytest.raises(ConfigError, match="early-exit model"):
-        dp_config(noise_multiplier=1.0, **{"strategy.name": "reefl"})
+    for name in ("fedspine", "reefl", "depthfl", "inclusivefl", "exclusivefl"):  # every strategy trains under local DP
+        assert dp_config(noise_multiplier=1.0, **{"strategy.name": name}).dp.local
     with pytest.raises(ConfigError, match="central"):
         dp_config(mode="central", noise_multiplier=1.0, **{"strategy.name": "hetlora"})
 
@@ -253,7 +436,7 @@ def test_a_spent_node_is_dropped_retired_and_the_round_goes_on(flower_identity, 
 
 
 # --- through the ClientApp's train handler, for every LoRA strategy --------------------------
-@pytest.mark.parametrize("name", ["flora", "hetlora"])  # fedit and flexlora train through the same path as hetlora (a sent adapter)
+@pytest.mark.parametrize("name", ["flora", "hetlora", "fedspine"])  # fedit and flexlora train through the same path as hetlora (a sent adapter)
 def test_two_private_rounds_through_the_train_handler(name, flower_identity, fake_grid, tiny_bert, run_config):
     """The client's own path (the model moved to its device, then the LoRA injected; opacus
     issue #820): the LoRA trains under DP-SGD, and the epsilon each reply reports is a fresh
@@ -261,6 +444,7 @@ def test_two_private_rounds_through_the_train_handler(name, flower_identity, fak
     from client_app.app import train
     from ml.model import adapted_weights, head_state, load_model, target_module_names
     from strategies import STRATEGIES
+    from strategies.bandit import Arm
     from strategies.lora_records import from_record, join_global, to_record
 
     run_config.update({
@@ -270,7 +454,8 @@ def test_two_private_rounds_through_the_train_handler(name, flower_identity, fak
     server_model = load_model("text-classification", str(tiny_bert), num_labels=5)
     targets = target_module_names(server_model)
     arrays = to_record(join_global(adapted_weights(server_model, targets), head_state(server_model)))
-    strategy = STRATEGIES[name](node_ranks={7: 4, 8: 4}, default_rank=4, lora_alpha=16.0, min_nodes=1)
+    extra = {"arms": [Arm(0.5, 4)]} if name == "fedspine" else {}  # prune half the heads and channels, rank 4
+    strategy = STRATEGIES[name](node_ranks={7: 4, 8: 4}, default_rank=4, lora_alpha=16.0, min_nodes=1, **extra)
     contexts = {
         n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": 8}, state=RecordDict(), run_config=run_config)
         for i, n in enumerate((7, 8))
@@ -289,3 +474,53 @@ def test_two_private_rounds_through_the_train_handler(name, flower_identity, fak
         assert agg["num-clients"] == 2
     assert [r["round"] for r in strategy.privacy_log] == [1, 1, 2, 2]
     assert all(r["status"] == "trained" for r in strategy.privacy_log)
+
+
+VIT = "vit:image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=4,num_attention_heads=2,intermediate_size=32"
+
+
+@pytest.mark.parametrize("name", ["reefl", "inclusivefl"])
+def test_two_private_early_exit_rounds_through_the_train_handler(name, flower_identity, fake_grid, run_config):
+    """ReeFL and a baseline on digits with a fully tuned ViT, a shallow (exit 1) and a deep
+    node: every parameter a node is sent trains under DP-SGD (InclusiveFL sends one head:
+    the unsent heads are frozen, not trained on noise), and the epsilon is cumulative."""
+    from client_app.app import train
+    from ml.early_exit import model_from_config
+    from ml.tasks import ImageClassification
+    from stamen.config import StamenConfig
+    from strategies import STRATEGIES
+    from strategies.lora_records import from_record, to_record
+
+    run_config.update({
+        "strategy.name": name, "model.task": "image-classification", "model.path": VIT, "data.name": "digits",
+        "early-exit.tuning": "full", "train.local-steps": 3, "train.batch-size": 16,
+        "dp.mode": "local", "dp.noise-multiplier": 0.8, "dp.max-grad-norm": 1.0,
+    })
+    cfg = StamenConfig.from_run_config(run_config)
+    model = model_from_config(ImageClassification(VIT, num_labels=10), cfg, exit_kind=STRATEGIES[name].exit_kind)
+    strategy = STRATEGIES[name].from_config(
+        cfg, node_exits={7: 1, 8: 4}, num_exits=4, required_exits=model.required_exits(), min_nodes=1
+    )
+    contexts = {
+        n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": 8}, state=RecordDict(), run_config=run_config)
+        for i, n in enumerate((7, 8))
+    }
+    arrays = to_record(model.trainable_state())
+    for server_round in (1, 2):
+        msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), fake_grid([7, 8])))
+        replies = [train(m, contexts[m.metadata.dst_node_id]) for m in msgs]
+        for m, reply in zip(msgs, replies):
+            sent = from_record(m.content.array_records[keys.ARRAYS])
+            back = from_record(reply.content.array_records[keys.ARRAYS])
+            assert set(back) == set(sent)
+            shallow = m.metadata.dst_node_id == 7
+            moved = {k for k in sent if not np.array_equal(back[k], sent[k])}
+            # one block: no modulation, so the gate is idle and comes back as sent
+            assert moved == set(sent) - ({"ree.gate.scale"} if shallow and name == "reefl" else set())
+            metrics = reply.content.metric_records[keys.METRICS]
+            assert metrics[keys.DP_STEPS] == 3 * server_round and metrics[keys.TEACHER_EXIT] == metrics[keys.MAX_EXIT]
+            expected = fresh_epsilon(0.8, metrics[keys.DP_SAMPLE_RATE], 3 * server_round, 1e-5)
+            assert metrics[keys.DP_EPSILON] == pytest.approx(expected, rel=1e-9)
+        arrays, agg = strategy.aggregate_train(server_round, replies)
+        assert agg["num-clients"] == 2
+    assert [(r["round"], r["status"]) for r in strategy.privacy_log] == [(1, "trained")] * 2 + [(2, "trained")] * 2
