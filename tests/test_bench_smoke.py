@@ -4,6 +4,8 @@ figures come from `python bench/lora_aggregation.py`, not from here."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 
@@ -24,8 +26,9 @@ def test_early_exit_depth_bench_small_case():
     assert held == sorted(held) and held[0] < held[-1]  # a shallower node holds less
 
 
-def test_dp_overhead_bench_small_case():
+@pytest.mark.parametrize("model", ["minilm", "reefl"])
+def test_dp_overhead_bench_small_case(model):
     import dp_overhead
 
-    rows = dp_overhead.run("minilm", reps=1, echo=lambda line: None, memory=False)
+    rows = dp_overhead.run(model, reps=1, echo=lambda line: None, memory=False)
     assert [r["mode"] for r in rows] == ["plain", "dp-sgd"] and all(r["median_s"] > 0 for r in rows)
