@@ -72,6 +72,10 @@ def _build(name: str, private: bool):
     if private:
         from opacus import PrivacyEngine
 
+        from ml.privacy import register_grad_samplers
+
+        register_grad_samplers()  # as train_private does: ReeFL's tokens and gate
+
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=len(ids))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -114,6 +114,37 @@ def example_loss(task, model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return own(model, batch) if own is not None else task.loss(model, batch)
 
 
+def register_grad_samplers() -> None:
+    """Opacus per-example gradient rules for the early-exit model's own small layers
+    (ml/early_exit.py). Without them Opacus falls back to functorch, which re-runs the
+    layer per example: correct (a test compares both with one-example-at-a-time
+    gradients) but slower, since ReeFL's module runs after every block. Idempotent."""
+    from opacus.grad_sample import register_grad_sampler
+
+    from .early_exit import ExitTokens, LayerScale
+
+    @register_grad_sampler(LayerScale)
+    def _layer_scale(layer: LayerScale, activations, backprops: torch.Tensor) -> dict:
+        # y = scale * x: example i's gradient is the sum over its positions of x * dL/dy
+        x = activations[0]
+        if not layer.scale.requires_grad:
+            return {}
+        return {layer.scale: (x * backprops).reshape(x.shape[0], -1, x.shape[-1]).sum(1)}
+
+    @register_grad_sampler(ExitTokens)
+    def _exit_tokens(layer: ExitTokens, activations, backprops: torch.Tensor) -> dict:
+        # y = [meta; features] + position[:n+1]: dL/dmeta is dL/dy at position 0, and
+        # dL/dposition is dL/dy at the positions used (zero past them)
+        out = {}
+        if layer.meta.requires_grad:
+            out[layer.meta] = backprops[:, None, :1]
+        if layer.position.requires_grad:
+            grad = backprops.new_zeros((backprops.shape[0], *layer.position.shape))
+            grad[:, 0, : backprops.shape[1]] = backprops
+            out[layer.position] = grad
+        return out
+
+
 def train_private(
     model: nn.Module,
     task,
@@ -156,6 +187,7 @@ def train_private(
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError(f"DP-SGD needs a positive noise multiplier and clipping norm, got {noise_multiplier} and {max_grad_norm}")
     ledger = ledger or Ledger()
+    register_grad_samplers()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("DP-SGD: the model has no trainable parameter")

@@ -211,11 +211,16 @@ def test_opacus_per_example_gradients_of_the_early_exit_models_are_exact(case):
     """For every trainable parameter (the backbone's, the shared Ree module's tokens, layers
     and gate, the heads), Opacus's per-example gradient equals the gradient of that
     example's loss taken alone. ReeFL's module runs after every block (Opacus sums its
-    per-example gradients over the calls), the ViT's CLS and position embeddings go
-    through Opacus's functorch fallback."""
+    per-example gradients over the calls). The Ree tokens and gate use Stamen's rules
+    (register_grad_samplers), the ViT's embeddings Opacus's functorch fallback."""
     from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModule as Hooks
 
-    from ml.early_exit import local_loss
+    from ml.early_exit import ExitTokens, LayerScale, local_loss
+    from ml.privacy import register_grad_samplers
+
+    register_grad_samplers()
+    assert {ExitTokens, LayerScale} <= set(Hooks.GRAD_SAMPLERS)
 
     model, batch, objective = _early_exit_case(case)
     model.train()
