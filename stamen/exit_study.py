@@ -2,10 +2,11 @@
 ReeFL / DepthFL / InclusiveFL / ExclusiveFL runs here).
 
 Finished runs (every planned round in metrics.csv; stamen.study.finished_runs) are grouped by (data.name,
-strategy.name). Per group: the final round's accuracy averaged over the exits, each
+strategy.name and its DP mode, e.g. "reefl, local DP eps 8"). Per group: the final round's accuracy averaged over the exits, each
 exit's, and the ensemble's, as mean and sample std over the runs (seeds); and the
 early-exit inference curve (accuracy against the share of blocks run, one point per
-confidence threshold) of the final round, averaged over the runs. Writes
+confidence threshold) of the final round, averaged over the runs; under DP, the largest
+epsilon any node spent. Writes
 ``exit_study.json`` and ``exit_study.png`` into the first directory.
 """
 
@@ -18,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from stamen.study import plot_band
+from stamen.study import epsilon_text, final_epsilon, plot_band, privacy
 
 COLORS = {"reefl": "#55A868", "depthfl": "#4C72B0", "inclusivefl": "#8172B2", "exclusivefl": "#C44E52"}
 ORDER = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
@@ -29,13 +30,14 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
-    """Group finished runs (stamen.study.finished_runs) by (data, strategy)."""
+    """Group finished runs (stamen.study.finished_runs) by (data, strategy with its DP mode)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run, config, rows in finished:
         last = rows[-1]
         exits = sorted(int(m.group(1)) for k in last if (m := re.fullmatch(r"eval_accuracy_exit(\d+)", k)))
         thresholds = sorted(float(m.group(1)) for k in last if (m := re.fullmatch(r"eval_accuracy_at_(.+)", k)))
-        groups[(config["data.name"], config["strategy.name"])].append(
+        label = ", ".join(x for x in (config["strategy.name"], privacy(config)) if x)
+        groups[(config["data.name"], label)].append(
             {
                 "run": str(run),
                 "seed": config.get("train.seed"),
@@ -44,14 +46,21 @@ def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, st
                 "ensemble": float(last["eval_accuracy_ensemble"]),
                 "curve": [(float(last[f"eval_blocks_at_{t:g}"]), float(last[f"eval_accuracy_at_{t:g}"])) for t in thresholds],
                 "thresholds": thresholds,
+                "epsilon": final_epsilon(run),
             }
         )
     return groups
 
 
+def _strategy(label: str) -> str:
+    """"reefl, local DP eps 8" -> "reefl"."""
+    return label.split(",")[0]
+
+
 def _key(item):
-    (data, name), _ = item
-    return data, ORDER.index(name) if name in ORDER else len(ORDER), name
+    (data, label), _ = item
+    name = _strategy(label)
+    return data, ORDER.index(name) if name in ORDER else len(ORDER), label
 
 
 def table(groups) -> list[dict]:
@@ -76,6 +85,7 @@ def table(groups) -> list[dict]:
                     {"threshold": t, "blocks": statistics.mean(r["curve"][i][0] for r in runs), "accuracy": statistics.mean(r["curve"][i][1] for r in runs)}
                     for i, t in enumerate(runs[0]["thresholds"])
                 ],
+                "epsilon_max": max((r["epsilon"] for r in runs), default=math.nan),
             }
         )
     return out
@@ -93,7 +103,9 @@ def plot(groups, rows: list[dict], target: Path) -> Path:
         for (d, name), runs in sorted(groups.items(), key=_key):
             if d != data:
                 continue
-            color = COLORS.get(name)
+            color = COLORS.get(_strategy(name))
+            if name != _strategy(name):  # the same method under DP: a lighter shade
+                color = matplotlib.colors.to_rgba(color or "grey", 0.55)
             plot_band(ax_row[0], [r["mean"] for r in runs], color=color, label=f"{name} ({len(runs)} seeds)")
             row = next(r for r in rows if r["data"] == data and r["strategy"] == name)
             ax_row[1].plot(range(1, len(row["final_exit_accuracy"]) + 1), row["final_exit_accuracy"], marker="o", color=color, label=name)
@@ -115,8 +127,10 @@ def exit_study(finished: list[tuple[Path, dict, list[dict]]], out_dir: Path, ech
     if not groups:
         raise FileNotFoundError(f"no finished early-exit runs under {out_dir}")
     rows = table(groups)
-    echo("| data | strategy | seeds | rounds | mean over exits | per exit | ensemble | at threshold 0.9: accuracy / blocks run |")
-    echo("|---|---|---|---|---|---|---|---|")
+    private = any(not math.isnan(r["epsilon_max"]) for r in rows)
+    echo("| data | strategy | seeds | rounds | mean over exits | per exit | ensemble | at threshold 0.9: accuracy / blocks run |"
+         + (" epsilon spent (max) |" if private else ""))
+    echo("|---|---|---|---|---|---|---|---|" + ("---|" if private else ""))
     for r in rows:
         at = next((p for p in r["early_exit"] if p["threshold"] == 0.9), None)
         at_text = f"{at['accuracy']:.3f} / {at['blocks']:.0%}" if at else "-"
@@ -125,6 +139,7 @@ def exit_study(finished: list[tuple[Path, dict, list[dict]]], out_dir: Path, ech
             f"{r['final_mean_accuracy']:.3f} +- {r['final_mean_accuracy_std']:.3f} | "
             f"{' '.join(f'{a:.3f}' for a in r['final_exit_accuracy'])} | "
             f"{r['final_ensemble_accuracy']:.3f} +- {r['final_ensemble_accuracy_std']:.3f} | {at_text} |"
+            + (f" {epsilon_text(r['epsilon_max'])} |" if private else "")
         )
     (out_dir / "exit_study.json").write_text(json.dumps(rows, indent=2) + "\n")
     echo(f"wrote {out_dir / 'exit_study.json'} and {plot(groups, rows, out_dir / 'exit_study.png')}")

@@ -76,7 +76,7 @@ def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, st
                 "accuracy": [float(r["eval_accuracy"]) for r in rows],
                 "downlink": [int(r["downlink_bytes"]) for r in rows[1:] if r.get("downlink_bytes")],
                 "ranks": config.get("lora.rank-by-partition"),
-                "epsilon": _final_epsilon(run),
+                "epsilon": final_epsilon(run),
             }
         )
     return groups
@@ -104,7 +104,11 @@ def table(groups) -> list[dict]:
     return out
 
 
-def _final_epsilon(run: Path) -> float:
+def epsilon_text(epsilon: float) -> str:
+    return "-" if math.isnan(epsilon) else f"{epsilon:.3f}"
+
+
+def final_epsilon(run: Path) -> float:
     """The largest epsilon any node (or the central mechanism) reported: privacy.csv."""
     path = run / "privacy.csv"
     if not path.is_file():
@@ -162,7 +166,7 @@ def study(dirs: list[str | Path], echo=print) -> list[dict]:
     for r in rows:
         echo(f"| {r['setting']} | {r['strategy']} | {r['runs']} | {r['rounds']} | "
              f"{r['final_accuracy_mean']:.3f} +- {r['final_accuracy_std']:.3f} | {r['downlink_round1_mb']:.2f} MB | "
-             f"{r['downlink_later_mb']:.2f} MB |" + (f" {r['epsilon_max']:.3f} |" if private else ""))
+             f"{r['downlink_later_mb']:.2f} MB |" + (f" {epsilon_text(r['epsilon_max'])} |" if private else ""))
     (dirs[0] / "study.json").write_text(json.dumps(rows, indent=2) + "\n")
     echo(f"wrote {dirs[0] / 'study.json'} and {plot(groups, dirs[0] / 'study.png')}")
     return rows

@@ -41,10 +41,13 @@ def test_no_runs_is_an_error(tmp_path):
         study([tmp_path])
 
 
-def _exit_run(root, name, strategy, seed, means, exits, ensemble):
+def _exit_run(root, name, strategy, seed, means, exits, ensemble, epsilons=None):
     d = root / name
     d.mkdir(parents=True)
     config = {"strategy.name": strategy, "data.name": "digits", "train.seed": seed, "strategy.num-rounds": len(means) - 1}
+    if epsilons:  # a local-DP run with a target epsilon, and the privacy.csv its nodes filled
+        config.update({"dp.mode": "local", "dp.epsilon": 8.0, "dp.noise-multiplier": 0.0})
+        (d / "privacy.csv").write_text("round,node_id,epsilon\n" + "".join(f"1,{i},{e}\n" for i, e in enumerate(epsilons)))
     (d / "config.json").write_text(json.dumps(config))
     header = "round,eval_accuracy_exit1,eval_accuracy_exit2,eval_accuracy_mean,eval_accuracy_ensemble,eval_accuracy_at_0.9,eval_blocks_at_0.9"
     lines = [header] + [f"{i},{exits[0]},{exits[1]},{m},{ensemble},{exits[1]},0.75" for i, m in enumerate(means)]
@@ -55,9 +58,13 @@ def test_early_exit_runs_get_their_own_table(tmp_path):
     _exit_run(tmp_path, "1", "reefl", 0, [0.1, 0.8], [0.7, 0.9], 0.85)
     _exit_run(tmp_path, "2", "reefl", 1, [0.1, 0.6], [0.5, 0.7], 0.75)
     _exit_run(tmp_path, "3", "depthfl", 0, [0.1, 0.5], [0.4, 0.6], 0.55)
+    _exit_run(tmp_path, "4", "reefl", 0, [0.1, 0.3], [0.2, 0.4], 0.35, epsilons=[7.99, 8.0])
     lines = []
     rows = {r["strategy"]: r for r in study([tmp_path], echo=lines.append)}
-    assert set(rows) == {"reefl", "depthfl"}
+    assert set(rows) == {"reefl", "reefl, local DP eps 8", "depthfl"}  # DP runs are their own row
+    private = rows["reefl, local DP eps 8"]
+    assert private["runs"] == 1 and private["final_mean_accuracy"] == pytest.approx(0.3) and private["epsilon_max"] == 8.0
+    assert any(line.startswith("| digits | reefl, local DP eps 8 |") and line.endswith(" 8.000 |") for line in lines)
     reefl = rows["reefl"]
     assert reefl["runs"] == 2 and reefl["final_mean_accuracy"] == pytest.approx(0.7)
     assert reefl["final_mean_accuracy_std"] == pytest.approx(0.1414214, rel=1e-5)
