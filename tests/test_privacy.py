@@ -353,6 +353,39 @@ def test_fedspine_prunes_from_the_noised_gradients_and_accounts_every_phase():
     np.testing.assert_allclose(loud[without], quiet[without])
 
 
+def test_a_causal_lm_trains_under_dp_sgd_and_passes_the_per_example_check():
+    """A tiny Llama (tied embeddings, padded sequences) with LoRA on its attention: the
+    per-example check of the first step passes, and every B factor trains."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ml.tasks import CausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=20, head_dim=8, tie_word_embeddings=True))
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0), model)
+    for n, p in model.named_parameters():
+        p.requires_grad = "lora_" in n
+
+    class Sequences(CausalLM):
+        def __init__(self):  # no tokenizer: the batches are token ids already
+            pass
+
+        def batch(self, data, index):
+            ids = torch.as_tensor(data.x[index])
+            mask = torch.ones_like(ids)
+            mask[::2, 5:] = 0  # every other sequence is padded
+            return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    data = TinyData(40)
+    data.x = np.random.default_rng(0).integers(1, 30, (40, 8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    result = train_private(model, Sequences(), data, steps=3, seed=0, **{**OPTIONS, "batch_size": 8})
+    assert result.ledger.history == [(1.0, 0.2, 3)] and math.isfinite(result.loss)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+
+
 # --- the node's budget ------------------------------------------------------------------------
 def dp_config(**dp):
     import tomllib
