@@ -75,14 +75,12 @@ def train(msg: Message, context: Context) -> Message:
             pruned = _train_pruned(model, task, data, float(instr[keys.PRUNE_RATIO]), context, dict(options, private=private))
             loss = pruned["loss"]
             if privacy is not None:
-                privacy.save(context, pruned["ledger"])
-                dp_metrics = privacy.metrics(pruned["ledger"])
+                dp_metrics = privacy.spend(context, pruned["ledger"])
         elif privacy is not None:
             from ml.privacy import train_private
 
             result = train_private(model, task, data, regularizer=regularizer, **privacy.train_options(), **options)
-            privacy.save(context, result.ledger)
-            loss, dp_metrics = result.loss, privacy.metrics(result.ledger)
+            loss, dp_metrics = result.loss, privacy.spend(context, result.ledger)
         else:
             loss = train_local(model, task, data, regularizer=regularizer, **options)
     rank, alpha = int(instr[keys.LORA_RANK]), float(instr[keys.LORA_ALPHA])

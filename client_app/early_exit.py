@@ -63,10 +63,7 @@ def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Messa
             ema_decay=cfg.early_exit.loss_ema,
             private=privacy.train_options() if privacy is not None else None,
         )
-    dp_metrics = {}
-    if privacy is not None:
-        privacy.save(context, result["privacy"].ledger)
-        dp_metrics = privacy.metrics(result["privacy"].ledger)
+    dp_metrics = privacy.spend(context, result["privacy"].ledger) if privacy is not None else {}
     with phase("serialize"):
         params = dict(model.named_parameters())
         update = to_record({k: params[k].detach().cpu().numpy() for k in down})  # exactly what this node was sent

@@ -78,6 +78,12 @@ class RoundPrivacy:
 
         context.state[keys.STATE_DP_LEDGER] = to_record({"history": ledger.to_array()})
 
+    def spend(self, context: Context, ledger: Ledger) -> dict[str, float]:
+        """After training: keep ``ledger`` (this round included) in the node state and
+        return the reply's DP metrics."""
+        self.save(context, ledger)
+        return self.metrics(ledger)
+
     def metrics(self, ledger: Ledger) -> dict[str, float]:
         return {
             keys.DP_EPSILON: ledger.epsilon(self.delta),

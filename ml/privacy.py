@@ -23,6 +23,7 @@ reports, and the choices made from them (docs/privacy.md says which ones).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -114,11 +115,12 @@ def example_loss(task, model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return own(model, batch) if own is not None else task.loss(model, batch)
 
 
+@functools.cache
 def register_grad_samplers() -> None:
     """Opacus per-example gradient rules for the early-exit model's own small layers
     (ml/early_exit.py). Without them Opacus falls back to functorch, which re-runs the
     layer per example: correct (a test compares both with one-example-at-a-time
-    gradients) but slower, since ReeFL's module runs after every block. Idempotent."""
+    gradients) but slower, since ReeFL's module runs after every block. Runs once per process."""
     from opacus.grad_sample import register_grad_sampler
 
     from .early_exit import ExitTokens, LayerScale
@@ -263,7 +265,7 @@ def check_per_example_gradients(model: nn.Module, *, rtol: float = 1e-3) -> None
         if not p.requires_grad:
             continue
         per_example = getattr(p, "grad_sample", None)
-        if p.grad is None and per_example is None:
+        if p.grad is None:  # autograd never reached it (Opacus may still have filled zeros)
             unused.append(name)
             continue
         if per_example is None:

@@ -1,13 +1,13 @@
 """The early-exit study's table and plot from run directories (``stamen study`` hands the
 ReeFL / DepthFL / InclusiveFL / ExclusiveFL runs here).
 
-Finished runs (every planned round in metrics.csv; stamen.study.finished_runs) are grouped by (data.name,
-strategy.name and its DP mode, e.g. "reefl, local DP eps 8"). Per group: the final round's accuracy averaged over the exits, each
-exit's, and the ensemble's, as mean and sample std over the runs (seeds); and the
-early-exit inference curve (accuracy against the share of blocks run, one point per
-confidence threshold) of the final round, averaged over the runs; under DP, the largest
-epsilon any node spent. Writes
-``exit_study.json`` and ``exit_study.png`` into the first directory.
+Finished runs (every planned round in metrics.csv; stamen.study.finished_runs) are
+grouped by (data.name, strategy.name with its DP mode, e.g. "reefl, local DP eps 8").
+Per group: the final round's accuracy averaged over the exits, each exit's, and the
+ensemble's, as mean and sample std over the runs (seeds); the early-exit inference
+curve (accuracy against the share of blocks run, one point per confidence threshold) of
+the final round, averaged over the runs; under DP, the largest epsilon any node spent.
+Writes ``exit_study.json`` and ``exit_study.png`` into the first directory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from stamen.study import epsilon_text, final_epsilon, plot_band, privacy
+from stamen.study import epsilon_text, final_epsilon, plot_band, run_label
 
 COLORS = {"reefl": "#55A868", "depthfl": "#4C72B0", "inclusivefl": "#8172B2", "exclusivefl": "#C44E52"}
 ORDER = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
@@ -36,8 +36,7 @@ def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, st
         last = rows[-1]
         exits = sorted(int(m.group(1)) for k in last if (m := re.fullmatch(r"eval_accuracy_exit(\d+)", k)))
         thresholds = sorted(float(m.group(1)) for k in last if (m := re.fullmatch(r"eval_accuracy_at_(.+)", k)))
-        label = ", ".join(x for x in (config["strategy.name"], privacy(config)) if x)
-        groups[(config["data.name"], label)].append(
+        groups[(config["data.name"], run_label(config))].append(
             {
                 "run": str(run),
                 "seed": config.get("train.seed"),
@@ -53,7 +52,7 @@ def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, st
 
 
 def _strategy(label: str) -> str:
-    """"reefl, local DP eps 8" -> "reefl"."""
+    """"reefl, local DP eps 8" -> "reefl" (stamen.study.run_label)."""
     return label.split(",")[0]
 
 

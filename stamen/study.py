@@ -65,11 +65,15 @@ def privacy(config: dict) -> str:
     return ""
 
 
+def run_label(config: dict) -> str:
+    """The strategy with its DP mode: "flora", "reefl, local DP eps 8"."""
+    return ", ".join(x for x in (config["strategy.name"], privacy(config)) if x)
+
+
 def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run, config, rows in finished:
-        label = ", ".join(x for x in (config["strategy.name"], privacy(config)) if x)
-        groups[(label, setting(config))].append(
+        groups[(run_label(config), setting(config))].append(
             {
                 "run": str(run),
                 "seed": config.get("train.seed"),

@@ -168,7 +168,7 @@ class CentralDP(Strategy):
             {"round": server_round, "node_id": "all", "epsilon": epsilon, "delta": self.delta,
              "noise_multiplier": self.noise_multiplier, "sample_rate": 1.0, "steps": self.releases, "status": "central"}
         )
-        metrics["dp-epsilon"] = epsilon
+        metrics[keys.DP_EPSILON] = epsilon
         return to_record(noised), metrics
 
     def epsilon(self) -> float:
