@@ -1,10 +1,21 @@
 """train_s follows the CPU a node gets: two stamen-supernodes do the same fixed amount of
-single-threaded work, one of them inside a cgroup limited to a quarter of a core. Its
-measured training loop must take about 4x as long. The quarter core is shared with
-everything else in that cgroup (the SuperNode's gRPC polling, the ClientApp process's
-resource sampler and Flower threads), so the loop gets a little less than a quarter and
-the ratio sits above 4 (4.7x and 5.4x seen on 2-core machines). Accepted: 3x to 8x; below
-3x the quota is not applied, above 8x the group got less than half the quarter core.
+single-threaded work, one of them inside a cgroup limited to a quarter of a core.
+
+What the quota guarantees is the CPU share, not a wall-time ratio: the unlimited node
+competes on a 2-core machine with the SuperLink, the SuperExec, the ServerApp and the
+other node, so its own loop may get well under a full core (CI once measured 0.73 s where
+an idle machine gives 0.64 s, which took a bare "4x slower" ratio down to 2.99x). So the
+test reads the CPU each ClientApp process actually got (``cpu_mean_pct``, sampled by
+psutil during training) and checks:
+
+- the limited node got at most a quarter core (30 % allowing for sampling) and the other
+  more than half a core: the quota is applied, to the right node only;
+- the loop took longer by at least 2x, and by at most 8x (below half the quarter core);
+- both did the same CPU work: loop_s x CPU share agrees between the nodes within
+  0.7-1.4x, i.e. the wall time grew by exactly what the lost CPU explains.
+
+On an idle 2-core machine: 21.9 % vs 99 % CPU, loop 2.79 s vs 0.64 s (4.4x), CPU work
+0.97x.
 
 Needs root and a cgroup cpu controller; skipped with the reason otherwise.
 """
@@ -38,7 +49,16 @@ def test_train_time_grows_with_a_cpu_quota(tmp_path):
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     by_class = {r["device_class"]: r for r in rows}  # node-config labels, carried by the ClientApp mod
     slow, fast = by_class["raspberry-pi"], by_class["cpu"]
-    ratio = float(slow["loop_s"]) / float(fast["loop_s"])
-    print(f"loop_s: {float(slow['loop_s']):.3f} s at 0.25 CPU vs {float(fast['loop_s']):.3f} s: {ratio:.2f}x")
-    assert 3.0 < ratio < 8.0
+    loop = {name: float(row["loop_s"]) for name, row in (("slow", slow), ("fast", fast))}
+    share = {name: float(row["cpu_mean_pct"]) / 100 for name, row in (("slow", slow), ("fast", fast))}
+    ratio = loop["slow"] / loop["fast"]
+    work = (loop["slow"] * share["slow"]) / (loop["fast"] * share["fast"])
+    print(
+        f"loop_s {loop['slow']:.3f} s at {share['slow']:.0%} CPU (quota 25%) vs {loop['fast']:.3f} s at "
+        f"{share['fast']:.0%}: {ratio:.2f}x slower, CPU work ratio {work:.2f}"
+    )
+    assert share["slow"] <= 0.30, "the quota was not applied to the limited node"
+    assert share["fast"] > 0.50, "the unlimited node did not get more than half a core"
+    assert 2.0 < ratio < 8.0
+    assert 0.7 < work < 1.4, "the slowdown is not what the lost CPU share explains"
     assert float(slow["train_s"]) > float(fast["train_s"])
