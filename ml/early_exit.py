@@ -449,8 +449,7 @@ def train_early_exit(
         from .privacy import train_private
 
         result = train_private(
-            model, task, data, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-            head_learning_rate=exit_learning_rate, seed=seed, loss=step_loss, groups=groups, losses=losses, **private,
+            model, task, data, steps=steps, batch_size=batch_size, seed=seed, loss=step_loss, groups=groups, losses=losses, **private,
         )
         return {
             "loss": result.loss,

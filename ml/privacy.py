@@ -154,8 +154,8 @@ def train_private(
     *,
     steps: int,
     batch_size: int,
-    learning_rate: float,
-    head_learning_rate: float,
+    learning_rate: float | None = None,
+    head_learning_rate: float | None = None,
     seed: int,
     noise_multiplier: float,
     max_grad_norm: float,
@@ -174,8 +174,8 @@ def train_private(
 
     ``loss(model, batch) -> tensor``, if given, replaces the task's per-example loss (the
     early-exit objectives): it must be a mean over the batch of terms that each depend on
-    one example only. ``groups``, if given, are the optimizer's parameter groups instead
-    of the LoRA/head groups at ``learning_rate`` / ``head_learning_rate``. ``on_step()``,
+    one example only. The optimizer's parameter groups are either the LoRA/head groups at
+    ``learning_rate`` / ``head_learning_rate`` or, instead, the explicit ``groups``. ``on_step()``,
     if given, runs once the step's clipped and noised gradients are in ``p.grad`` (before
     the regularizer's): what it reads of them is post-processing and costs no privacy
     (FedSpine's unit importance).
@@ -188,6 +188,11 @@ def train_private(
 
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError(f"DP-SGD needs a positive noise multiplier and clipping norm, got {noise_multiplier} and {max_grad_norm}")
+    rates = (learning_rate, head_learning_rate)
+    if groups is None and None in rates:
+        raise TypeError("train_private needs learning_rate and head_learning_rate, or explicit parameter groups")
+    if groups is not None and rates != (None, None):
+        raise TypeError("train_private takes explicit parameter groups or learning rates, not both")
     ledger = ledger or Ledger()
     register_grad_samplers()
     trainable = [p for p in model.parameters() if p.requires_grad]

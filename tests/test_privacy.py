@@ -145,6 +145,17 @@ def test_a_data_free_regularizer_is_added_after_the_noise():
     assert result.ledger.steps == 3 and math.isfinite(result.loss)
 
 
+def test_the_optimizer_groups_come_from_the_learning_rates_or_explicit_groups_not_both():
+    model = tiny_lora_classifier()
+    common = {k: v for k, v in OPTIONS.items() if "learning_rate" not in k}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}]
+    with pytest.raises(TypeError, match="needs learning_rate and head_learning_rate"):
+        train_private(model, TinyTask(), TinyData(40), steps=1, seed=0, learning_rate=1e-2, **common)
+    with pytest.raises(TypeError, match="not both"):
+        train_private(model, TinyTask(), TinyData(40), steps=1, seed=0, groups=groups, **OPTIONS)
+    assert train_private(model, TinyTask(), TinyData(40), steps=1, seed=0, groups=groups, **common).ledger.steps == 1
+
+
 def test_causal_lm_example_loss_is_the_mean_of_each_sequences_own_loss():
     from transformers import LlamaConfig, LlamaForCausalLM
 
