@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-CENTRAL_DP_STRATEGIES = ("flora", "fedit")  # their aggregate is a (uniform) average of per-node updates
+CENTRAL_DP_STRATEGIES = ("flora", "fedit", "flexlora")  # their aggregate is a (uniform) average of per-node updates
 LORA_STRATEGIES = ("flora", "fedit", "hetlora", "flexlora", "fedspine")
 EARLY_EXIT_STRATEGIES = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
 STRATEGIES = LORA_STRATEGIES + EARLY_EXIT_STRATEGIES

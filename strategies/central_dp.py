@@ -13,6 +13,11 @@ LoRA factors), so that difference is not defined here. Instead, a node's update 
   exactly.
 * ``factors`` space (FedIT, whose aggregate is the mean of the factors): ``A_k - A``,
   ``B_k - B`` (the adapter the node was sent) and the head's change, clipped as one vector.
+* ``product-change`` space (FlexLoRA, whose aggregate is the mean of the nodes' products
+  before an SVD, and whose nodes start from a truncation ``s_k B0_k A0_k`` of the previous
+  delta): ``s_k B_k A_k - s_k B0_k A0_k`` per adapted matrix and the head's change. The
+  clipped change is not a rank-r_k product, so the wrapper clips the head and hands the
+  clip factors to the strategy (``clip_updates``), which applies them to the dense sum.
 
 Then every node weighs the same (``num-examples`` is set to 1: with example-weighted
 means one node's influence is not bounded by ``C / n``), the wrapped strategy aggregates,
@@ -28,7 +33,8 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -57,6 +63,20 @@ def factor_update(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], he
     return out + [arrays[k] - head_now[k] for k in sorted(head_now)]
 
 
+def product_change(
+    arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], scaling: float, head_now: dict[str, np.ndarray]
+) -> list[np.ndarray]:
+    """A product-change update: ``s B A - s B0 A0`` per adapted matrix (``B0, A0`` the
+    adapter the node was sent; none: a fresh LoRA, product 0), and the head's change."""
+    modules = sorted(k.removesuffix(keys.LORA_A) for k in arrays if k.endswith(keys.LORA_A))
+    out = []
+    for m in modules:
+        product = scaling * arrays[m + keys.LORA_B].astype(np.float64) @ arrays[m + keys.LORA_A].astype(np.float64)
+        a0, b0 = sent.get(keys.INIT_PREFIX + m + keys.LORA_A), sent.get(keys.INIT_PREFIX + m + keys.LORA_B)
+        out.append(product if a0 is None or b0 is None else product - scaling * b0.astype(np.float64) @ a0.astype(np.float64))
+    return out + [arrays[k] - head_now[k] for k in sorted(head_now)]
+
+
 def norm_of(parts: list[np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts)))
 
@@ -71,11 +91,14 @@ def clip_reply(
     clipping_norm: float,
 ) -> tuple[dict[str, np.ndarray], float]:
     """The reply's arrays with its update clipped to ``clipping_norm`` in ``space``; and
-    the update's norm before clipping."""
+    the update's norm before clipping. In ``product-change`` space only the head is
+    clipped here: the strategy scales the factors' change (``clip_updates``)."""
     if space == "product":
         norm = norm_of(product_update(arrays, scaling, head_now))
     elif space == "factors":
         norm = norm_of(factor_update(arrays, sent, head_now))
+    elif space == "product-change":
+        norm = norm_of(product_change(arrays, sent, scaling, head_now))
     else:
         raise ValueError(f"unknown central-DP space {space!r}")
     c = clip_factor(norm, clipping_norm)
@@ -86,7 +109,7 @@ def clip_reply(
         for k in arrays:
             if k.endswith(keys.LORA_B):
                 out[k] = (c * arrays[k]).astype(arrays[k].dtype)
-    else:
+    elif space == "factors":
         for k, start in sent.items():
             name = k.removeprefix(keys.INIT_PREFIX)
             out[name] = (start + c * (arrays[name] - start)).astype(arrays[name].dtype)
@@ -94,8 +117,8 @@ def clip_reply(
 
 
 class CentralDP(Strategy):
-    """Wraps a LoRA strategy with ``central_dp_space`` set (FLoRA, FedIT): clips each
-    node's update, weighs nodes equally, and has the strategy noise what it releases."""
+    """Wraps a LoRA strategy with ``central_dp_space`` set (FLoRA, FedIT, FlexLoRA): clips
+    each node's update, weighs nodes equally, and has the strategy noise what it releases."""
 
     def __init__(self, strategy, *, noise_multiplier: float, clipping_norm: float, delta: float, seed: int = 0) -> None:
         super().__init__()
@@ -109,6 +132,7 @@ class CentralDP(Strategy):
         self.rng = np.random.default_rng(seed)
         self._head_now: dict[str, np.ndarray] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}
+        self._instructions: dict[int, Message] = {}
         self.releases = 0
 
     def __getattr__(self, name):  # rounds, privacy_log, attach_run, finish, ...: the wrapped strategy's
@@ -123,6 +147,7 @@ class CentralDP(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         _, self._head_now = split_global(from_record(arrays))
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._instructions = {m.metadata.dst_node_id: m for m in messages}
         self._sent = {
             m.metadata.dst_node_id: {
                 k: v for k, v in from_record(m.content.array_records[keys.ARRAYS]).items() if k.startswith(keys.INIT_PREFIX)
@@ -133,8 +158,8 @@ class CentralDP(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        norms = []
-        for msg in replies:
+        norms, scales = [], {}
+        for i, msg in enumerate(replies):
             if msg.has_error() or keys.ARRAYS not in msg.content.array_records or keys.METRICS not in msg.content.metric_records:
                 continue  # the wrapped strategy drops it with its reason
             metrics = msg.content.metric_records[keys.METRICS]
@@ -145,12 +170,16 @@ class CentralDP(Strategy):
                 clipped, norm = clip_reply(
                     arrays, space=self.space, scaling=scaling, head_now=self._head_now, sent=sent, clipping_norm=self.clipping_norm
                 )
-            except (KeyError, ValueError) as err:  # malformed: leave it to the wrapped strategy's checks
-                log(WARNING, "central DP: cannot clip node %d's reply (%s)", msg.metadata.src_node_id, err)
+            except (KeyError, ValueError) as err:  # an update that is not clipped must not be aggregated
+                log(WARNING, "central DP: cannot clip node %d's reply (%s); it is dropped", msg.metadata.src_node_id, err)
+                replies[i] = self._unclippable(msg, err)
                 continue
             norms.append(norm)
+            scales[msg.metadata.src_node_id] = clip_factor(norm, self.clipping_norm)
             msg.content[keys.ARRAYS] = to_record(clipped)
             metrics[keys.NUM_EXAMPLES] = 1  # every node weighs the same
+        if self.space == "product-change":
+            self.strategy.clip_updates(scales)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
@@ -170,6 +199,15 @@ class CentralDP(Strategy):
         )
         metrics[keys.DP_EPSILON] = epsilon
         return to_record(noised), metrics
+
+    def _unclippable(self, msg: Message, err: Exception) -> Message:
+        """An error reply in place of ``msg``: the wrapped strategy drops the node with this reason."""
+        reason = f"central DP cannot clip this update ({err!r})"
+        instruction = self._instructions.get(msg.metadata.src_node_id)
+        if instruction is None:  # a reply to nothing sent this round: strip its update instead
+            msg.content = RecordDict()
+            return msg
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=instruction)
 
     def epsilon(self) -> float:
         """Epsilon after the releases so far: Gaussian mechanism, no amplification."""

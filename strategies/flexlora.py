@@ -17,16 +17,27 @@ explodes), which is what the next round of local training needs. Clients train o
 of the frozen W0 starting from the truncation they received, so each client's product
 already holds the global state it started from: the new global delta is the weighted
 mean of the clients' products, not a sum over rounds. The global model is W0 + dW.
+
+Under central DP (strategies/central_dp.py) a node's product is not its update: it holds
+the truncation T_k = s_k B0_k A0_k it was sent. Clipping the product would cap the global
+delta itself at the clipping norm. So the wrapper clips the change ``s_k B_k A_k - T_k``
+(and the head's) to norm C, and the delta is
+
+    dW = mean_k [ T_k + c_k (s_k B_k A_k - T_k) ]     (c_k = min(1, C / norm_k), equal weights)
+
+T_k depends only on the previous, already released delta and the node's rank, so it
+costs no privacy. The noise goes into the dense dW, before the SVD: every truncation the
+nodes receive next is post-processing of the noised sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .adapter import AdapterStrategy
-from .lora_records import ClientLoRA, Factors
+from .lora_records import ClientLoRA, Factors, join_global, split_global
 
 
 def full_delta(updates: Sequence[ClientLoRA]) -> dict[str, np.ndarray]:
@@ -43,6 +54,30 @@ def full_delta(updates: Sequence[ClientLoRA]) -> dict[str, np.ndarray]:
             if module in out and out[module].shape != term.shape:
                 raise ValueError(f"client {k}, {module}: delta {term.shape} differs from {out[module].shape}")
             out[module] = out.get(module, 0.0) + term
+    return out
+
+
+def clipped_delta(
+    updates: Sequence[ClientLoRA], starts: Mapping[int, Factors], scales: Mapping[int, float]
+) -> dict[str, np.ndarray]:
+    """mean_k [T_k + c_k (s_k B_k A_k - T_k)] per module, every node weighing the same:
+    ``starts[node]`` are the factors node k was sent (T_k = s_k B0 A0; none: T_k = 0, a
+    fresh LoRA) and ``scales[node]`` its clip factor c_k."""
+    if not updates:
+        raise ValueError("clipped_delta needs at least one client update")
+    out: dict[str, np.ndarray] = {}
+    for u in updates:
+        c = float(scales[u.node_id])
+        start = starts.get(u.node_id, {})
+        for module, (a, b) in u.factors.items():
+            product = u.scaling * (b.astype(np.float64) @ a.astype(np.float64))
+            if module in start:
+                a0, b0 = start[module]
+                sent = u.scaling * (b0.astype(np.float64) @ a0.astype(np.float64))
+                term = sent + c * (product - sent)
+            else:
+                term = c * product
+            out[module] = out.get(module, 0.0) + term / len(updates)
     return out
 
 
@@ -87,13 +122,25 @@ def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, sc
     return a, b
 
 
+def dense_svd(delta: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return {m: np.linalg.svd(d, full_matrices=False) for m, d in delta.items()}
+
+
 class FlexLoRA(AdapterStrategy):
     """Aggregate the full delta; each node starts from its rank's SVD truncation of it."""
+
+    central_dp_space = "product-change"  # the change of s B A from the truncation sent (module docstring)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.global_delta: dict[str, np.ndarray] = {}
         self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # one SVD per module and round
+        self._starts: dict[int, Factors] = {}  # what each node was sent this round
+        self._clip_scales: dict[int, float] | None = None  # central DP: this round's c_k
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self._starts = {}
+        return super().configure_train(server_round, arrays, config, grid)
 
     def initial_factors(self, node_id: int) -> Factors | None:
         if not self._svd:  # round 1: nothing to redistribute; a fresh LoRA (B = 0) trains
@@ -104,10 +151,21 @@ class FlexLoRA(AdapterStrategy):
         for m, (u, s, vt) in self._svd.items():
             a, b = factors_from_svd(u, s, vt, rank, scaling)
             out[m] = (a.astype(np.float32), b.astype(np.float32))
+        self._starts[node_id] = out
         return out
+
+    def clip_updates(self, scales: Mapping[int, float]) -> None:
+        """Central DP: the next :meth:`combine` scales node k's change by ``scales[k]``."""
+        self._clip_scales = dict(scales)
 
     def combine(self, updates: list[ClientLoRA]) -> None:
         from .flora import stack_lora
+
+        if self._clip_scales is not None:  # central DP: a dense mean of clipped changes
+            self.global_delta = clipped_delta(updates, self._starts, self._clip_scales)
+            self._svd = dense_svd(self.global_delta)  # taken again of the noised delta (noise_release)
+            self._clip_scales = None
+            return
 
         # dW = B_stack A_stack (FLoRA's stack is exactly sum_k p_k s_k B_k A_k); its SVD from
         # the factors when the summed rank is below the matrix size, else from dW itself
@@ -123,3 +181,13 @@ class FlexLoRA(AdapterStrategy):
 
     def delta(self) -> dict[str, np.ndarray]:
         return self.global_delta
+
+    def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
+        """Noise the dense delta before its SVD (every truncation sent next round is then
+        post-processing) and the head; the weights the server keeps are W0 + noised dW."""
+        assert self.base is not None
+        self.global_delta = {m: noise(d) for m, d in self.global_delta.items()}
+        self._svd = dense_svd(self.global_delta)
+        _, head = split_global(new_global)
+        merged = {m: (w + self.global_delta[m]).astype(w.dtype) if m in self.global_delta else w for m, w in self.base.items()}
+        return join_global(merged, {k: noise(v) for k, v in head.items()})

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
+from ml.privacy import Ledger
 from stamen import keys
-from strategies.central_dp import CentralDP, clip_factor, clip_reply, norm_of, product_update
+from strategies.central_dp import CentralDP, clip_factor, clip_reply, norm_of, product_change, product_update
 from strategies.fedit import FedIT
 from strategies.flora import FLoRA
 from strategies.lora_records import from_record, to_record
@@ -110,3 +111,109 @@ def test_central_dp_refuses_a_strategy_it_cannot_bound():
 
     with pytest.raises(ValueError, match="does not support central DP"):
         CentralDP(HetLoRA(node_ranks={}, default_rank=2, lora_alpha=4.0), noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5)
+
+
+# --- FlexLoRA: the change of s B A from the truncation each node was sent --------------
+
+
+def factors(a, b):
+    return {"m" + keys.LORA_A: np.array(a, float), "m" + keys.LORA_B: np.array(b, float)}
+
+
+def test_flexlora_clipped_delta_is_the_mean_of_sent_plus_scaled_change():
+    from strategies.flexlora import clipped_delta
+    from strategies.lora_records import ClientLoRA
+
+    # node 1 was sent T = [[1, 0], [0, 0]] and replies 3x that: change [[2, 0], [0, 0]], halved
+    # node 2 started fresh (T = 0) and replies [[0, 0], [0, 2]], kept whole
+    one = ClientLoRA({"m": (np.array([[1.0, 0.0]]), np.array([[3.0], [0.0]]))}, num_examples=10, scaling=1.0, node_id=1)
+    two = ClientLoRA({"m": (np.array([[0.0, 1.0]]), np.array([[0.0], [2.0]]))}, num_examples=90, scaling=1.0, node_id=2)
+    starts = {1: {"m": (np.array([[1.0, 0.0]]), np.array([[1.0], [0.0]]))}}
+    delta = clipped_delta([one, two], starts, {1: 0.5, 2: 1.0})
+    np.testing.assert_allclose(delta["m"], [[1.0, 0.0], [0.0, 1.0]])  # ([[2, 0], [0, 0]] + [[0, 0], [0, 2]]) / 2
+
+
+def test_product_change_is_measured_from_the_sent_adapter():
+    sent = {keys.INIT_PREFIX + k: v for k, v in factors([[1.0, 0.0]], [[1.0], [0.0]]).items()}
+    arrays = {**factors([[1.0, 0.0]], [[3.0], [0.0]]), "head.bias": np.array([1.0])}
+    head_now = {"head.bias": np.array([1.0])}
+    assert norm_of(product_change(arrays, sent, 2.0, head_now)) == pytest.approx(4.0)  # 2 * (3 - 1)
+    assert norm_of(product_change(arrays, {}, 2.0, head_now)) == pytest.approx(6.0)  # fresh: the product itself
+    clipped, norm = clip_reply(arrays, space="product-change", scaling=2.0, head_now=head_now, sent=sent, clipping_norm=1.0)
+    assert norm == pytest.approx(4.0)
+    np.testing.assert_array_equal(clipped["m" + keys.LORA_B], arrays["m" + keys.LORA_B])  # the strategy scales the change
+
+
+def flexlora_reply(instruction, rank, n, change):
+    """A node's reply: the factors it was sent (round 1: a fresh A, B = 0) with B moved."""
+    sent = from_record(instruction.content.array_records[keys.ARRAYS])
+    a0 = sent.get(keys.INIT_PREFIX + "layer.q" + keys.LORA_A)
+    b0 = sent.get(keys.INIT_PREFIX + "layer.q" + keys.LORA_B)
+    rng = np.random.default_rng(rank * 1000 + n)
+    a = a0 if a0 is not None else rng.normal(size=(rank, IN)) / np.sqrt(IN)
+    b = (b0 if b0 is not None else np.zeros((OUT, rank))) + change * rng.normal(size=(OUT, rank))
+    arrays = {"layer.q" + keys.LORA_A: a, "layer.q" + keys.LORA_B: b, "head.weight": np.ones((2, IN)), "head.bias": np.ones(2)}
+    metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 1.0, keys.LORA_ALPHA: 4.0, keys.LORA_RANK: rank})
+    return Message(RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}), reply_to=instruction), arrays, sent
+
+
+def flexlora_rounds(fake_grid, noise_multiplier, rounds, change=5.0):
+    from strategies.flexlora import FlexLoRA
+
+    inner = FlexLoRA(node_ranks={1: 2, 2: 4}, default_rank=2, lora_alpha=4.0, min_nodes=1)
+    dp = CentralDP(inner, noise_multiplier=noise_multiplier, clipping_norm=1.0, delta=1e-5, seed=0)
+    g = global_state()
+    w0 = g["layer.q.weight"].copy()
+    history = []
+    for rnd in range(1, rounds + 1):
+        msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(rnd, to_record(g), ConfigRecord(), fake_grid([1, 2]))}
+        out = [flexlora_reply(msgs[node], rank, n, change) for node, rank, n in ((1, 2, 10), (2, 4, 90))]
+        head_now = {k: g[k] for k in ("head.weight", "head.bias")}
+        expected = w0.copy()  # W0 + the equal-weight mean of T_k + c_k (s B A - T_k)
+        for (_, arrays, sent), rank in zip(out, (2, 4)):
+            s = 4.0 / rank
+            change_k = product_change(arrays, sent, s, head_now)
+            c = clip_factor(norm_of(change_k), 1.0)
+            a0, b0 = (sent.get(keys.INIT_PREFIX + "layer.q" + x) for x in (keys.LORA_A, keys.LORA_B))
+            t = 0.0 if a0 is None else s * b0 @ a0  # round 1: a fresh LoRA
+            expected += 0.5 * (t + c * change_k[0])
+        new, metrics = dp.aggregate_train(rnd, [r for r, _, _ in out])
+        g = from_record(new)
+        history.append((g, expected, metrics, msgs))
+    return dp, inner, w0, history
+
+
+
+def test_flexlora_under_central_dp_without_noise_is_the_mean_of_clipped_changes(flower_identity, fake_grid):
+    dp, inner, w0, history = flexlora_rounds(fake_grid, 1e-12, rounds=6)
+    for g, expected, _, _ in history:
+        np.testing.assert_allclose(g["layer.q.weight"], expected, atol=1e-6)  # example counts 10 / 90 ignored
+    # each round moves the delta by at most C = 1 (every change here is clipped); clipping
+    # the products themselves instead would hold the delta's norm at 1 for ever
+    norms = [np.linalg.norm(g["layer.q.weight"] - w0) for g, _, _, _ in history]
+    assert norms[0] <= 1.0 + 1e-6 and norms[-1] > 2.0  # 0.71 ... 2.72 over 6 rounds
+    assert all(b - a <= 1.0 + 1e-6 for a, b in zip([0.0] + norms, norms))
+
+
+def test_flexlora_under_central_dp_noises_the_dense_delta_before_the_svd(flower_identity, fake_grid):
+    dp, inner, w0, history = flexlora_rounds(fake_grid, 1.0, rounds=2)
+    (g1, expected1, metrics1, _), (_, _, _, msgs2) = history
+    noise = g1["layer.q.weight"] - expected1
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)  # z C / n over 1,200 entries
+    assert metrics1["dp-epsilon"] == pytest.approx(Ledger([(1.0, 1.0, 1)]).epsilon(1e-5))  # one Gaussian release
+    # what node 1 (rank 2) started from in round 2: the rank-2 truncation of the noised delta
+    sent = from_record(msgs2[1].content.array_records[keys.ARRAYS])
+    start = 2.0 * sent[keys.INIT_PREFIX + "layer.q" + keys.LORA_B].astype(np.float64) @ sent[keys.INIT_PREFIX + "layer.q" + keys.LORA_A]
+    u, s, vt = np.linalg.svd(g1["layer.q.weight"] - w0)
+    np.testing.assert_allclose(start, (u[:, :2] * s[:2]) @ vt[:2], atol=1e-4)
+
+
+def test_a_reply_central_dp_cannot_clip_is_dropped_not_aggregated_unclipped(flower_identity, fake_grid):
+    inner = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=4.0, min_nodes=1)
+    dp = CentralDP(inner, noise_multiplier=1e-12, clipping_norm=1.0, delta=1e-5, seed=0)
+    msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
+    (r1, _), (r2, _) = reply(msgs[1], 2, 10, 1), reply(msgs[2], 2, 90, 2)
+    del r2.content.metric_records[keys.METRICS][keys.LORA_RANK]  # no rank: its scaling, so its norm, is unknown
+    _, metrics = dp.aggregate_train(1, [r1, r2])
+    assert metrics["num-clients"] == 1
+    assert "central DP cannot clip" in inner.rounds[-1].dropped[2]
