@@ -1,6 +1,7 @@
-"""The server's side of differential privacy: ``privacy.csv`` and the final summary of what
-each node spent (``dp.mode = "local"``), and the central-DP wrapper by configuration
-(``dp.mode = "central"``; strategies/central_dp.py). docs/privacy.md has the guarantees."""
+"""The server's side of differential privacy in the run directory: ``privacy.csv`` and the
+final summary of what each node spent (``dp.mode = "local"``) or what the central-DP
+wrapper released (``dp.mode = "central"``; strategies/central_dp.py, wrapped in
+server_app/app.py). docs/privacy.md has the guarantees."""
 
 from __future__ import annotations
 

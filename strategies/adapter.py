@@ -88,6 +88,11 @@ class AdapterStrategy(LoRAStrategy):
     ) -> dict[str, np.ndarray]:
         assert self.base is not None, "configure_train runs before aggregate_train"
         self.combine(updates)
+        return self.global_arrays(weighted_mean(heads, [u.num_examples for u in updates]))
+
+    def global_arrays(self, head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """W0 + the global adapter's delta, with ``head``: what the server keeps."""
+        assert self.base is not None
         delta = self.delta()
         merged = {m: (w + delta[m]).astype(w.dtype) if m in delta else w for m, w in self.base.items()}
-        return join_global(merged, weighted_mean(heads, [u.num_examples for u in updates]))
+        return join_global(merged, head)

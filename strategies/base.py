@@ -134,7 +134,7 @@ class LoRAStrategy(SampledStrategy):
         self._current: RoundRecord | None = None
         self._global: dict[str, np.ndarray] = {}
 
-    central_dp_space: str | None = None  # "product" | "factors": dp.mode = "central" can wrap it (strategies/central_dp.py)
+    central_dp_space: str | None = None  # "product" | "factors" | "product-change": dp.mode = "central" can wrap it (strategies/central_dp.py)
     accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
     accepts_pruned_units = False  # True: a reply carries factors of pruned matrices and the kept indices (FedSpine)
 

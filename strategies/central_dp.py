@@ -33,7 +33,8 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.app.message import make_message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -132,7 +133,6 @@ class CentralDP(Strategy):
         self.rng = np.random.default_rng(seed)
         self._head_now: dict[str, np.ndarray] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}
-        self._instructions: dict[int, Message] = {}
         self.releases = 0
 
     def __getattr__(self, name):  # rounds, privacy_log, attach_run, finish, ...: the wrapped strategy's
@@ -147,7 +147,6 @@ class CentralDP(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         _, self._head_now = split_global(from_record(arrays))
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        self._instructions = {m.metadata.dst_node_id: m for m in messages}
         self._sent = {
             m.metadata.dst_node_id: {
                 k: v for k, v in from_record(m.content.array_records[keys.ARRAYS]).items() if k.startswith(keys.INIT_PREFIX)
@@ -200,14 +199,11 @@ class CentralDP(Strategy):
         metrics[keys.DP_EPSILON] = epsilon
         return to_record(noised), metrics
 
-    def _unclippable(self, msg: Message, err: Exception) -> Message:
-        """An error reply in place of ``msg``: the wrapped strategy drops the node with this reason."""
-        reason = f"central DP cannot clip this update ({err!r})"
-        instruction = self._instructions.get(msg.metadata.src_node_id)
-        if instruction is None:  # a reply to nothing sent this round: strip its update instead
-            msg.content = RecordDict()
-            return msg
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=instruction)
+    @staticmethod
+    def _unclippable(msg: Message, err: Exception) -> Message:
+        """An error reply in place of ``msg`` (its metadata, no content): the wrapped
+        strategy drops the node with this reason."""
+        return make_message(msg.metadata, error=Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"central DP cannot clip this update ({err!r})"))
 
     def epsilon(self) -> float:
         """Epsilon after the releases so far: Gaussian mechanism, no amplification."""

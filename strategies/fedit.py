@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .adapter import AdapterStrategy, initial_adapter
-from .lora_records import ClientLoRA, Factors, join_global, split_global
+from .lora_records import ClientLoRA, Factors, split_global
 
 
 def average_factors(updates: Sequence[ClientLoRA]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -83,9 +83,7 @@ class FedIT(AdapterStrategy):
     def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
         """What the nodes receive is the global adapter (and the head): noise those; the
         weights the server keeps are W0 + the noised adapter's product."""
-        assert self.adapter is not None and self.base is not None
+        assert self.adapter is not None
         self.adapter = {m: (noise(a), noise(b)) for m, (a, b) in self.adapter.items()}
-        delta = self.delta()
         _, head = split_global(new_global)
-        merged = {m: (w + delta[m]).astype(w.dtype) if m in delta else w for m, w in self.base.items()}
-        return join_global(merged, {k: noise(v) for k, v in head.items()})
+        return self.global_arrays({k: noise(v) for k, v in head.items()})

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .adapter import AdapterStrategy
-from .lora_records import ClientLoRA, Factors, join_global, split_global
+from .lora_records import ClientLoRA, Factors, split_global
 
 
 def full_delta(updates: Sequence[ClientLoRA]) -> dict[str, np.ndarray]:
@@ -122,10 +122,6 @@ def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, sc
     return a, b
 
 
-def dense_svd(delta: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    return {m: np.linalg.svd(d, full_matrices=False) for m, d in delta.items()}
-
-
 class FlexLoRA(AdapterStrategy):
     """Aggregate the full delta; each node starts from its rank's SVD truncation of it."""
 
@@ -134,24 +130,21 @@ class FlexLoRA(AdapterStrategy):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.global_delta: dict[str, np.ndarray] = {}
-        self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # one SVD per module and round
-        self._starts: dict[int, Factors] = {}  # what each node was sent this round
+        # one SVD per module and round; None: not taken yet (central DP: of the noised delta)
+        self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = {}
         self._clip_scales: dict[int, float] | None = None  # central DP: this round's c_k
 
-    def configure_train(self, server_round, arrays, config, grid):
-        self._starts = {}
-        return super().configure_train(server_round, arrays, config, grid)
-
     def initial_factors(self, node_id: int) -> Factors | None:
-        if not self._svd:  # round 1: nothing to redistribute; a fresh LoRA (B = 0) trains
+        if not self.global_delta:  # round 1: nothing to redistribute; a fresh LoRA (B = 0) trains
             return None
+        if self._svd is None:
+            self._svd = {m: np.linalg.svd(d, full_matrices=False) for m, d in self.global_delta.items()}
         rank = self.rank_of(node_id)
         scaling = self.lora_alpha / rank
         out = {}
         for m, (u, s, vt) in self._svd.items():
             a, b = factors_from_svd(u, s, vt, rank, scaling)
             out[m] = (a.astype(np.float32), b.astype(np.float32))
-        self._starts[node_id] = out
         return out
 
     def clip_updates(self, scales: Mapping[int, float]) -> None:
@@ -162,9 +155,9 @@ class FlexLoRA(AdapterStrategy):
         from .flora import stack_lora
 
         if self._clip_scales is not None:  # central DP: a dense mean of clipped changes
-            self.global_delta = clipped_delta(updates, self._starts, self._clip_scales)
-            self._svd = dense_svd(self.global_delta)  # taken again of the noised delta (noise_release)
-            self._clip_scales = None
+            starts = {u.node_id: self.initial_factors(u.node_id) or {} for u in updates}  # what each was sent
+            self.global_delta = clipped_delta(updates, starts, self._clip_scales)
+            self._svd, self._clip_scales = None, None  # the SVD: when first needed, of the released (noised) delta
             return
 
         # dW = B_stack A_stack (FLoRA's stack is exactly sum_k p_k s_k B_k A_k); its SVD from
@@ -185,9 +178,7 @@ class FlexLoRA(AdapterStrategy):
     def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
         """Noise the dense delta before its SVD (every truncation sent next round is then
         post-processing) and the head; the weights the server keeps are W0 + noised dW."""
-        assert self.base is not None
         self.global_delta = {m: noise(d) for m, d in self.global_delta.items()}
-        self._svd = dense_svd(self.global_delta)
+        self._svd = None
         _, head = split_global(new_global)
-        merged = {m: (w + self.global_delta[m]).astype(w.dtype) if m in self.global_delta else w for m, w in self.base.items()}
-        return join_global(merged, {k: noise(v) for k, v in head.items()})
+        return self.global_arrays({k: noise(v) for k, v in head.items()})
