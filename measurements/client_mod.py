@@ -83,6 +83,7 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
             reply = call_next(msg, context)
         duration = time.perf_counter() - t0
         values.update({f"{name}_s": seconds for name, seconds in phases.durations.items()})
+        values.update({f"{name}_cpu_s": seconds for name, seconds in phases.cpu.items()})
         values.update(sampler.summary())
         if (gpu := gpu_peak_memory_bytes()) is not None:
             values["gpu_mem_peak_bytes"] = float(gpu)

@@ -74,6 +74,15 @@ class Sample:
     gpu_mem_bytes: int | None
 
 
+def _cpu_seconds(process: psutil.Process) -> float | None:
+    """User + system CPU seconds of ``process`` (every thread), None once it is gone."""
+    try:
+        t = process.cpu_times()
+    except psutil.Error:
+        return None
+    return t.user + t.system
+
+
 class ResourceSampler:
     """``with ResourceSampler(0.5) as s: ...`` then ``s.samples`` and ``s.summary()``."""
 
@@ -91,10 +100,14 @@ class ResourceSampler:
         self.on_sample = on_sample
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start: tuple[float, float | None] = (0.0, None)
+        self._span: tuple[float, float] | None = None  # (wall s, CPU s) from enter to exit
 
     def __enter__(self) -> ResourceSampler:
         self.process.cpu_percent(None)  # the first call only starts psutil's counters
         psutil.cpu_percent(None)
+        self._span = None
+        self._start = (time.perf_counter(), _cpu_seconds(self.process))
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="stamen-resource-sampler", daemon=True)
         self._thread.start()
@@ -105,6 +118,10 @@ class ResourceSampler:
         if self._thread is not None:
             self._thread.join()
         self._sample()  # the interval since the last sample
+        wall0, cpu0 = self._start
+        cpu1 = _cpu_seconds(self.process)
+        if cpu0 is not None and cpu1 is not None:
+            self._span = (time.perf_counter() - wall0, cpu1 - cpu0)
 
     def _run(self) -> None:
         failures = 0
@@ -133,13 +150,23 @@ class ResourceSampler:
             self.on_sample(sample)
 
     def summary(self) -> dict[str, float]:
-        """Peak RSS, mean and max CPU, max temperature; keys carry units."""
+        """Peak RSS, mean and max CPU, max temperature; keys carry units.
+
+        ``cpu_mean_pct`` is the process's CPU seconds over the wall seconds between enter
+        and exit, as the kernel accounts them, not a mean of the samples: the last sample
+        covers whatever was left of an interval, and a short span may have no other.
+        ``cpu_max_pct`` is the busiest sampling interval.
+        """
         out: dict[str, float] = {}
         if not self.samples:
             return out
         cpu = [s.cpu_pct for s in self.samples]
         out["rss_peak_bytes"] = float(max(s.rss_bytes for s in self.samples))
         out["cpu_mean_pct"] = sum(cpu) / len(cpu)
+        if self._span is not None and self._span[0] > 0:
+            wall, cpu_s = self._span
+            out["cpu_s"] = cpu_s
+            out["cpu_mean_pct"] = 100.0 * cpu_s / wall
         out["cpu_max_pct"] = max(cpu)
         temps = [s.temp_c for s in self.samples if s.temp_c is not None]
         if temps:

@@ -26,6 +26,10 @@ CLIENTS_COLUMNS = (
     "load_s",
     "loop_s",
     "serialize_s",
+    "train_cpu_s",  # device: CPU seconds of the ClientApp process (all threads) in the handler
+    "load_cpu_s",
+    "loop_cpu_s",
+    "serialize_cpu_s",
     "uplink_s",  # device: push RPCs of the reply
     "wait_s",  # e2e - downlink - train - uplink: Flower's polling, queueing, process start
     "queue_s",  # server send -> device starts pulling (two clocks: uses clock_offset_s)
@@ -58,6 +62,7 @@ RESOURCES_COLUMNS = (
     "gpu_mem_bytes",
     "via",
 )
+_PHASE_CPU = ("load_cpu_s", "loop_cpu_s", "serialize_cpu_s")
 _RESOURCE_SUMMARY = ("rss_peak_bytes", "cpu_mean_pct", "cpu_max_pct", "temp_max_c", "gpu_mem_peak_bytes")
 TIMES_TRANSFERS = "stamen-supernode"
 
@@ -112,7 +117,8 @@ def client_rows(
             row.update(uplink_s=up.duration_s, bytes_up=up.values.get("bytes"))
         if train is not None:
             row["train_s"] = train.duration_s
-            for name in ("load_s", "loop_s", "serialize_s", "app_start_s", *_RESOURCE_SUMMARY):
+            row["train_cpu_s"] = train.values.get("cpu_s")
+            for name in ("load_s", "loop_s", "serialize_s", "app_start_s", *_PHASE_CPU, *_RESOURCE_SUMMARY):
                 row[name] = train.values.get(name)
         if down is not None and up is not None and train is not None and m.e2e_s is not None:
             row["wait_s"] = m.e2e_s - down.duration_s - train.duration_s - up.duration_s

@@ -114,6 +114,39 @@ def test_phases_record_only_inside_a_recorder():
     assert set(rec.durations) == {"load", "loop"} and rec.durations["load"] >= 0.02
 
 
+def _spin(cpu_seconds: float) -> None:
+    """Burn ``cpu_seconds`` of this process's CPU time, however long the machine takes."""
+    end = time.process_time() + cpu_seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_phases_record_the_cpu_time_spent_in_them():
+    with recording() as rec:
+        with phase("busy"):
+            _spin(0.15)
+        with phase("idle"):
+            time.sleep(0.15)
+    assert rec.cpu["busy"] >= 0.15  # spun until the process had spent 0.15 CPU s
+    assert rec.durations["busy"] >= rec.cpu["busy"] * 0.95  # one thread: CPU <= wall (up to clock granularity)
+    assert rec.durations["idle"] >= 0.15 and rec.cpu["idle"] < 0.05  # sleeping costs no CPU
+
+
+def test_cpu_mean_is_cpu_seconds_over_wall_seconds_not_a_mean_of_samples():
+    # 0.3 CPU s of work then 0.3 s asleep: the first samples see a busy core, the last ones
+    # an idle one; only the time-weighted figure is right whatever the sample boundaries.
+    w0, c0 = time.perf_counter(), time.process_time()
+    with ResourceSampler(0.25) as s:
+        _spin(0.3)
+        time.sleep(0.3)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    summary = s.summary()
+    tick = 0.02  # psutil reads the kernel's accounting in clock ticks (10 ms); process_time is finer
+    assert 0.3 - tick <= summary["cpu_s"] <= cpu + tick
+    assert summary["cpu_mean_pct"] == pytest.approx(100 * summary["cpu_s"] / wall, rel=0.05)
+    assert summary["cpu_mean_pct"] < 75  # about 50: half the span spun, half slept
+
+
 def test_resource_sampler_sees_a_busy_thread():
     seen = []
     with ResourceSampler(0.05, on_sample=seen.append) as s:
@@ -209,7 +242,8 @@ def test_client_rows_split_the_round_trip_by_hand():
     sent = [SentMessage("m1", 5, "train", "1", 100.0, payload_bytes=1000, received_unix_s=110.0, reply_payload_bytes=300)]
     # node clock is 2 s behind the server's (offset +2)
     down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0}, labels={"transport": "stamen-supernode"})
-    train = ev.Event("train", 100.0, 6.0, node_id=5, message_id="m1", values={"load_s": 1.0, "loop_s": 4.5, "serialize_s": 0.1})
+    phases = {"load_s": 1.0, "loop_s": 4.5, "serialize_s": 0.1, "cpu_s": 9.5, "load_cpu_s": 0.5, "loop_cpu_s": 9.0}
+    train = ev.Event("train", 100.0, 6.0, node_id=5, message_id="m1", values=phases)
     up = ev.Event("uplink", 106.5, 0.5, node_id=5, message_id="m1", values={"bytes": 400})
     clock = ev.Event("clock", 50.0, 0.001, node_id=5, values={"offset_s": 2.0, "rtt_s": 0.001})
     events = [(down, "telemetry"), (train, "reply"), (up, "telemetry"), (clock, "telemetry")]
@@ -221,6 +255,7 @@ def test_client_rows_split_the_round_trip_by_hand():
     assert row["reply_wait_s"] == pytest.approx(1.0)  # uplink ends at 107 + 2 = 109; pulled at 110
     assert row["bytes_down"] == 1100 and row["bytes_up"] == 400 and row["payload_up_bytes"] == 300
     assert row["transfer_via"] == "telemetry" and row["phases_via"] == "reply"
+    assert row["train_cpu_s"] == 9.5 and row["loop_cpu_s"] == 9.0 and row["serialize_cpu_s"] is None  # not recorded
 
 
 def test_client_rows_without_transfer_timing_leave_transfers_blank():
