@@ -9,6 +9,21 @@ so a process inside them can reach only the other end; the addresses are checked
 exist inside the namespaces before the caller gets them; everything is deleted on exit
 (deleting a namespace deletes its veth end), and ``cleanup(prefix)`` removes leftovers
 of a crashed run. Delay emulation is not here: this kernel has no netem (issue 4).
+
+TCP on an emulated link. The senders' TCP stacks sit right behind the shaper, with no
+propagation delay (the testbed's delay is a userspace proxy, deploy/delay_proxy.py), so
+the round trip TCP measures is the tbf queue and little else. Two settings keep transfer
+times reproducible, measured with tests/test_link_shaping.py (4 transfers of 1-4 MB per
+run at 8/4 Mbit/s):
+
+- the queue holds at most 50 ms of traffic, well under the 200 ms floor of TCP's
+  retransmission time-out: with 200 ms, a transfer stalled by 0.5-1.4 s in 4 of 19 runs
+  (BBR or cubic); with 50 ms and cubic, by about 0.5 s in 2 of 34 (cause not found: no
+  time-out on the sending side), see docs/measurements.md;
+- congestion control is pinned to cubic per route (``pin_congestion_control``), the
+  default of the devices emulated (Raspberry Pi OS, Jetson Linux, Android) and of most
+  servers, so the figures do not depend on what the host running the emulation sets
+  (this one sets BBR).
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ import math
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 
 class NamespaceError(RuntimeError):
@@ -37,15 +53,36 @@ def namespaces(prefix: str) -> list[str]:
     return [n for n in names if n.startswith(prefix)]
 
 
+QUEUE_MS = 50  # the most a shaped link queues; see the module docstring
+
+
 def shape(ns: str, dev: str, mbit: float) -> None:
-    """tbf on ``dev``'s egress inside ``ns``: ``mbit`` Mbit/s, at most 200 ms queued.
+    """tbf on ``dev``'s egress inside ``ns``: ``mbit`` Mbit/s, at most ``QUEUE_MS`` queued.
 
     The bucket holds at least one timer tick of traffic (4 ms at HZ=250), or tbf falls
     short of its rate at high speeds; 32 KB is the floor for slow links.
     """
     burst = max(32 * 1024, math.ceil(mbit * 1e6 / 8 * 0.004))
     ip("netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-       "rate", f"{mbit}mbit", "burst", str(burst), "latency", "200ms")
+       "rate", f"{mbit}mbit", "burst", str(burst), "latency", f"{QUEUE_MS}ms")
+
+
+CONGESTION_CONTROL = "cubic"
+
+
+def pin_congestion_control(ns: str, dev: str, cidr: str, src: str, algorithm: str | None = CONGESTION_CONTROL) -> None:
+    """TCP connections over ``dev``'s connected route ``cidr`` in ``ns`` use ``algorithm``.
+
+    A route attribute (``ip route ... congctl``), because the per-namespace sysctl may be
+    read-only inside containers. ``None`` leaves the host's default. An algorithm this
+    kernel lacks is refused with the ones it has.
+    """
+    if algorithm is None:
+        return
+    have = Path("/proc/sys/net/ipv4/tcp_available_congestion_control")
+    if have.is_file() and algorithm not in (names := have.read_text().split()):
+        raise NamespaceError(f"TCP congestion control {algorithm!r} is not available here (have: {', '.join(names)})")
+    ip("-n", ns, "route", "replace", cidr, "dev", dev, "proto", "kernel", "scope", "link", "src", src, "congctl", algorithm)
 
 
 def available() -> str | None:
@@ -72,8 +109,17 @@ def cleanup(prefix: str) -> list[str]:
 
 
 class NamespacePair:
-    def __init__(self, prefix: str, *, subnet: str = "10.213.7", down_mbit: float | None = None, up_mbit: float | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        subnet: str = "10.213.7",
+        down_mbit: float | None = None,
+        up_mbit: float | None = None,
+        congestion_control: str | None = CONGESTION_CONTROL,
+    ) -> None:
         self.prefix = prefix
+        self.congestion_control = congestion_control
         self.server_ns, self.node_ns = f"{prefix}-sl", f"{prefix}-sn"
         self.server_ip, self.node_ip = f"{subnet}.1", f"{subnet}.2"
         self._subnet = subnet
@@ -101,6 +147,7 @@ class NamespacePair:
         for ns, dev, addr in ((self.server_ns, a, self.server_ip), (self.node_ns, b, self.node_ip)):
             ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
             ip("-n", ns, "link", "set", dev, "up")
+            pin_congestion_control(ns, dev, f"{self._subnet}.0/30", addr, self.congestion_control)
         for ns, dev, mbit in ((self.server_ns, a, self.down_mbit), (self.node_ns, b, self.up_mbit)):
             if mbit:
                 shape(ns, dev, mbit)

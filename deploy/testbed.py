@@ -110,7 +110,14 @@ def _ip(ns: str | None, *args: str) -> str:
 class Topology:
     """The namespaces, bridge, veths, addresses and tbf qdiscs (no processes)."""
 
-    def __init__(self, run_prefix: str, links: list[Network | None], *, subnet: str = "10.213.0") -> None:
+    def __init__(
+        self,
+        run_prefix: str,
+        links: list[Network | None],
+        *,
+        subnet: str = "10.213.0",
+        congestion_control: str | None = netns.CONGESTION_CONTROL,
+    ) -> None:
         if not run_prefix.startswith(PREFIX):
             raise ValueError(f"testbed namespaces must start with {PREFIX!r}, got {run_prefix!r}")
         if len(links) > 200:
@@ -122,6 +129,7 @@ class Topology:
         self.server_ip = f"{subnet}.1"
         self.node_ip = [f"{subnet}.{10 + i}" for i in range(len(links))]
         self.subnet = subnet
+        self.congestion_control = congestion_control  # pinned per route: see deploy/netns.py
 
     def __enter__(self) -> Topology:
         if f"inet {self.subnet}." in _ip(None, "-4", "addr"):
@@ -149,6 +157,7 @@ class Topology:
             _ip(self.switch_ns, "link", "set", port, "up")
             _ip(ns, "addr", "add", f"{ip}/24", "dev", "eth0")
             _ip(ns, "link", "set", "eth0", "up")
+            netns.pin_congestion_control(ns, "eth0", f"{self.subnet}.0/24", ip, self.congestion_control)
         for i, link in enumerate(self.links):
             if link is not None:
                 netns.shape(self.node_ns[i], "eth0", link.up_mbit)  # the node's egress: its uplink

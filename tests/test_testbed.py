@@ -108,6 +108,8 @@ def test_down_removes_a_crashed_runs_leftovers():
     topo = Topology(prefix, [FAR], subnet="10.213.9")
     topo.__enter__()  # a run that crashed before its teardown
     assert len(_namespaces(prefix)) == 3
+    for ns in (topo.server_ns, *topo.node_ns):  # the emulated links do not take the host's TCP congestion control
+        assert "congctl cubic" in netns.ip("-n", ns, "route", "show", "dev", "eth0").stdout
     gone = testbed.teardown(prefix)
     assert sorted(gone["namespaces"]) == sorted([f"{prefix}-sw", f"{prefix}-sl", f"{prefix}-n0"])
     assert _namespaces(prefix) == []
@@ -116,3 +118,8 @@ def test_down_removes_a_crashed_runs_leftovers():
 def test_topology_refuses_a_prefix_that_teardown_would_not_find():
     with pytest.raises(ValueError, match="stmtb"):
         Topology("other", [NEAR])
+
+
+def test_an_unknown_congestion_control_is_refused_before_any_route_changes():
+    with pytest.raises(netns.NamespaceError, match="not available here"):
+        netns.pin_congestion_control("no-such-ns", "eth0", "10.213.9.0/24", "10.213.9.1", "no-such-algorithm")
