@@ -162,11 +162,12 @@ class ResourceSampler:
             return out
         cpu = [s.cpu_pct for s in self.samples]
         out["rss_peak_bytes"] = float(max(s.rss_bytes for s in self.samples))
-        out["cpu_mean_pct"] = sum(cpu) / len(cpu)
         if self._span is not None and self._span[0] > 0:
             wall, cpu_s = self._span
             out["cpu_s"] = cpu_s
             out["cpu_mean_pct"] = 100.0 * cpu_s / wall
+        else:  # the process's CPU times could not be read at enter or exit (it is gone)
+            out["cpu_mean_pct"] = sum(cpu) / len(cpu)
         out["cpu_max_pct"] = max(cpu)
         temps = [s.temp_c for s in self.samples if s.temp_c is not None]
         if temps:

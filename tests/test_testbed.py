@@ -107,10 +107,12 @@ def test_down_removes_a_crashed_runs_leftovers():
     prefix = f"stmtbc{os.getpid() % 10000}"
     topo = Topology(prefix, [FAR], subnet="10.213.9")
     topo.__enter__()  # a run that crashed before its teardown
-    assert len(_namespaces(prefix)) == 3
-    for ns in (topo.server_ns, *topo.node_ns):  # the emulated links do not take the host's TCP congestion control
-        assert "congctl cubic" in netns.ip("-n", ns, "route", "show", "dev", "eth0").stdout
-    gone = testbed.teardown(prefix)
+    try:
+        assert len(_namespaces(prefix)) == 3
+        for ns in (topo.server_ns, *topo.node_ns):  # the emulated links do not take the host's TCP congestion control
+            assert "congctl cubic" in netns.ip("-n", ns, "route", "show", "dev", "eth0").stdout
+    finally:
+        gone = testbed.teardown(prefix)  # also when a check above failed: no namespaces left behind
     assert sorted(gone["namespaces"]) == sorted([f"{prefix}-sw", f"{prefix}-sl", f"{prefix}-n0"])
     assert _namespaces(prefix) == []
 
