@@ -12,8 +12,9 @@ from flwr.clientapp import ClientApp
 
 from measurements.client_mod import measurement_mod
 from measurements.phases import phase
+from ml.cache import cached
 from stamen import keys
-from stamen.config import StamenConfig
+from stamen.config import EARLY_EXIT_STRATEGIES, StamenConfig
 from strategies.lora_records import factors_to_arrays, from_record, split_global, to_record
 
 from .device import detect_profile
@@ -126,7 +127,8 @@ def _prepare(msg: Message, context: Context, cfg: StamenConfig):
     server_round = int(instr[keys.SERVER_ROUND])
     partition_id = int(node.get(keys.NODE_PARTITION_ID, 0))
     task, data = node_task_and_data(context, cfg)
-    model = task.load_model().to(pick_device(str(node.get(keys.NODE_DEVICE, "auto"))))
+    model = cached(("model", cfg.model, cfg.data), task.load_model, once=True)  # this message changes it
+    model = model.to(pick_device(str(node.get(keys.NODE_DEVICE, "auto"))))
     targets = target_module_names(model, cfg.lora.target_modules)
 
     down = from_record(msg.content.array_records[keys.ARRAYS])
@@ -186,18 +188,36 @@ def node_task_and_data(context: Context, cfg: StamenConfig):
     ``partition-id`` / ``num-partitions``); also applies node-config ``num-threads``."""
     import torch
 
+    torch.set_num_threads(int(context.node_config.get(keys.NODE_NUM_THREADS, torch.get_num_threads())))
+    return _task_and_partition(context, cfg)
+
+
+def _task_and_partition(context: Context, cfg: StamenConfig):
+    """Built once per run under the warm runtime (ml/cache.py), else for every message."""
     from ml.tasks import build_task
 
     node = context.node_config
-    torch.set_num_threads(int(node.get(keys.NODE_NUM_THREADS, torch.get_num_threads())))
-    task, split = build_task(cfg)
-    data = split.partition(
-        partition_id=int(node.get(keys.NODE_PARTITION_ID, 0)),
-        num_partitions=int(node.get(keys.NODE_NUM_PARTITIONS, 1)),
-        alpha=cfg.data.dirichlet_alpha,
-        seed=cfg.data.seed,
+    task, split = cached(("task", cfg.model, cfg.data), lambda: build_task(cfg))
+    partition = (int(node.get(keys.NODE_PARTITION_ID, 0)), int(node.get(keys.NODE_NUM_PARTITIONS, 1)))
+    data = cached(
+        ("partition", cfg.data, partition),
+        lambda: split.partition(partition_id=partition[0], num_partitions=partition[1], alpha=cfg.data.dirichlet_alpha, seed=cfg.data.seed),
     )
     return task, data
+
+
+def preload(context: Context) -> None:
+    """The warm runtime's hook (device_runtime/executor.py): load, once per run and before
+    the next message arrives, what every message of this run builds the same way: the
+    libraries, the task and data split, this node's partition and the base model.
+
+    Runs in the executor, whose memory the workers share copy-on-write, so nothing here
+    may start threads or touch CUDA (the model stays on the CPU; each message moves its
+    own copy to the device)."""
+    cfg = StamenConfig.from_run_config(context.run_config)
+    task, _ = _task_and_partition(context, cfg)
+    if cfg.strategy.name not in EARLY_EXIT_STRATEGIES:  # they build their model from the backbone
+        cached(("model", cfg.model, cfg.data), task.load_model, once=True)
 
 
 def _initial_factors(down: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -125,11 +125,13 @@ class LocalDeployment:
         superlink_netns: str | None = None,
         tls_dir: Path | None = None,
         supernode_auth: bool = False,
+        supernode_flags: list[str] = (),
     ) -> None:
         """``tls_dir``: the files of deploy/tls/generate.sh (ca.crt, server.pem, server.key,
         supernode-I.key): TLS on the Fleet and Control APIs. ``supernode_auth``: the
         SuperLink accepts only SuperNodes whose public keys were registered (needs TLS);
-        each node I uses supernode-I.key, registered with ``flwr supernode register``."""
+        each node I uses supernode-I.key, registered with ``flwr supernode register``.
+        ``supernode_flags``: extra flags of every stamen-supernode (its runtime and polls)."""
         if supernode_auth and tls_dir is None:
             raise ValueError("SuperNode authentication needs TLS: pass tls_dir")
         if tls_dir is not None:
@@ -146,6 +148,7 @@ class LocalDeployment:
                 raise ValueError(f"node {i}: supernode must be one of {', '.join(SUPERNODES)}, got {node.supernode or supernode!r}")
         self.nodes = nodes
         self.supernode = supernode
+        self.supernode_flags = list(supernode_flags)
         self.fleet_host = fleet_host  # the SuperLink binds it; nodes dial it
         self.superlink_netns = superlink_netns
         self.collector_port = free_port()
@@ -236,7 +239,7 @@ class LocalDeployment:
         for i, node in enumerate(self.nodes):
             kind = node.supernode or self.supernode
             host = node.dial_host or self.fleet_host
-            measure = ["--telemetry-address", f"{host}:{self.collector_port}"] if kind == "stamen" else []
+            measure = ["--telemetry-address", f"{host}:{self.collector_port}", *self.supernode_flags] if kind == "stamen" else []
             self._spawn(
                 f"supernode-{i}",
                 [

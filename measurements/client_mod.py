@@ -31,7 +31,7 @@ from stamen.config import MeasureConfig
 
 from . import events as ev
 from .phases import recording
-from .resources import ResourceSampler, Sample, gpu_peak_memory_bytes, reset_gpu_peak
+from .resources import ResourceSampler, Sample, gpu_peak_memory_bytes, process_age_s, reset_gpu_peak
 from .spool import ENV_VAR, REPLY, Spool
 
 _INLINE_SPOOL = "inline-" + uuid.uuid4().hex[:8]  # events of this process when there is no spool
@@ -47,6 +47,31 @@ def transport() -> str:
     return "flower-supernode"
 
 
+START_ENV = "STAMEN_START"  # set by the warm runtime in its workers (device_runtime/executor.py)
+MESSAGE_WAIT_ENV = "STAMEN_MESSAGE_WAIT_S"  # ... with the seconds its worker waited for the message (worker.py)
+
+
+def start_kind(transport_name: str) -> str:
+    """How this process started: ``warm`` (forked from the warm runtime with the run
+    preloaded), ``forked`` (forked, the run not preloaded), ``cold`` (a fresh
+    flwr-clientapp process) or ``simulation`` (a Ray worker, which outlives messages)."""
+    if os.environ.get(START_ENV):
+        return os.environ[START_ENV]
+    return "simulation" if transport_name == "simulation" else "cold"
+
+
+def node_rss_bytes() -> float | None:
+    """Resident memory of the node's long-lived processes when the message arrived: this
+    process's parent (the warm executor, or flower-superexec) and grandparent (the
+    SuperNode). What the node holds between rounds; the ClientApp's own is in the samples."""
+    try:
+        parent = psutil.Process().parent()
+        procs = [parent, parent.parent()] if parent is not None else []
+        return float(sum(p.memory_info().rss for p in procs if p is not None))
+    except psutil.Error:
+        return None
+
+
 def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     settings = MeasureConfig.from_run_config(context.run_config, lenient=True)
     if not settings.enabled:
@@ -56,6 +81,7 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
     kind = str(msg.metadata.message_type)
     base = dict(node_id=int(context.node_id), run_id=int(msg.metadata.run_id), message_id=str(msg.metadata.message_id))
     labels = {"transport": transport()}
+    labels["start"] = start_kind(labels["transport"])
     for key in (keys.NODE_DEVICE_CLASS, keys.NODE_NETWORK):
         if key in context.node_config:
             labels[key] = str(context.node_config[key])
@@ -71,8 +97,12 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
     if kind in ev.HANDLERS:  # timed and sampled
         started_unix = time.time()
         values: dict[str, float] = {}
-        if labels["transport"] != "simulation":  # a fresh process per message: its start-up is Flower's
-            values["app_start_s"] = max(0.0, started_unix - psutil.Process().create_time())
+        if labels["transport"] != "simulation":  # a process per message: its start-up (or fork) is part of the round
+            values["app_start_s"] = process_age_s()
+            if (waited := os.environ.get(MESSAGE_WAIT_ENV)) is not None:  # the warm runtime's worker
+                values["message_wait_s"] = float(waited)
+            if (rss := node_rss_bytes()) is not None:
+                values["node_rss_bytes"] = rss
 
         def on_sample(s: Sample) -> None:
             keep(ev.Event(ev.SAMPLE, s.unix_s, values=_sample_values(s), labels=labels, **base))

@@ -10,6 +10,13 @@ writes PNGs next to the CSVs:
 * with several run dirs, ``comparison.png`` in ``--out``: the mean time per phase of
   each run side by side (e.g. 5G vs WiFi vs Ethernet), and the uplink ratios.
 
+The text and the plot split a client-round into parts that add up to its end-to-end time
+(``round_parts``): downlink, start-up (the ClientApp process's start or fork and the
+handler's load phase, less what the process spent waiting for the message), the training
+loop, the rest of the handler (serialize), uplink, and polling (the rest of wait_s:
+Flower's polls and queueing). ``overhead`` is start-up plus polling: what a round costs
+beyond its training and its transfers.
+
 "Share of the round" of a client phase is its total over all client rows divided by
 the total of the round times those rows belong to; for aggregation it is the total
 aggregation time over the total round time.
@@ -25,11 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLIENT_PHASES = ("downlink_s", "train_s", "uplink_s", "wait_s")
+ROUND_PARTS = ("downlink_s", "startup_s", "loop_s", "handler_rest_s", "uplink_s", "poll_s")  # sum: e2e_s
+PART_LABELS = {"startup_s": "start-up", "handler_rest_s": "serialize", "poll_s": "polling"}
 PHASE_COLORS = {
     "downlink_s": "#4C72B0",
     "train_s": "#55A868",
+    "startup_s": "#DD8452",
+    "loop_s": "#55A868",
+    "handler_rest_s": "#8C8C3C",
     "uplink_s": "#C44E52",
     "wait_s": "#BBBBBB",
+    "poll_s": "#BBBBBB",
     "aggregation_s": "#8172B2",
     "unsplit_s": "#E5C07B",
 }
@@ -78,12 +91,38 @@ class Run:
         return {r["round"]: float(r["round_s"]) for r in self.rounds if _num(r.get("round_s")) is not None}
 
 
+def round_parts(row: dict) -> dict[str, float]:
+    """A clients.csv row's end-to-end time in ``ROUND_PARTS`` (they add up to e2e_s), plus
+    ``overhead_s`` (start-up + polling); {} when the row lacks the transfer or phase split.
+
+    Start-up is app_start_s - message_wait_s + load_s: the process start (or the warm
+    runtime's fork) and the load phase, without the time the process waited for the
+    message (that wait runs while the SuperNode downloads it, so it is downlink or
+    polling already). Polling is wait_s less that start-up part."""
+    v = {k: _num(row.get(k)) for k in ("downlink_s", "train_s", "uplink_s", "wait_s", "load_s", "loop_s", "app_start_s")}
+    if any(x is None for x in v.values()):
+        return {}
+    started = max(0.0, v["app_start_s"] - (_num(row.get("message_wait_s")) or 0.0))
+    parts = {
+        "downlink_s": v["downlink_s"],
+        "startup_s": started + v["load_s"],
+        "loop_s": v["loop_s"],
+        "handler_rest_s": v["train_s"] - v["load_s"] - v["loop_s"],
+        "uplink_s": v["uplink_s"],
+        "poll_s": v["wait_s"] - started,
+    }
+    parts["overhead_s"] = parts["startup_s"] + parts["poll_s"]
+    return parts
+
+
 def phase_stats(run: Run, rows: list[dict] | None = None) -> dict[str, dict[str, float]]:
-    """phase -> {n, median, p95, share} over ``rows`` (default: all client rows that replied)."""
+    """phase -> {n, median, p95, share} over ``rows`` (default: all client rows that
+    replied), for CLIENT_PHASES, ROUND_PARTS and overhead_s."""
     rows = [r for r in (run.clients if rows is None else rows) if r.get("status") == "ok"]
+    rows = [{**r, **round_parts(r)} for r in rows]
     round_s = run.round_time()
     out: dict[str, dict[str, float]] = {}
-    for name in CLIENT_PHASES:
+    for name in dict.fromkeys((*CLIENT_PHASES, *ROUND_PARTS, "overhead_s")):
         pairs = [(v, round_s.get(r["round"])) for r in rows if (v := _num(r.get(name))) is not None]
         values = [v for v, _ in pairs]
         denominators = [d for _, d in pairs if d]
@@ -114,25 +153,47 @@ def summarize(run: Run) -> dict:
             by[r.get(column) or "unknown"].append(r)
         groups[column] = {name: phase_stats(run, rows) for name, rows in sorted(by.items())}
     unavailable = sorted({r["node_id"] for r in run.clients if r.get("transfer_via") == "unavailable"})
-    return {"run": str(run.path), "label": run.label, "overall": phase_stats(run), "groups": groups, "no_transfer_timing": unavailable}
+    starts: dict[str, int] = defaultdict(int)
+    for r in run.clients:
+        if r.get("status") == "ok":
+            starts[r.get("start") or "unknown"] += 1
+    return {
+        "run": str(run.path),
+        "label": run.label,
+        "overall": phase_stats(run),
+        "groups": groups,
+        "no_transfer_timing": unavailable,
+        "starts": dict(sorted(starts.items())),
+    }
 
 
 def format_summary(summary: dict) -> str:
     def table(stats: dict[str, dict[str, float]]) -> list[str]:
+        split = stats.get("startup_s", {}).get("n", 0) > 0  # rows with transfer and phase timing
+        names = (*ROUND_PARTS, "overhead_s") if split else CLIENT_PHASES
+        names = [n for n in (*names, "aggregation_s", "round_s") if n in stats]
         lines = [f"    {'phase':<15}{'n':>5}{'median s':>11}{'p95 s':>10}{'share':>9}"]
-        for name, s in stats.items():
+        for name in names:
+            s = stats[name]
             share = "" if math.isnan(s["share"]) else f"{100 * s['share']:.1f}%"
             med = "n/a" if math.isnan(s["median"]) else f"{s['median']:.3f}"
             p95 = "n/a" if math.isnan(s["p95"]) else f"{s['p95']:.3f}"
-            lines.append(f"    {name:<15}{s['n']:>5}{med:>11}{p95:>10}{share:>9}")
+            label = PART_LABELS.get(name, name[:-2]) if name != "overhead_s" else "(overhead)"
+            lines.append(f"    {label:<15}{s['n']:>5}{med:>11}{p95:>10}{share:>9}")
         return lines
 
     out = [f"run {summary['run']} ({summary['label']})", "  all clients:", *table(summary["overall"])]
+    out.append(
+        "    start-up = ClientApp process start (or fork) + load; polling = Flower's polls and queueing; "
+        "overhead = start-up + polling"
+    )
+    if summary.get("starts"):
+        out.append("    ClientApp starts: " + ", ".join(f"{n} {kind}" for kind, n in summary["starts"].items()))
     for column, groups in summary["groups"].items():
         if len(groups) < 2 and column != "device_class":
             continue  # one group: the same figures as above
         for name, stats in groups.items():
-            client_only = {k: v for k, v in stats.items() if k in CLIENT_PHASES}
+            client_only = {k: v for k, v in stats.items() if k not in ("aggregation_s", "round_s")}
             out += [f"  {column} = {name}:", *table(client_only)]
     if summary["no_transfer_timing"]:
         out.append(
@@ -166,14 +227,19 @@ def plot_phases_per_round(run: Run, target: Path) -> Path:
             x += 0.6  # a gap between rounds
         last_round = r["round"]
         bottom = 0.0
-        split = _num(r.get("downlink_s")) is not None
-        parts = [(p, _num(r.get(p)) or 0.0) for p in CLIENT_PHASES] if split else [
-            ("train_s", _num(r.get("train_s")) or 0.0),
-            ("unsplit_s", (_num(r.get("e2e_s")) or 0.0) - (_num(r.get("train_s")) or 0.0)),
-        ]
+        split = round_parts(r)
+        if split:
+            parts = [(p, split[p]) for p in ROUND_PARTS]
+        elif _num(r.get("downlink_s")) is not None:
+            parts = [(p, _num(r.get(p)) or 0.0) for p in CLIENT_PHASES]
+        else:
+            parts = [
+                ("train_s", _num(r.get("train_s")) or 0.0),
+                ("unsplit_s", (_num(r.get("e2e_s")) or 0.0) - (_num(r.get("train_s")) or 0.0)),
+            ]
         parts.append(("aggregation_s", agg.get(r["round"], 0.0)))
         for name, value in parts:
-            label = None if name in used else {"unsplit_s": "downlink+uplink+wait (not split)"}.get(name, name[:-2])
+            label = None if name in used else {"unsplit_s": "downlink+uplink+wait (not split)", **PART_LABELS}.get(name, name[:-2])
             used.add(name)
             ax.bar(x, value, bottom=bottom, color=PHASE_COLORS[name], width=0.8, label=label)
             bottom += value

@@ -19,6 +19,7 @@ CLIENTS_COLUMNS = (
     "device_class",
     "network",
     "transport",
+    "start",  # cold | forked | warm | simulation: how the ClientApp process started (docs/runtime.md)
     "status",  # ok | error | late
     "e2e_s",  # server: sent -> reply pulled
     "downlink_s",  # device: pull RPCs of the instruction
@@ -33,7 +34,8 @@ CLIENTS_COLUMNS = (
     "uplink_s",  # device: push RPCs of the reply
     "wait_s",  # e2e - downlink - train - uplink: Flower's polling, queueing, process start
     "queue_s",  # server send -> device starts pulling (two clocks: uses clock_offset_s)
-    "app_start_s",  # device: ClientApp process start -> handler start
+    "app_start_s",  # device: ClientApp process start (or fork) -> handler start
+    "message_wait_s",  # device, warm runtime: of app_start_s, waiting for the message from the SuperNode
     "reply_wait_s",  # device uplink done -> server pulls the reply (two clocks)
     "setup_s",  # device: GetRun + GetFab (first message of a run)
     "bytes_down",  # serialized protobuf bytes of the pull RPCs' responses
@@ -41,6 +43,7 @@ CLIENTS_COLUMNS = (
     "payload_down_bytes",  # ArrayRecord bytes of the instruction
     "payload_up_bytes",  # ArrayRecord bytes of the reply
     "rss_peak_bytes",
+    "node_rss_bytes",  # device: the SuperNode and its executor when the message arrived
     "cpu_mean_pct",
     "cpu_max_pct",
     "temp_max_c",
@@ -116,9 +119,10 @@ def client_rows(
         if up is not None:
             row.update(uplink_s=up.duration_s, bytes_up=up.values.get("bytes"))
         if train is not None:
+            row["start"] = train.labels.get("start", "")
             row["train_s"] = train.duration_s
             row["train_cpu_s"] = train.values.get("cpu_s")
-            for name in ("load_s", "loop_s", "serialize_s", "app_start_s", *_PHASE_CPU, *_RESOURCE_SUMMARY):
+            for name in ("load_s", "loop_s", "serialize_s", "app_start_s", "message_wait_s", "node_rss_bytes", *_PHASE_CPU, *_RESOURCE_SUMMARY):
                 row[name] = train.values.get(name)
         if down is not None and up is not None and train is not None and m.e2e_s is not None:
             row["wait_s"] = m.e2e_s - down.duration_s - train.duration_s - up.duration_s

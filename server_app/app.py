@@ -17,6 +17,7 @@ from strategies import STRATEGIES
 from strategies.lora_records import from_record, join_global, to_record
 
 from .evaluation import ServerEvaluation
+from .grid import PolledGrid
 from .privacy import write_privacy
 from .profiles import query_profiles, ranks_from_profiles
 from .run_dir import RunDirectory
@@ -43,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     columns = {"metrics_columns": early_exit.metrics_columns(cfg, model)} if cfg.is_early_exit else {}
     run = RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict(), **columns)
     log(INFO, "run directory: %s", run.path)
+    grid = PolledGrid(grid, cfg.strategy.poll_interval)
     with MeasurementSession(
         run, run_id=context.run_id, collector=cfg.measure.collector, enabled=cfg.measure.enabled
     ) as measurements:

@@ -40,12 +40,28 @@ def cmd_local(args: argparse.Namespace) -> int:
         args.nodes, _ints(args.ranks), _names(args.device_classes), args.threads, _names(args.networks), kinds
     )
     supernode = "/".join(SUPERNODES[k] for k in dict.fromkeys(kinds))
-    overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
+    runtime, grid_poll = _runtime_options(args)
+    overrides = merge_overrides(
+        [f"strategy.poll-interval={grid_poll}", *args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}']
+    )
     print(f"[stamen] starting flower-superlink and {args.nodes} {supernode} processes on 127.0.0.1", flush=True)
     for i, node in enumerate(nodes):
         print(f"[stamen]   supernode-{i}: --node-config '{node.node_config()}'", flush=True)
+    print(f"[stamen] runtime: {' '.join(runtime) or 'warm, default polls'}; ServerApp poll {grid_poll} s", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
-    return _run(LocalDeployment(nodes, workdir=workdir), overrides, output, workdir, args.timeout)[0]
+    deployment = LocalDeployment(nodes, workdir=workdir, supernode_flags=runtime)
+    return _run(deployment, overrides, output, workdir, args.timeout)[0]
+
+
+def _runtime_options(args: argparse.Namespace) -> tuple[list[str], float]:
+    """The stamen-supernode runtime flags and the ServerApp's poll (docs/runtime.md):
+    with --no-warm, Flower's polls unless a poll is given."""
+    flags = ["--no-warm"] if args.no_warm else []
+    for name in ("idle_poll", "reply_poll", "task_poll"):
+        if (value := getattr(args, name)) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    grid = args.grid_poll if args.grid_poll is not None else (3.0 if args.no_warm else 0.5)
+    return flags, grid
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -259,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
         "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"
     )
     local.add_argument("--timeout", type=float, default=3600.0)
+    local.add_argument("--no-warm", action="store_true", help="stamen-supernode --no-warm: Flower's executor and polls (docs/runtime.md)")
+    for poll in ("idle", "reply", "task"):
+        local.add_argument(f"--{poll}-poll", type=float, default=None, help=f"stamen-supernode --{poll}-poll (seconds)")
+    local.add_argument(
+        "--grid-poll", type=float, default=None, help="the ServerApp's poll, strategy.poll-interval (default 0.5; 3 with --no-warm)"
+    )
     local.set_defaults(func=cmd_local)
     sim = sub.add_parser("simulate", help="run on N virtual SuperNodes in Flower's simulation engine (Ray)")
     sim.add_argument("--nodes", type=int, default=10)

@@ -36,6 +36,7 @@ class StrategyConfig:
     min_nodes: int
     round_timeout: float
     query_timeout: float
+    poll_interval: float  # seconds between the ServerApp's pulls for replies (Flower's: 3)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ class StamenConfig:
                 min_nodes=r.integer("strategy.min-nodes", minimum=1),
                 round_timeout=r.number("strategy.round-timeout", low=0.0, low_open=True),
                 query_timeout=r.number("strategy.query-timeout", low=0.0, low_open=True),
+                poll_interval=r.number("strategy.poll-interval", low=0.001, high=60.0),
             ),
             model=ModelConfig(
                 path=r.text("model.path"),

@@ -1,7 +1,12 @@
 """``stamen-supernode``: flwr's ``flower-supernode`` with transfer timing and telemetry.
 
-It takes every flag ``flower-supernode`` takes, plus the measurement options below, and
-then runs flwr's own SuperNode in this process with two additions:
+It takes every flag ``flower-supernode`` takes, plus the runtime and measurement options
+below, and then runs flwr's own SuperNode in this process with these additions:
+
+* the warm runtime (``device_runtime/``): a warm executor in place of
+  ``flower-superexec`` serves each message in a worker forked with the libraries, the
+  base model and the data partition already loaded, and the SuperNode's polls are short
+  (``--no-warm``: Flower's executor and polls, as plain ``flower-supernode``);
 
 * a gRPC client interceptor on the Fleet channel that times the pull RPCs of each
   instruction (downlink) and the push RPCs of each reply (uplink)
@@ -20,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from device_runtime import supernode as runtime
 from measurements.spool import ENV_VAR, Spool
 from measurements.telemetry import DEFAULT_PORT, TelemetrySender
 from measurements.transport import TransferTracker, install
@@ -27,8 +33,26 @@ from measurements.transport import TransferTracker, install
 log = logging.getLogger("stamen.supernode")
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.001 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"must be between 0.001 and 60 seconds, got {text}")
+    return value
+
+
 def measurement_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
+    warm = parser.add_argument_group("Stamen runtime options (docs/runtime.md)")
+    warm.add_argument(
+        "--no-warm",
+        action="store_true",
+        help="Flower's executor and polls: a fresh flwr-clientapp process per message (as plain flower-supernode)",
+    )
+    polls = runtime.WARM_POLLS
+    flower = runtime.FLOWER_POLLS
+    warm.add_argument("--idle-poll", type=_seconds, default=None, help=f"seconds between pulls from the SuperLink while idle (default {polls.idle}; Flower's {flower.idle} with --no-warm)")
+    warm.add_argument("--reply-poll", type=_seconds, default=None, help=f"seconds between looks for the ClientApp's reply (default {polls.reply}; Flower's {flower.reply} with --no-warm)")
+    warm.add_argument("--task-poll", type=_seconds, default=None, help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
     group = parser.add_argument_group("Stamen measurement options")
     group.add_argument(
         "--measure-dir",
@@ -73,6 +97,19 @@ def main(argv: list[str] | None = None) -> None:
     opts, flower_argv = measurement_parser().parse_known_args(argv)
     if opts.telemetry_interval <= 0:
         sys.exit(f"stamen-supernode: --telemetry-interval must be > 0, got {opts.telemetry_interval}")
+    if not opts.no_warm and "--allow-runtime-dependency-installation" in flower_argv:
+        sys.exit("stamen-supernode: the warm runtime serves apps from this environment; runtime dependency installation needs --no-warm")
+    base = runtime.FLOWER_POLLS if opts.no_warm else runtime.WARM_POLLS
+    polls = runtime.NodePolls(
+        idle=opts.idle_poll or base.idle, reply=opts.reply_poll or base.reply, task=opts.task_poll or base.task
+    )
+    runtime.install(warm=not opts.no_warm, polls=polls)
+    print(
+        f"stamen-supernode: {'cold' if opts.no_warm else 'warm'} runtime; polls: idle {polls.idle:g} s, "
+        f"reply {polls.reply:g} s, task {polls.task:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
     measure_dir = Path(opts.measure_dir or Path(os.environ.get("FLWR_HOME", "~/.flwr")) / "stamen").expanduser()
     spool = Spool(measure_dir / "spool.sqlite")

@@ -90,3 +90,43 @@ def test_stragglers_by_hand(tmp_path):
 def test_cli_names_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "rounds.csv" in capsys.readouterr().err
+
+
+def _startup_row(**over):
+    """A warm client-round by hand: e2e 10 = downlink 1 + train 5 + uplink 1 + wait 3;
+    the worker started 0.5 s before its handler, 0.3 s of it waiting for the message;
+    load 0.4, loop 4.5, so the rest of the handler is 0.1."""
+    row = {"round": 1, "node_id": 1, "status": "ok", "start": "warm", "e2e_s": 10.0, "downlink_s": 1.0, "train_s": 5.0,
+           "uplink_s": 1.0, "wait_s": 3.0, "load_s": 0.4, "loop_s": 4.5, "app_start_s": 0.5, "message_wait_s": 0.3}
+    return {k: str(v) for k, v in {**row, **over}.items()}
+
+
+def test_round_parts_split_start_up_from_the_loop_and_polling_from_transfers():
+    from measurements.report import ROUND_PARTS, round_parts
+
+    parts = round_parts(_startup_row())
+    assert parts["startup_s"] == pytest.approx(0.2 + 0.4)  # fork to handler less the message wait, plus load
+    assert parts["loop_s"] == pytest.approx(4.5)
+    assert parts["handler_rest_s"] == pytest.approx(0.1)
+    assert parts["poll_s"] == pytest.approx(3.0 - 0.2)
+    assert parts["overhead_s"] == pytest.approx(0.6 + 2.8)
+    assert sum(parts[p] for p in ROUND_PARTS) == pytest.approx(10.0)  # the parts are the whole round trip
+    cold = round_parts(_startup_row(start="cold", app_start_s=2.0, message_wait_s="", load_s=3.0, loop_s=1.9))
+    assert cold["startup_s"] == pytest.approx(5.0) and cold["poll_s"] == pytest.approx(1.0)
+    assert round_parts(_startup_row(downlink_s="")) == {}  # no transfer timing: not split
+
+
+def test_report_text_shows_start_up_apart_and_counts_starts(tmp_path):
+    d = tmp_path / "w"
+    d.mkdir()
+    _write(d / "rounds.csv", ROUNDS_COLUMNS, [{"round": 1, "aggregation_s": 0.1, "round_s": 10.0}])
+    _write(d / "clients.csv", CLIENTS_COLUMNS, [_startup_row(), _startup_row(node_id=2, start="cold", app_start_s=2.0, message_wait_s="", load_s=3.0, loop_s=1.9)])
+    lines = []
+    report([d], echo=lines.append)
+    text = "\n".join(lines)
+    assert "ClientApp starts: 1 cold, 1 warm" in text
+    startup = next(line for line in text.splitlines() if line.strip().startswith("start-up"))
+    assert startup.split()[1:3] == ["2", f"{(0.6 + 5.0) / 2:.3f}"]  # n, median
+    assert "train " not in text and any(line.strip().startswith("polling") for line in text.splitlines())
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["overall"]["overhead_s"]["median"] == pytest.approx((3.4 + 6.0) / 2)

@@ -1,0 +1,130 @@
+"""What ``stamen-supernode`` changes in flwr 1.39's SuperNode, which runs in its process:
+its two polls, and the executor it starts.
+
+flwr 1.39 has no setting for either (``flwr/supernode/start_client_internal.py``):
+
+* the SuperNode's loop sleeps ``time.sleep(3)`` after a pull that found no message (the
+  idle poll), and ``time.sleep(0.5)`` between looks for the ClientApp's reply (the reply
+  poll);
+* it starts ``flower-superexec`` with ``subprocess.Popen``; SuperExec polls for tasks
+  every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1).
+
+So ``install`` replaces that module's ``time`` and ``subprocess`` names with two small
+stand-ins: one maps those two sleeps to the configured polls (every other use of
+``time`` passes through), the other starts the warm executor (``executor.py``) with the
+same flags in place of ``flower-superexec``, restarts it if it dies, or, with
+``warm=False``, starts ``flower-superexec`` itself with the task poll in its environment.
+``check_flower`` refuses a flwr whose loop no longer has those sleeps, so an upgrade
+cannot silently undo the settings.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import flwr
+from flwr.supernode import start_client_internal as flower_loop
+
+log = logging.getLogger("stamen.runtime")
+
+FLOWER_IDLE_POLL_S = 3.0  # flwr 1.39's literals (see the module docstring)
+FLOWER_REPLY_POLL_S = 0.5
+FLOWER_TASK_POLL_S = 1.0
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+RESTARTS = 5  # executor restarts allowed within RESTART_WINDOW_S before the node gives up on it
+RESTART_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class NodePolls:
+    """Seconds between two polls: the SuperLink when idle, the ClientApp's reply, the tasks."""
+
+    idle: float
+    reply: float
+    task: float
+
+    def __post_init__(self) -> None:
+        for name in ("idle", "reply", "task"):
+            value = getattr(self, name)
+            if not 0.001 <= value <= 60:
+                raise ValueError(f"the {name} poll must be between 0.001 and 60 seconds, got {value}")
+
+
+FLOWER_POLLS = NodePolls(FLOWER_IDLE_POLL_S, FLOWER_REPLY_POLL_S, FLOWER_TASK_POLL_S)
+WARM_POLLS = NodePolls(idle=0.5, reply=0.05, task=0.05)  # chosen in docs/runtime.md ("Polls")
+
+
+class _PolledTime:
+    """``time`` for the SuperNode's loop, with its two poll sleeps replaced."""
+
+    def __init__(self, polls: NodePolls) -> None:
+        self._sleeps = {FLOWER_IDLE_POLL_S: polls.idle, FLOWER_REPLY_POLL_S: polls.reply}
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self._sleeps.get(seconds, seconds))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+class _ExecutorLauncher:
+    """``subprocess`` for the SuperNode: its ``Popen(["flower-superexec", ...])`` starts the
+    executor this node uses; every other name passes through."""
+
+    def __init__(self, warm: bool, polls: NodePolls) -> None:
+        self.warm, self.polls = warm, polls
+
+    def __getattr__(self, name: str):
+        return getattr(subprocess, name)
+
+    def Popen(self, args, **kwargs):  # noqa: N802 - subprocess's name
+        if not args or args[0] != "flower-superexec":
+            return subprocess.Popen(args, **kwargs)
+        if not self.warm:
+            env = {**(kwargs.pop("env", None) or os.environ), TASK_POLL_ENV: str(self.polls.task)}
+            return subprocess.Popen(args, env=env, **kwargs)
+        command = [sys.executable, "-m", "device_runtime.executor", *args[1:], "--poll", str(self.polls.task)]
+        proc = subprocess.Popen(command, **kwargs)
+        threading.Thread(target=self._supervise, args=(proc, command, kwargs), name="stamen-executor", daemon=True).start()
+        return proc
+
+    @staticmethod
+    def _supervise(proc: subprocess.Popen, command: list[str], kwargs: dict) -> None:
+        """Restart the executor if it dies (its in-flight message, if any, is answered by
+        Flower when the task's heartbeat expires); give up after RESTARTS quick deaths."""
+        deaths: list[float] = []
+        while True:
+            code = proc.wait()
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+            if len(deaths) > RESTARTS:
+                log.error("the warm executor died %d times within %.0f s (last exit code %s); not restarting it", len(deaths), RESTART_WINDOW_S, code)
+                return
+            log.warning("the warm executor exited with code %s; restarting it", code)
+            proc = subprocess.Popen(command, **kwargs)
+
+
+def check_flower() -> None:
+    """Refuse a flwr whose SuperNode loop lacks the sleeps and the Popen this module maps."""
+    source = inspect.getsource(flower_loop)
+    needed = ["time.sleep(3)", "time.sleep(0.5)", 'command = ["flower-superexec"]', "subprocess.Popen(command)"]
+    missing = [n for n in needed if n not in source]
+    if missing:
+        raise RuntimeError(
+            f"stamen-supernode maps flwr 1.39's SuperNode loop, but flwr {flwr.__version__}'s lacks {', '.join(missing)}: "
+            "pin flwr==1.39.0 or run with --no-warm and Flower's polls"
+        )
+
+
+def install(*, warm: bool, polls: NodePolls) -> None:
+    """Apply the polls and the executor choice to flwr's SuperNode loop in this process."""
+    check_flower()
+    flower_loop.time = _PolledTime(polls)
+    flower_loop.subprocess = _ExecutorLauncher(warm, polls)

@@ -1,0 +1,118 @@
+"""Settable polls: the SuperNode's two sleeps, the executor stamen-supernode starts, and the
+ServerApp grid's reply poll (device_runtime/supernode.py, server_app/grid.py)."""
+
+import types
+
+import pytest
+
+from device_runtime import supernode as runtime
+from server_app.grid import PolledGrid
+
+
+def test_polled_time_maps_flowers_two_sleeps_and_passes_the_rest(monkeypatch):
+    slept = []
+    monkeypatch.setattr(runtime.time, "sleep", slept.append)
+    clock = runtime._PolledTime(runtime.NodePolls(idle=0.2, reply=0.01, task=0.05))
+    clock.sleep(3)  # idle: no message at the SuperLink
+    clock.sleep(0.5)  # waiting for the ClientApp's reply
+    clock.sleep(1.25)  # any other sleep is left alone
+    assert slept == [0.2, 0.01, 1.25]
+    assert clock.time is runtime.time.time and clock.monotonic is runtime.time.monotonic
+
+
+def test_the_installed_flower_still_has_the_mapped_sleeps_and_launch():
+    runtime.check_flower()  # flwr 1.39.0: passes
+
+
+def test_a_flower_without_them_is_refused(monkeypatch):
+    monkeypatch.setattr(runtime.inspect, "getsource", lambda module: "while True:\n    time.sleep(5)\n")
+    with pytest.raises(RuntimeError, match=r"lacks time\.sleep\(3\).*--no-warm"):
+        runtime.check_flower()
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 61.0])
+def test_polls_are_bounded(bad):
+    with pytest.raises(ValueError, match="idle poll"):
+        runtime.NodePolls(idle=bad, reply=0.05, task=0.05)
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, args, **kwargs):
+        self.calls.append((list(args), kwargs))
+        return types.SimpleNamespace(wait=lambda: 0, pid=0)
+
+
+def test_warm_launch_replaces_superexec_with_the_warm_executor(monkeypatch):
+    popen = _Recorder()
+    monkeypatch.setattr(runtime.subprocess, "Popen", popen)
+    monkeypatch.setattr(runtime.threading, "Thread", lambda **kw: types.SimpleNamespace(start=lambda: None))
+    launcher = runtime._ExecutorLauncher(True, runtime.NodePolls(idle=0.5, reply=0.05, task=0.03))
+    launcher.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "42"])
+    (args, _), = popen.calls
+    assert args[1:3] == ["-m", "device_runtime.executor"]
+    assert args[3:] == ["--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "42", "--poll", "0.03"]
+    launcher.Popen(["uv", "sync"])  # anything else is started as asked
+    assert popen.calls[1][0] == ["uv", "sync"]
+
+
+def test_cold_launch_keeps_superexec_and_sets_its_poll(monkeypatch):
+    popen = _Recorder()
+    monkeypatch.setattr(runtime.subprocess, "Popen", popen)
+    launcher = runtime._ExecutorLauncher(False, runtime.NodePolls(idle=3, reply=0.5, task=0.25))
+    launcher.Popen(["flower-superexec", "--insecure"])
+    (args, kwargs), = popen.calls
+    assert args == ["flower-superexec", "--insecure"]
+    assert kwargs["env"][runtime.TASK_POLL_ENV] == "0.25"
+
+
+class _ReplyingGrid:
+    """Replies to the pushed messages: one on the first pull, the other on the third."""
+
+    def __init__(self):
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ready = {1: ["a"], 3: ["b"]}.get(self.pulls, [])
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=i)) for i in ready if i in ids]
+
+    def get_node_ids(self):
+        return [7]
+
+
+def _msg(mid):
+    return types.SimpleNamespace(metadata=types.SimpleNamespace(message_id=mid))
+
+
+def test_polled_grid_pulls_every_poll_interval_until_all_replied(monkeypatch):
+    slept = []
+    monkeypatch.setattr("server_app.grid.time.sleep", slept.append)
+    inner = _ReplyingGrid()
+    grid = PolledGrid(inner, 0.25)
+    replies = grid.send_and_receive([_msg("a"), _msg("b")], timeout=None)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert inner.pulls == 3 and slept == [0.25, 0.25]  # Flower's loop would sleep 3 s each time
+    assert grid.get_node_ids() == [7]  # everything else goes to the wrapped grid
+
+
+def test_polled_grid_stops_at_the_timeout(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("server_app.grid.time.time", lambda: now[0])
+    monkeypatch.setattr("server_app.grid.time.sleep", lambda s: now.__setitem__(0, now[0] + s))
+    inner = _ReplyingGrid()
+    replies = PolledGrid(inner, 1.0).send_and_receive([_msg("a"), _msg("b")], timeout=1.5)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"] and inner.pulls == 2
+
+
+def test_grid_poll_is_a_validated_config_key(run_config):
+    from stamen.config import ConfigError, StamenConfig
+
+    assert StamenConfig.from_run_config(run_config).strategy.poll_interval == 0.5
+    with pytest.raises(ConfigError, match="strategy.poll-interval"):
+        StamenConfig.from_run_config({**run_config, "strategy.poll-interval": 0.0})
