@@ -111,6 +111,14 @@ def test_entrypoint_supernode_commands():
     assert code == 2 and "STAMEN_NODE_CONFIG" in err
 
 
+def test_entrypoint_supernode_runtime_options():
+    """Warm by default (no flag); STAMEN_NO_WARM and the poll variables become flags."""
+    base = {"STAMEN_ROLE": "supernode", "STAMEN_NODE_CONFIG": "partition-id=0 num-partitions=4"}
+    assert "--no-warm" not in _entry(base)[1] and "poll" not in _entry(base)[1]
+    code, cmd, _ = _entry({**base, "STAMEN_NO_WARM": "1", "STAMEN_IDLE_POLL": "3", "STAMEN_TASK_POLL": "1"})
+    assert code == 0 and cmd.endswith("--insecure --no-warm --idle-poll 3 --task-poll 1")
+
+
 def test_shaping_script_builds_delay_rate_and_policer():
     out = subprocess.run(["sh", str(DEPLOY / "docker" / "shape.sh")], capture_output=True, text=True, timeout=30,
                          env={"PATH": os.environ["PATH"], "STAMEN_DRY_RUN": "1", "STAMEN_UP_MBIT": "14.56",

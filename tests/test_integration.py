@@ -1,6 +1,7 @@
 """A real flower-superlink and two SuperNodes on 127.0.0.1, started by the `stamen local`
 command, run 2 FLoRA rounds of the real model on a small config. Node 0 is
-stamen-supernode (transfer timing + telemetry), node 1 plain flower-supernode."""
+stamen-supernode (transfer timing + telemetry, the warm runtime), node 1 plain
+flower-supernode (a fresh ClientApp process per message)."""
 
 import csv
 import json
@@ -120,3 +121,19 @@ def test_resources_csv_has_samples_of_both_nodes(finished_run):
     assert nodes == {stamen_node, flower_node}
     assert all(int(r["rss_bytes"]) > 0 and float(r["t_s"]) >= 0 for r in rows)
     assert {r["via"] for r in rows if int(r["node_id"]) == flower_node} == {"reply"}
+
+
+def test_warm_node_serves_rounds_without_loading_what_a_cold_node_loads(finished_run):
+    """Node 0 (stamen-supernode, warm by default) answers every round from a worker forked
+    with the libraries, model and data already loaded; node 1 (plain flower-supernode)
+    starts a fresh flwr-clientapp per message. The handler's load phase is the difference:
+    the warm node's is a small fraction of the cold node's, every round."""
+    rows, warm_node, cold_node = _clients(finished_run)
+    by = {(int(r["node_id"]), r["round"]): r for r in rows}
+    for rnd in ("1", "2"):
+        warm, cold = by[(warm_node, rnd)], by[(cold_node, rnd)]
+        assert warm["start"] == "warm" and cold["start"] == "cold"
+        assert float(warm["load_s"]) < 0.5 * float(cold["load_s"]), (warm["load_s"], cold["load_s"])
+        assert 0 <= float(warm["message_wait_s"]) <= float(warm["app_start_s"])
+        assert cold["message_wait_s"] == ""  # Flower's own process: not split
+        assert float(warm["node_rss_bytes"]) > 100e6  # the executor holds torch and the model between rounds

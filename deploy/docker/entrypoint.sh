@@ -10,6 +10,8 @@
 #   STAMEN_AUTH_KEY      SuperNode: its private key (--auth-supernode-private-key; OpenSSH ECDSA, from deploy/tls/generate.sh)
 #   STAMEN_SUPERLINK     SuperNode: the Fleet API address (default superlink:9092)
 #   STAMEN_NODE_CONFIG   SuperNode: --node-config
+#   STAMEN_NO_WARM=1     SuperNode: --no-warm (Flower's executor and polls; default: the warm runtime, docs/runtime.md)
+#   STAMEN_IDLE_POLL / STAMEN_TASK_POLL   SuperNode: --idle-poll / --task-poll seconds
 #   STAMEN_UP_MBIT / STAMEN_DOWN_MBIT / STAMEN_DELAY_MS / STAMEN_JITTER_MS: shape eth0 first (shape.sh)
 #   STAMEN_DRY_RUN=1     print the command instead of running it (used by the tests)
 # Extra arguments are appended to the command.
@@ -46,6 +48,9 @@ case "${STAMEN_ROLE:-}" in
     if [ -n "${STAMEN_AUTH_KEY:-}" ]; then
       set -- "$@" --auth-supernode-private-key "$STAMEN_AUTH_KEY"
     fi
+    if [ "${STAMEN_NO_WARM:-0}" = 1 ]; then set -- "$@" --no-warm; fi
+    if [ -n "${STAMEN_IDLE_POLL:-}" ]; then set -- "$@" --idle-poll "$STAMEN_IDLE_POLL"; fi
+    if [ -n "${STAMEN_TASK_POLL:-}" ]; then set -- "$@" --task-poll "$STAMEN_TASK_POLL"; fi
     ;;
 esac
 
