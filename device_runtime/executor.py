@@ -114,6 +114,7 @@ class Executor:
         self.run_id: int | None = None  # the run this executor is bound to
         self.warm = False  # whether that run's preload succeeded
         self.app = None
+        self.app_error = ""  # why the run's ClientApp could not be loaded
 
     def _client(self, *interceptors) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
@@ -153,15 +154,22 @@ class Executor:
 
     def bind(self, client: RuntimeHttpClient, context, run, fab) -> None:
         """Install the run's FAB, import its ClientApp as flwr-clientapp would, and call the
-        ClientApp module's ``preload(context)``, heartbeating the task meanwhile."""
+        ClientApp module's ``preload(context)``, heartbeating the task meanwhile. If the
+        app cannot be loaded, every worker of this run replies with that error, as
+        flwr-clientapp would."""
         self.run_id = int(run.run_id)
         os.environ[CACHE_ENV] = str(self.run_id)
-        install_from_fab(fab.content, skip_prompt=True)
-        self.app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-            run.fab_id, run.fab_version, fab.hash_str
-        )
-        project = get_project_config(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
-        module = project["tool"]["flwr"]["app"]["components"]["clientapp"].partition(":")[0]
+        try:
+            install_from_fab(fab.content, skip_prompt=True)
+            self.app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+                run.fab_id, run.fab_version, fab.hash_str
+            )
+            project = get_project_config(get_project_dir(run.fab_id, run.fab_version, fab.hash_str))
+            module = project["tool"]["flwr"]["app"]["components"]["clientapp"].partition(":")[0]
+        except Exception as err:  # noqa: BLE001 - the workers reply with it
+            log.exception("run %s: the ClientApp could not be loaded", self.run_id)
+            self.app_error = f"{type(err)}:<'{err}'>"
+            return
         preload = getattr(sys.modules[module], "preload", None)
         if preload is None:
             log.info("run %s: %s has no preload(context); workers start with the libraries only", self.run_id, module)
@@ -176,7 +184,8 @@ class Executor:
         except Exception:  # the message still runs; its handler meets the same problem and replies with it
             log.exception("run %s: preload failed; workers load for themselves", self.run_id)
         finally:
-            heartbeat.stop()  # no thread of ours may run across the fork
+            if heartbeat.is_running:
+                heartbeat.stop()  # no thread of ours may run across the fork
 
     def fork_worker(self, client: RuntimeHttpClient, token: str, task_id: int, context) -> None:
         """Serve the task in a forked worker; answer for it if it dies before replying."""
@@ -208,7 +217,8 @@ class Executor:
             if self.default_threads:
                 sys.modules["torch"].set_num_threads(self.default_threads)
             start_parent_process_monitor(os.getppid())  # dies with the executor
-            code = worker.serve(self.task_client(token), task_id, context, self.app, report=lambda b: _write_frame(pipe_fd, b))
+            app = self.app if self.app is not None else worker.unloadable(self.app_error)
+            code = worker.serve(self.task_client(token), task_id, context, app, report=lambda b: _write_frame(pipe_fd, b))
         except BaseException:  # noqa: BLE001 - a worker reports through its exit code only
             log.exception("ClientApp worker failed")
         return code
@@ -245,9 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API request otherwise
-    threads = warm_libraries()
-    if args.parent_pid is not None:
+    if args.parent_pid is not None:  # first: an executor whose SuperNode is gone exits at once
         start_parent_process_monitor(args.parent_pid)
+    threads = warm_libraries()
     Executor(args, threads).loop(args.token)
 
 

@@ -43,7 +43,7 @@ OK = 0
 FAILED = 1  # the ClientApp raised; its error reply was pushed
 NOT_PUSHED = 2  # no reply could be pushed
 PUSHED = b"pushed"  # reported once the reply is on the SuperNode
-LOCAL_RETRY_S, LOCAL_RETRY_CAP_S = 0.02, 0.2
+LOCAL_RETRY_S, LOCAL_RETRY_CAP_S = 0.02, 0.05
 MESSAGE_WAIT_ENV = "STAMEN_MESSAGE_WAIT_S"  # measurements/client_mod.py reads it
 
 
@@ -69,6 +69,16 @@ def pull_message(client, context: Context) -> Message:
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as flwr: the deflated message lacks its own id
     return message
+
+
+def unloadable(reason: str):
+    """Stands in for a ClientApp that could not be loaded: raises flwr's load error, so the
+    message gets the error reply flwr-clientapp would send."""
+
+    def app(message: Message, context: Context) -> Message:
+        raise LoadClientAppError(f"the ClientApp could not be loaded: {reason}")
+
+    return app
 
 
 def serve(client, task_id: int, context: Context, app: ClientApp, report=lambda frame: None) -> int:
@@ -110,7 +120,8 @@ def serve(client, task_id: int, context: Context, app: ClientApp, report=lambda 
                 code = NOT_PUSHED
         # as flwr-clientapp: the Context goes back whatever the outcome
         push_task_output(client=client, context=context, sub_status=status, details=details)
-        heartbeat.stop()
+        if heartbeat.is_running:
+            heartbeat.stop()
     return code
 
 

@@ -5,14 +5,33 @@ until all are in or the timeout passes: a reply that arrives just after a pull w
 to 3 s, in every round and in the device-profile query. ``PolledGrid`` runs the same loop
 with the configured interval (3 s gives Flower's behaviour) and passes everything else to
 the wrapped grid. Written by hand: the interval is a literal in Flower's loop.
+
+``fast_object_retries`` does for the ServerApp's pulls what ``device_runtime/supernode.py``
+does for the SuperNode's: flwr's ``pull_objects`` retries an object the SuperLink does not
+have yet after 1 s, doubling, and the SuperLink offers a reply before the node has pushed
+all of its objects. A short grid poll meets that often; the retry becomes 20 ms, doubling
+up to 200 ms, when the poll is shorter than Flower's 3 s.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message
+from flwr.superlink.grid import http_grid
+from flwr.supercore.inflatable.inflatable_utils import pull_objects as flower_pull_objects
+
+FLOWER_POLL_S = 3.0
+OBJECT_RETRY_S, OBJECT_RETRY_CAP_S = 0.02, 0.2
+
+
+def fast_object_retries() -> None:
+    """Short retries for the objects of replies the ServerApp pulls (see the module doc)."""
+    http_grid.pull_objects = functools.partial(
+        flower_pull_objects, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S, max_tries_per_object=None
+    )
 
 
 class PolledGrid:
@@ -21,6 +40,8 @@ class PolledGrid:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
         self._grid = grid
         self.poll_s = poll_s
+        if poll_s < FLOWER_POLL_S:
+            fast_object_retries()
 
     def __getattr__(self, name):
         return getattr(self._grid, name)

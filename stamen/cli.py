@@ -60,7 +60,7 @@ def _runtime_options(args: argparse.Namespace) -> tuple[list[str], float]:
     for name in ("idle_poll", "reply_poll", "task_poll"):
         if (value := getattr(args, name)) is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
-    grid = args.grid_poll if args.grid_poll is not None else (3.0 if args.no_warm else 0.5)
+    grid = args.grid_poll if args.grid_poll is not None else (3.0 if args.no_warm else 0.2)
     return flags, grid
 
 
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     for poll in ("idle", "reply", "task"):
         local.add_argument(f"--{poll}-poll", type=float, default=None, help=f"stamen-supernode --{poll}-poll (seconds)")
     local.add_argument(
-        "--grid-poll", type=float, default=None, help="the ServerApp's poll, strategy.poll-interval (default 0.5; 3 with --no-warm)"
+        "--grid-poll", type=float, default=None, help="the ServerApp's poll, strategy.poll-interval (default 0.2; 3 with --no-warm)"
     )
     local.set_defaults(func=cmd_local)
     sim = sub.add_parser("simulate", help="run on N virtual SuperNodes in Flower's simulation engine (Ray)")

@@ -113,6 +113,32 @@ def test_polled_grid_stops_at_the_timeout(monkeypatch):
 def test_grid_poll_is_a_validated_config_key(run_config):
     from stamen.config import ConfigError, StamenConfig
 
-    assert StamenConfig.from_run_config(run_config).strategy.poll_interval == 0.5
+    assert StamenConfig.from_run_config(run_config).strategy.poll_interval == 0.2
     with pytest.raises(ConfigError, match="strategy.poll-interval"):
         StamenConfig.from_run_config({**run_config, "strategy.poll-interval": 0.0})
+
+
+def test_warm_install_retries_missing_objects_quickly_and_cold_keeps_flowers(monkeypatch):
+    """The SuperLink offers a message before it has all of its objects: the warm node
+    retries them after 20 ms (doubling to 200 ms), where flwr waits 1 s (doubling to 10 s)."""
+    loop = runtime.flower_loop
+    for name in ("time", "subprocess", "pull_objects"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))  # undone after the test
+    runtime.install(warm=False, polls=runtime.FLOWER_POLLS)
+    assert loop.pull_objects is runtime.flower_pull_objects
+    runtime.install(warm=True, polls=runtime.WARM_POLLS)
+    assert loop.pull_objects.func is runtime.flower_pull_objects
+    assert loop.pull_objects.keywords == {"initial_backoff": 0.02, "backoff_cap": 0.2, "max_tries_per_object": None}
+    assert isinstance(loop.time, runtime._PolledTime) and isinstance(loop.subprocess, runtime._ExecutorLauncher)
+
+
+def test_short_grid_poll_shortens_the_servers_object_retries(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    from server_app import grid as polled
+
+    monkeypatch.setattr(http_grid, "pull_objects", polled.flower_pull_objects)
+    PolledGrid(object(), 3.0)  # Flower's poll: Flower's retries
+    assert http_grid.pull_objects is polled.flower_pull_objects
+    PolledGrid(object(), 0.5)
+    assert http_grid.pull_objects.keywords["initial_backoff"] == 0.02
