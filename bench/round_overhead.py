@@ -4,7 +4,9 @@
    (bench/trivial_app: Flower's floor, its own polls);
 2. cold: ``stamen local --no-warm`` (a fresh flwr-clientapp process per message,
    Flower's polls: SuperNode idle 3 s, reply 0.5 s, SuperExec 1 s, ServerApp 3 s);
-3. warm: ``stamen local`` (the warm runtime and its default polls).
+3. warm: ``stamen local`` (the warm runtime and its default polls);
+4. fast (only if named in ``--order``): warm with ``--idle-poll 0.2``, the SuperNode's
+   idle poll at 0.2 s instead of 0.5 s (what that costs the SuperLink: docs/runtime.md).
 
 Arms 2 and 3 run the default model and task (all-MiniLM-L6-v2, BBC News, FLoRA) on two
 nodes for ``--rounds`` rounds of ``--steps`` local steps. For each client-round,
@@ -16,7 +18,7 @@ and the ratios the warm runtime is judged by (docs/runtime.md):
 * warm overhead <= 1.0 s per client-round;
 * warm overhead <= 0.25 x the flower arm's round time.
 
-    python bench/round_overhead.py [--rounds 4] [--steps 5] [--order flower,cold,warm]
+    python bench/round_overhead.py [--rounds 6] [--steps 5] [--order flower,cold,warm[,fast]]
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def stamen_arm(flags: list[str], rounds: int, steps: int, workdir: Path) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--order", default="flower,cold,warm")
     parser.add_argument("--keep", default="", help="keep the runs under this directory (default: a temporary one)")
@@ -144,7 +146,8 @@ def main() -> None:
         if arm == "flower":
             results[arm] = flower_arm(args.rounds, workdir)
         else:
-            results[arm] = stamen_arm(["--no-warm"] if arm == "cold" else [], args.rounds, args.steps, workdir)
+            flags = {"cold": ["--no-warm"], "warm": [], "fast": ["--idle-poll", "0.2"]}[arm]
+            results[arm] = stamen_arm(flags, args.rounds, args.steps, workdir)
         results[arm]["wall_s"] = time.monotonic() - started
         print(f"[bench] {arm}: {json.dumps(results[arm])}", flush=True)
     print(f"\nmedians over client-rounds from round 2 on ({args.rounds} rounds, {args.steps} local steps, 2 nodes, loopback)")

@@ -206,7 +206,10 @@ class Executor:
             log.error("%s; its reply had been sent", reason)
         elif frames:
             log.error("%s; answering its message with an error reply", reason)
-            worker.answer_crash(client, context, frames[0], reason)
+            try:
+                worker.answer_crash(client, context, frames[0], reason)
+            except Exception:  # noqa: BLE001 - Flower still answers it when the task expires
+                log.exception("could not answer for the dead worker")
         else:
             log.error("%s, before it had the message; Flower answers it when the task expires", reason)
 

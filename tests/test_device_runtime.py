@@ -68,3 +68,11 @@ def test_process_age_counts_from_the_process_start():
     elapsed = time.monotonic() - before
     os.waitpid(pid, 0)
     assert 0.29 <= age <= elapsed + 0.02
+
+
+def test_an_app_that_could_not_be_loaded_raises_flowers_load_error():
+    """serve() turns LoadClientAppError into flwr's LOAD_CLIENT_APP_EXCEPTION reply."""
+    from flwr.clientapp.client_app import LoadClientAppError
+
+    with pytest.raises(LoadClientAppError, match="could not be loaded: <class 'ImportError'>"):
+        worker.unloadable("<class 'ImportError'>:<'no module named ml'>")(None, None)
