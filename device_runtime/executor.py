@@ -58,6 +58,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.tls import validate_and_resolve_root_certificates
 
 from . import worker
+from .polls import WARM_POLLS, poll_seconds
 
 LIBRARIES = ("numpy", "torch", "transformers", "peft", "datasets", "flwr_datasets", "psutil")
 START_ENV = "STAMEN_START"  # warm | forked in a worker; unset (cold) in flwr-clientapp
@@ -74,14 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     security.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     security.add_argument("--root-certificates", default=None, help="CA certificate of the Runtime API's TLS")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
-    parser.add_argument("--poll", type=float, default=0.05, help="seconds between two AcquireTask polls (default 0.05)")
+    parser.add_argument("--poll", type=poll_seconds, default=WARM_POLLS.task, help=f"seconds between two AcquireTask polls (default {WARM_POLLS.task})")
     parser.add_argument("--token", default=None, help=argparse.SUPPRESS)  # a task to serve first (after exec)
     parser.add_argument(
         "--allow-runtime-dependency-installation", action="store_true", help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
-    if not 0.001 <= args.poll <= 60:
-        parser.error(f"--poll must be between 0.001 and 60 seconds, got {args.poll}")
     if args.allow_runtime_dependency_installation:
         parser.error("the warm executor serves apps from the node's environment: runtime dependency installation needs --no-warm")
     return args

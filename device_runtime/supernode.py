@@ -34,40 +34,19 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import flwr
 from flwr.supercore.inflatable.inflatable_utils import pull_objects as flower_pull_objects
 from flwr.supernode import start_client_internal as flower_loop
 
+from .polls import FLOWER_IDLE_POLL_S, FLOWER_POLLS, FLOWER_REPLY_POLL_S, WARM_POLLS, NodePolls, poll_seconds  # noqa: F401 - the SuperNode's names
+
 log = logging.getLogger("stamen.runtime")
 
-FLOWER_IDLE_POLL_S = 3.0  # flwr 1.39's literals (see the module docstring)
-FLOWER_REPLY_POLL_S = 0.5
-FLOWER_TASK_POLL_S = 1.0
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 OBJECT_RETRY_S, OBJECT_RETRY_CAP_S = 0.02, 0.2  # for an object the SuperLink does not have yet
 RESTARTS = 5  # executor restarts allowed within RESTART_WINDOW_S before the node gives up on it
 RESTART_WINDOW_S = 60.0
-
-
-@dataclass(frozen=True)
-class NodePolls:
-    """Seconds between two polls: the SuperLink when idle, the ClientApp's reply, the tasks."""
-
-    idle: float
-    reply: float
-    task: float
-
-    def __post_init__(self) -> None:
-        for name in ("idle", "reply", "task"):
-            value = getattr(self, name)
-            if not 0.001 <= value <= 60:
-                raise ValueError(f"the {name} poll must be between 0.001 and 60 seconds, got {value}")
-
-
-FLOWER_POLLS = NodePolls(FLOWER_IDLE_POLL_S, FLOWER_REPLY_POLL_S, FLOWER_TASK_POLL_S)
-WARM_POLLS = NodePolls(idle=0.5, reply=0.05, task=0.05)  # chosen in docs/runtime.md ("Polls")
 
 
 class _PolledTime:

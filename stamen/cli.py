@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from device_runtime.polls import poll_seconds
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.replace(",", " ").split()]
@@ -277,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--timeout", type=float, default=3600.0)
     local.add_argument("--no-warm", action="store_true", help="stamen-supernode --no-warm: Flower's executor and polls (docs/runtime.md)")
     for poll in ("idle", "reply", "task"):
-        local.add_argument(f"--{poll}-poll", type=float, default=None, help=f"stamen-supernode --{poll}-poll (seconds)")
+        local.add_argument(f"--{poll}-poll", type=poll_seconds, default=None, help=f"stamen-supernode --{poll}-poll (seconds)")
     local.add_argument(
-        "--grid-poll", type=float, default=None, help="the ServerApp's poll, strategy.poll-interval (default 0.2; 3 with --no-warm)"
+        "--grid-poll", type=poll_seconds, default=None, help="the ServerApp's poll, strategy.poll-interval (default 0.2; 3 with --no-warm)"
     )
     local.set_defaults(func=cmd_local)
     sim = sub.add_parser("simulate", help="run on N virtual SuperNodes in Flower's simulation engine (Ray)")

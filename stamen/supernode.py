@@ -33,13 +33,6 @@ from measurements.transport import TransferTracker, install
 log = logging.getLogger("stamen.supernode")
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0.001 <= value <= 60:
-        raise argparse.ArgumentTypeError(f"must be between 0.001 and 60 seconds, got {text}")
-    return value
-
-
 def measurement_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
     warm = parser.add_argument_group("Stamen runtime options (docs/runtime.md)")
@@ -50,9 +43,9 @@ def measurement_parser() -> argparse.ArgumentParser:
     )
     polls = runtime.WARM_POLLS
     flower = runtime.FLOWER_POLLS
-    warm.add_argument("--idle-poll", type=_seconds, default=None, help=f"seconds between pulls from the SuperLink while idle (default {polls.idle}; Flower's {flower.idle} with --no-warm)")
-    warm.add_argument("--reply-poll", type=_seconds, default=None, help=f"seconds between looks for the ClientApp's reply (default {polls.reply}; Flower's {flower.reply} with --no-warm)")
-    warm.add_argument("--task-poll", type=_seconds, default=None, help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
+    warm.add_argument("--idle-poll", type=runtime.poll_seconds, default=None, help=f"seconds between pulls from the SuperLink while idle (default {polls.idle}; Flower's {flower.idle} with --no-warm)")
+    warm.add_argument("--reply-poll", type=runtime.poll_seconds, default=None, help=f"seconds between looks for the ClientApp's reply (default {polls.reply}; Flower's {flower.reply} with --no-warm)")
+    warm.add_argument("--task-poll", type=runtime.poll_seconds, default=None, help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
     group = parser.add_argument_group("Stamen measurement options")
     group.add_argument(
         "--measure-dir",

@@ -1,0 +1,51 @@
+"""The device's polls: what they are, their defaults, and their bounds. Light on purpose
+(no Flower import): ``stamen``'s command line reads it for its flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+# flwr 1.39's: the SuperNode's idle and reply sleeps (device_runtime/supernode.py) and
+# SuperExec's task poll
+FLOWER_IDLE_POLL_S = 3.0
+FLOWER_REPLY_POLL_S = 0.5
+FLOWER_TASK_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class NodePolls:
+    """Seconds between two polls: the SuperLink when idle, the ClientApp's reply, the tasks."""
+
+    idle: float
+    reply: float
+    task: float
+
+    def __post_init__(self) -> None:
+        for name in ("idle", "reply", "task"):
+            if not in_bounds(getattr(self, name)):
+                raise ValueError(f"the {name} poll must be between {LOW} and {HIGH} seconds, got {getattr(self, name)}")
+
+
+LOW, HIGH = 0.001, 60.0
+
+
+def in_bounds(seconds: float) -> bool:
+    return LOW <= seconds <= HIGH
+
+
+def poll_seconds(text: str) -> float:
+    """An argparse type for a poll: seconds in [LOW, HIGH]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not in_bounds(value):
+        raise argparse.ArgumentTypeError(f"must be between {LOW} and {HIGH} seconds, got {text}")
+    return value
+
+
+FLOWER_POLLS = NodePolls(FLOWER_IDLE_POLL_S, FLOWER_REPLY_POLL_S, FLOWER_TASK_POLL_S)
+WARM_POLLS = NodePolls(idle=0.5, reply=0.05, task=0.05)  # chosen in docs/runtime.md ("Polls")
+
+
