@@ -133,7 +133,9 @@ def test_warm_node_serves_rounds_without_loading_what_a_cold_node_loads(finished
     for rnd in ("1", "2"):
         warm, cold = by[(warm_node, rnd)], by[(cold_node, rnd)]
         assert warm["start"] == "warm" and cold["start"] == "cold"
-        assert float(warm["load_s"]) < 0.5 * float(cold["load_s"]), (warm["load_s"], cold["load_s"])
+        # a warm worker loads nothing but the downlink (measured: 1-4% of the cold load); without
+        # the preload it would still build the task, the partition and the model (about 30%)
+        assert float(warm["load_s"]) < 0.15 * float(cold["load_s"]), (warm["load_s"], cold["load_s"])
         assert 0 <= float(warm["message_wait_s"]) <= float(warm["app_start_s"])
         assert cold["message_wait_s"] == ""  # Flower's own process: not split
         assert float(warm["node_rss_bytes"]) > 100e6  # the executor holds torch and the model between rounds

@@ -116,3 +116,33 @@ def test_app_keys_separate_configs_and_runs(monkeypatch, run_config):
     assert task2 is not task and data2 is not data
     assert list(data2.labels) == list(data.labels)  # the same partition, rebuilt, not shared
     cache.clear()
+
+
+def test_preload_fills_what_the_train_handler_takes(monkeypatch, run_config):
+    """client_app.preload builds the task, the node's partition and the base model into
+    the cache; the handler's own calls then find them (the model once)."""
+    from client_app.app import _task_and_partition, preload
+    from stamen.config import StamenConfig
+
+    base_config = dict(run_config)
+
+    class Ctx:
+        node_config = {"partition-id": 1, "num-partitions": 4}
+        run_config = base_config
+
+    cache.clear()
+    monkeypatch.setenv(cache.ENV_VAR, "5")
+    preload(Ctx())
+    kinds = sorted(key[1] for key in cache._entries)
+    assert kinds == ["model", "partition", "task"]
+    cfg = StamenConfig.from_run_config(run_config)
+    task, data = _task_and_partition(Ctx(), cfg)
+    model_key = ("5", "model", cfg.model, cfg.data)
+    assert cache._entries[("5", "task", cfg.model, cfg.data)][0] is task and model_key in cache._entries
+    cache.clear()
+    monkeypatch.setenv(cache.ENV_VAR, "6")
+    vit = "vit:image_size=8,patch_size=2,num_channels=1,hidden_size=16,num_hidden_layers=2,num_attention_heads=2,intermediate_size=32"
+    Ctx.run_config = {**run_config, "strategy.name": "reefl", "model.path": vit, "model.task": "image-classification", "data.name": "digits"}
+    preload(Ctx())
+    assert "model" not in {key[1] for key in cache._entries}  # early exit builds its model from the backbone
+    cache.clear()
