@@ -87,8 +87,10 @@ def two_loopback_nodes(tmp_path_factory, flower_programs):
     from deploy.local import LocalDeployment, NodeSpec
 
     nodes = [
-        NodeSpec(0, 2, device_class="raspberry-pi", extra={"max-exit": 1}),
-        NodeSpec(1, 2, device_class="nvidia-gpu", extra={"max-exit": 4}),
+        # one torch thread each: two nodes of two OpenMP threads on a 2-core machine slow
+        # every step many times over once both train at the same time (as warm nodes do)
+        NodeSpec(0, 2, device_class="raspberry-pi", num_threads=1, extra={"max-exit": 1}),
+        NodeSpec(1, 2, device_class="nvidia-gpu", num_threads=1, extra={"max-exit": 4}),
     ]
     with LocalDeployment(nodes, workdir=tmp_path_factory.mktemp("loopback") / "_deploy") as dep:
         yield dep
