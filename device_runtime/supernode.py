@@ -1,11 +1,11 @@
 """What ``stamen-supernode`` changes in flwr 1.39's SuperNode, which runs in its process:
-its two polls, and the executor it starts.
+its polls, the executor it starts, and how soon it asks again for a missing object.
 
-flwr 1.39 has no setting for either (``flwr/supernode/start_client_internal.py``):
+flwr 1.39 has no setting for any of them (``flwr/supernode/start_client_internal.py``):
 
 * the SuperNode's loop sleeps ``time.sleep(3)`` after a pull that found no message (the
-  idle poll), and ``time.sleep(0.5)`` between looks for the ClientApp's reply (the reply
-  poll);
+  idle poll), and ``time.sleep(0.5)`` between looks for the ClientApp's reply and for its
+  objects in the node's store (the reply poll);
 * it starts ``flower-superexec`` with ``subprocess.Popen``; SuperExec polls for tasks
   every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1);
 * it pulls a message's objects with ``pull_objects``, which retries an object the

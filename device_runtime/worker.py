@@ -62,7 +62,7 @@ def pull_message(client, context: Context) -> Message:
         # The SuperNode offers a message before it has all of its objects from the
         # SuperLink; flwr retries an unavailable object after 1 s, doubling. A worker
         # that starts within milliseconds meets that every round, so it retries the
-        # local API every 20 ms instead (up to 200 ms apart).
+        # local API every 20 ms instead (up to 50 ms apart).
         initial_backoff=LOCAL_RETRY_S,
         backoff_cap=LOCAL_RETRY_CAP_S,
         max_tries_per_object=None,  # bounded by flwr's max_time (PULL_MAX_TIME) instead
@@ -107,9 +107,8 @@ def serve(client, task_id: int, context: Context, app: ClientApp, report=lambda 
         log.exception("ClientApp raised an exception")
         e_code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(err, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         details = f"{type(err)}:<'{err}'>"
-        code = FAILED
         if message is not None:
-            reply = Message(Error(code=e_code, reason=details), reply_to=message)
+            reply, code = Message(Error(code=e_code, reason=details), reply_to=message), FAILED
     finally:
         if reply is not None:
             try:
