@@ -42,6 +42,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 
 from flwr.cli.install import install_from_fab
@@ -49,7 +50,6 @@ from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.config import get_project_config, get_project_dir
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest  # pylint: disable=E0611
-from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
@@ -218,7 +218,7 @@ class Executor:
             os.environ[START_ENV] = "warm" if self.warm else "forked"
             if self.default_threads:
                 sys.modules["torch"].set_num_threads(self.default_threads)
-            start_parent_process_monitor(os.getppid())  # dies with the executor
+            exit_with_parent(os.getppid())  # dies with the executor
             app = self.app if self.app is not None else worker.unloadable(self.app_error)
             code = worker.serve(self.task_client(token), task_id, context, app, report=lambda b: _write_frame(pipe_fd, b))
         except BaseException:  # noqa: BLE001 - a worker reports through its exit code only
@@ -236,6 +236,32 @@ class Executor:
                 continue
             argv.append(arg)
         os.execv(sys.executable, [sys.executable, "-m", __spec__.name, *argv, "--token", token])
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Leave (``os._exit``) as soon as ``parent_pid`` is gone. flwr's own monitor raises
+    SIGINT instead, which does nothing where SIGINT is ignored (a job a shell started in
+    the background inherits that): executors outlived their SuperNodes that way, each
+    holding the libraries and the model."""
+    direct = os.getppid() == parent_pid  # else: some other process named by --parent-pid
+
+    def alive() -> bool:
+        if direct:
+            return os.getppid() == parent_pid  # a dead parent's children are handed on
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(0.2)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _write_frame(fd: int, payload: bytes) -> None:
@@ -258,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per Runtime API request otherwise
     if args.parent_pid is not None:  # first: an executor whose SuperNode is gone exits at once
-        start_parent_process_monitor(args.parent_pid)
+        exit_with_parent(args.parent_pid)
+    started = time.perf_counter()
     threads = warm_libraries()
+    log.info("warm executor ready: libraries imported in %.2f s", time.perf_counter() - started)
     Executor(args, threads).loop(args.token)
 
 

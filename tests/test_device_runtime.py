@@ -76,3 +76,44 @@ def test_an_app_that_could_not_be_loaded_raises_flowers_load_error():
 
     with pytest.raises(LoadClientAppError, match="could not be loaded: <class 'ImportError'>"):
         worker.unloadable("<class 'ImportError'>:<'no module named ml'>")(None, None)
+
+
+def test_the_executor_leaves_with_its_supernode():
+    """An executor whose SuperNode is killed exits, even when it is stuck retrying the
+    SuperNode's gone Runtime API and SIGINT is ignored, as it is in a job a shell started
+    in the background (flwr's own monitor only raises SIGINT: executors outlived their
+    SuperNodes that way, holding their memory)."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    stand_in = (  # a "SuperNode" that starts the executor against a closed port and waits
+        "import os, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'device_runtime.executor', '--insecure', '--runtime-api-address',"
+        " '127.0.0.1:9', '--parent-pid', str(os.getpid())], stderr=subprocess.PIPE, text=True)\n"
+        "print(p.pid, flush=True)\n"
+        "for line in p.stderr:\n"
+        "    if 'warm executor ready' in line:\n"
+        "        print('ready', flush=True)\n"
+        "        break\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", stand_in], stdout=subprocess.PIPE, text=True, cwd=executor.__file__.rsplit("/device_runtime/", 1)[0],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # inherited by the executor
+    )
+    pid = None
+    try:
+        pid = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "ready"  # imports done: now in its AcquireTask retries
+        time.sleep(1.0)
+        parent.kill()
+        parent.wait(timeout=30)
+        proc = psutil.Process(pid)
+        proc.wait(timeout=30)  # raises TimeoutExpired if the executor outlives its SuperNode
+    finally:
+        parent.kill()
+        if pid is not None and psutil.pid_exists(pid):
+            psutil.Process(pid).kill()
