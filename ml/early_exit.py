@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensors import source_tensor
+
 EXIT_KINDS = ("ree", "per-exit")
 POOLINGS = ("cls", "mean")
 TUNINGS = ("full", "lora", "frozen")
@@ -296,7 +298,7 @@ class EarlyExitClassifier(nn.Module):
                 raise KeyError(f"{name}: not a parameter of this model (exits 1..{self.max_exit})")
             if tuple(params[name].shape) != value.shape:
                 raise ValueError(f"{name}: shape {value.shape}, the model has {tuple(params[name].shape)}")
-            params[name].copy_(torch.from_numpy(np.asarray(value)))
+            params[name].copy_(source_tensor(value))
 
 
 def set_tuning(model: EarlyExitClassifier, tuning: str, *, lora_rank: int = 8, lora_alpha: float = 16.0, seed: int = 0) -> None:

@@ -13,6 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from torch import nn
 
+from .tensors import source_tensor
+
 
 def attach_fresh_lora(model: nn.Module, targets: list[str], *, rank: int, alpha: float, seed: int) -> nn.Module:
     """Inject a new LoRA adapter and make only it (and the head, if any) trainable."""
@@ -41,8 +43,8 @@ def load_lora_factors(model: nn.Module, factors: dict[str, tuple[np.ndarray, np.
 
     state = {}
     for name, (a, b) in factors.items():
-        state[f"{name}.lora_A.weight"] = torch.from_numpy(np.ascontiguousarray(a))
-        state[f"{name}.lora_B.weight"] = torch.from_numpy(np.ascontiguousarray(b))
+        state[f"{name}.lora_A.weight"] = source_tensor(np.ascontiguousarray(a))
+        state[f"{name}.lora_B.weight"] = source_tensor(np.ascontiguousarray(b))
     current = get_peft_model_state_dict(model)
     for key, value in state.items():
         if key not in current:

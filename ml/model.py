@@ -15,6 +15,7 @@ from torch import nn
 from stamen.config import ConfigError
 
 from .model_path import ModelSource, default_cache_dir
+from .tensors import source_tensor
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def load_adapted_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> No
         param = model.get_submodule(name).weight
         if tuple(param.shape) != value.shape:
             raise ValueError(f"{name}: global weight has shape {value.shape}, model has {tuple(param.shape)}")
-        param.copy_(torch.from_numpy(value))
+        param.copy_(source_tensor(value))
 
 
 def head_state(model: nn.Module) -> dict[str, np.ndarray]:
@@ -184,4 +185,4 @@ def head_state(model: nn.Module) -> dict[str, np.ndarray]:
 def load_head_state(model: nn.Module, state: dict[str, np.ndarray]) -> None:
     if not isinstance(model, EncoderClassifier):
         return
-    model.head.load_state_dict({k.removeprefix("head."): torch.from_numpy(v) for k, v in state.items()})
+    model.head.load_state_dict({k.removeprefix("head."): source_tensor(v) for k, v in state.items()})

@@ -162,9 +162,9 @@ class CentralDP(Strategy):
             if msg.has_error() or keys.ARRAYS not in msg.content.array_records or keys.METRICS not in msg.content.metric_records:
                 continue  # the wrapped strategy drops it with its reason
             metrics = msg.content.metric_records[keys.METRICS]
-            arrays = from_record(msg.content.array_records[keys.ARRAYS])
             sent = self._sent.get(msg.metadata.src_node_id, {})
             try:
+                arrays = from_record(msg.content.array_records[keys.ARRAYS])  # a malformed pack: ValueError
                 scaling = float(metrics[keys.LORA_ALPHA]) / float(metrics[keys.LORA_RANK])
                 clipped, norm = clip_reply(
                     arrays, space=self.space, scaling=scaling, head_now=self._head_now, sent=sent, clipping_norm=self.clipping_norm

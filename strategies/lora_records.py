@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from stamen import keys
+from stamen.pack import MalformedRecord, pack, unpack
 
 Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A (r, in), B (out, r))
 
@@ -34,11 +35,16 @@ class ClientLoRA:
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """Arrays -> a packed record: a few Flower objects, whatever their number (stamen/pack.py)."""
+    return pack(arrays)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """A packed record -> read-only arrays; a malformed pack is an :class:`InvalidUpdate`."""
+    try:
+        return unpack(record)
+    except MalformedRecord as err:
+        raise InvalidUpdate(f"malformed pack: {err}") from None
 
 
 def factors_to_arrays(factors: Factors) -> dict[str, np.ndarray]:

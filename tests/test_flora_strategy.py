@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from stamen import keys
 from strategies.flora import FLoRA
@@ -61,7 +61,8 @@ def test_bad_replies_are_dropped_and_the_rest_aggregated(flower_identity, fake_g
     )
     wrong_rank, _ = good_reply(msgs[4], rank=2, n=10, seed=4)  # node 4 was asked for rank 4
     nan_reply, arrays = good_reply(msgs[5], rank=2, n=10, seed=5)
-    nan_reply.content.array_records[keys.ARRAYS]["layer.q" + keys.LORA_A] = Array(np.full((2, IN), np.nan, dtype=np.float32))
+    arrays["layer.q" + keys.LORA_A] = np.full((2, IN), np.nan, dtype=np.float32)
+    nan_reply.content[keys.ARRAYS] = to_record(arrays)
 
     with caplog.at_level(logging.WARNING):
         new, metrics = strategy.aggregate_train(1, [ok1, ok2, missing, wrong_rank, nan_reply])
