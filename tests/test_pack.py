@@ -2,6 +2,7 @@
 objects that do not grow with the number of arrays, and every malformed pack refused."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -122,6 +123,7 @@ MALFORMED = {
     "overlapping spans": (lambda: forged([["a", "float32", [2], 0], ["b", "float32", [3], 4]], {"float32": F32}), "overlaps"),
     "unaligned span": (lambda: forged([["a", "float32", [1], 2]], {"float32": F32}), "not aligned"),
     "bytes no array owns": (lambda: forged([["a", "float32", [3], 0]], {"float32": F32}), "belong to no array"),
+    "a gap between spans": (lambda: forged([["a", "float32", [1], 0], ["b", "float32", [2], 8]], {"float32": F32}), "bytes 4..8 .* belong to no array"),
     "wrong dtype": (lambda: forged([["a", "complex64", [2], 0]], {"float32": F32}), "has no buffer"),
     "buffer of a dtype not allowed": (lambda: forged([], {}, sizes={"object": 8}), "not one of"),
     "buffer array of another dtype": (
@@ -200,7 +202,7 @@ def test_flora_drops_a_malformed_pack_naming_the_node(case, flower_identity, fak
         new, metrics = s.aggregate_train(1, [_reply(msgs[7], over_the_wire(build())), _reply(msgs[8], P.pack(_good_lora(1)))])
     assert metrics["num-clients"] == 1 and s.rounds[-1].dropped.keys() == {7}
     assert "dropping node 7 from round 1: invalid update: malformed pack" in caplog.text
-    assert reason.split("'")[0] in s.rounds[-1].dropped[7]
+    assert re.search(reason, s.rounds[-1].dropped[7])
     assert P.unpack(new)["m.weight"].any()  # node 8's update was aggregated
 
 
