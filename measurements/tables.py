@@ -40,6 +40,8 @@ CLIENTS_COLUMNS = (
     "setup_s",  # device: GetRun + GetFab (first message of a run)
     "bytes_down",  # serialized protobuf bytes of the pull RPCs' responses
     "bytes_up",  # serialized protobuf bytes of the push RPCs' requests
+    "rpcs_down",  # device: Fleet RPCs of the downlink (PullMessages .. ConfirmMessageReceived)
+    "rpcs_up",  # device: Fleet RPCs of the uplink (PushMessages + PushObject)
     "payload_down_bytes",  # ArrayRecord bytes of the instruction
     "payload_up_bytes",  # ArrayRecord bytes of the reply
     "rss_peak_bytes",
@@ -115,9 +117,9 @@ def client_rows(
             "phases_via": train_via if train else "missing",
         }
         if down is not None:
-            row.update(downlink_s=down.duration_s, bytes_down=down.values.get("bytes"), setup_s=down.values.get("setup_s"))
+            row.update(downlink_s=down.duration_s, bytes_down=down.values.get("bytes"), setup_s=down.values.get("setup_s"), rpcs_down=down.values.get("rpcs"))
         if up is not None:
-            row.update(uplink_s=up.duration_s, bytes_up=up.values.get("bytes"))
+            row.update(uplink_s=up.duration_s, bytes_up=up.values.get("bytes"), rpcs_up=up.values.get("rpcs"))
         if train is not None:
             row["start"] = train.labels.get("start", "")
             row["train_s"] = train.duration_s

@@ -241,10 +241,10 @@ def test_client_rows_split_the_round_trip_by_hand():
     # server: sent at 100.0, reply pulled at 110.0 (server clock)
     sent = [SentMessage("m1", 5, "train", "1", 100.0, payload_bytes=1000, received_unix_s=110.0, reply_payload_bytes=300)]
     # node clock is 2 s behind the server's (offset +2)
-    down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0}, labels={"transport": "stamen-supernode"})
+    down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0, "rpcs": 9}, labels={"transport": "stamen-supernode"})
     phases = {"load_s": 1.0, "loop_s": 4.5, "serialize_s": 0.1, "cpu_s": 9.5, "load_cpu_s": 0.5, "loop_cpu_s": 9.0}
     train = ev.Event("train", 100.0, 6.0, node_id=5, message_id="m1", values=phases)
-    up = ev.Event("uplink", 106.5, 0.5, node_id=5, message_id="m1", values={"bytes": 400})
+    up = ev.Event("uplink", 106.5, 0.5, node_id=5, message_id="m1", values={"bytes": 400, "rpcs": 7})
     clock = ev.Event("clock", 50.0, 0.001, node_id=5, values={"offset_s": 2.0, "rtt_s": 0.001})
     events = [(down, "telemetry"), (train, "reply"), (up, "telemetry"), (clock, "telemetry")]
     (row,) = client_rows(sent, events, {5: {"device-class": "jetson", "network": "wifi"}})
@@ -254,6 +254,7 @@ def test_client_rows_split_the_round_trip_by_hand():
     assert row["queue_s"] == pytest.approx(1.0)  # node pulls at 99 + 2 = 101 on the server clock
     assert row["reply_wait_s"] == pytest.approx(1.0)  # uplink ends at 107 + 2 = 109; pulled at 110
     assert row["bytes_down"] == 1100 and row["bytes_up"] == 400 and row["payload_up_bytes"] == 300
+    assert row["rpcs_down"] == 9 and row["rpcs_up"] == 7
     assert row["transfer_via"] == "telemetry" and row["phases_via"] == "reply"
     assert row["train_cpu_s"] == 9.5 and row["loop_cpu_s"] == 9.0 and row["serialize_cpu_s"] is None  # not recorded
 
