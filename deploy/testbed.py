@@ -217,7 +217,7 @@ class Testbed:
     """
 
     def __init__(self, nodes: list[TestbedNode], *, workdir: Path, run_prefix: str | None = None,
-                 app_dir: Path | None = None, threads: int | None = None) -> None:
+                 app_dir: Path | None = None, threads: int | None = None, supernode_flags: list[str] = ()) -> None:
         if not nodes:
             raise ValueError("a testbed needs at least one node")
         self.nodes = nodes
@@ -225,6 +225,7 @@ class Testbed:
         self.run_prefix = run_prefix or f"{PREFIX}{os.getpid() % 100000}"
         self.app_dir = app_dir
         self.threads = threads
+        self.supernode_flags = list(supernode_flags)  # e.g. --transfer-concurrency 4
         self.topology = Topology(self.run_prefix, [n.network for n in nodes])
         self.limits: list[cgroups.Limits] = []
         self.proxies: list[subprocess.Popen] = []
@@ -261,7 +262,7 @@ class Testbed:
             ))
         kwargs = {"app_dir": self.app_dir} if self.app_dir else {}
         dep = LocalDeployment(specs, workdir=self.workdir, fleet_host=self.topology.server_ip,
-                              superlink_netns=self.topology.server_ns, **kwargs)
+                              superlink_netns=self.topology.server_ns, supernode_flags=self.supernode_flags, **kwargs)
         self._stack.callback(self._stop_proxies)
         for i, node in enumerate(self.nodes):  # one proxy per node: Fleet API and telemetry ports
             ports = (dep.fleet_port, dep.collector_port)

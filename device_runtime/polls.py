@@ -1,5 +1,6 @@
-"""The device's polls: what they are, their defaults, and their bounds. Light on purpose
-(no Flower import): ``stamen``'s command line reads it for its flags."""
+"""The device's polls and its transfer concurrency: what they are, their defaults, and
+their bounds. Light on purpose (no Flower import): ``stamen``'s command line reads it for
+its flags."""
 
 from __future__ import annotations
 
@@ -49,3 +50,17 @@ FLOWER_POLLS = NodePolls(FLOWER_IDLE_POLL_S, FLOWER_REPLY_POLL_S, FLOWER_TASK_PO
 WARM_POLLS = NodePolls(idle=0.5, reply=0.05, task=0.05)  # chosen in docs/runtime.md ("Polls")
 
 
+
+
+MAX_CONCURRENCY = 64
+
+
+def transfer_concurrency(text: str) -> int:
+    """An argparse type for ``--transfer-concurrency``: object RPCs in flight, 1..64."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_CONCURRENCY}, got {value}")
+    return value

@@ -36,14 +36,19 @@ import threading
 import time
 
 import flwr
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import pull_objects as flower_pull_objects
+from flwr.supercore.inflatable.inflatable_utils import push_object_contents_from_iterable as flower_push_contents
 from flwr.supernode import start_client_internal as flower_loop
 
-from .polls import FLOWER_IDLE_POLL_S, FLOWER_POLLS, FLOWER_REPLY_POLL_S, WARM_POLLS, NodePolls, poll_seconds  # noqa: F401 - the SuperNode's names
+from .polls import FLOWER_IDLE_POLL_S, FLOWER_POLLS, FLOWER_REPLY_POLL_S, WARM_POLLS, NodePolls, poll_seconds, transfer_concurrency  # noqa: F401 - the SuperNode's names
 
 log = logging.getLogger("stamen.runtime")
 
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# Flower's own settings for the object RPCs in flight per transfer (read when flwr is
+# imported, so they reach the processes this one starts: the executor and its workers)
+CONCURRENCY_ENVS = ("FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES", "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS")
 OBJECT_RETRY_S, OBJECT_RETRY_CAP_S = 0.02, 0.2  # for an object the SuperLink does not have yet
 RESTARTS = 5  # executor restarts allowed within RESTART_WINDOW_S before the node gives up on it
 RESTART_WINDOW_S = 60.0
@@ -102,7 +107,8 @@ class _ExecutorLauncher:
 def check_flower() -> None:
     """Refuse a flwr whose SuperNode loop lacks the sleeps and the Popen this module maps."""
     source = inspect.getsource(flower_loop)
-    needed = ["time.sleep(3)", "time.sleep(0.5)", 'command = ["flower-superexec"]', "subprocess.Popen(command)", "obj_contents = pull_objects("]
+    needed = ["time.sleep(3)", "time.sleep(0.5)", 'command = ["flower-superexec"]', "subprocess.Popen(command)", "obj_contents = pull_objects(",
+              "push_object_contents_from_iterable("]
     missing = [n for n in needed if n not in source]
     if missing:
         raise RuntimeError(
@@ -111,12 +117,30 @@ def check_flower() -> None:
         )
 
 
-def install(*, warm: bool, polls: NodePolls) -> None:
-    """Apply the polls and the executor choice to flwr's SuperNode loop in this process."""
+def install(*, warm: bool, polls: NodePolls, concurrency: int | None = None) -> None:
+    """Apply the polls, the executor choice and the transfer concurrency to flwr's
+    SuperNode loop in this process.
+
+    ``concurrency``: object RPCs in flight per downlink and uplink on the Fleet link
+    (None: Flower's, ``min(2, cpu_count)``). Flower caps the count at the CPU count; a
+    transfer waits on the network, not on a core, so here it is not capped. It also goes
+    into Flower's environment variables for the processes this node starts."""
     check_flower()
     flower_loop.time = _PolledTime(polls)
     flower_loop.subprocess = _ExecutorLauncher(warm, polls)
+    pulls: dict = {}
     if warm:
-        flower_loop.pull_objects = functools.partial(
-            flower_pull_objects, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S, max_tries_per_object=None
-        )
+        pulls.update(initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S, max_tries_per_object=None)
+    if concurrency is not None:
+        pulls["max_concurrent_pulls"] = concurrency
+        flower_loop.push_object_contents_from_iterable = functools.partial(flower_push_contents, max_concurrent_pushes=concurrency)
+        inflatable_utils.get_num_workers = _uncapped_workers
+        for name in CONCURRENCY_ENVS:
+            os.environ[name] = str(concurrency)
+    if pulls:
+        flower_loop.pull_objects = functools.partial(flower_pull_objects, **pulls)
+
+
+def _uncapped_workers(max_concurrent: int) -> int:
+    """Flower's ``get_num_workers`` without the CPU-count cap."""
+    return max(1, int(max_concurrent))

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from device_runtime.polls import poll_seconds
+from device_runtime.polls import poll_seconds, transfer_concurrency
 
 
 def _ints(text: str) -> list[int]:
@@ -59,7 +59,7 @@ def _runtime_options(args: argparse.Namespace) -> tuple[list[str], float]:
     """The stamen-supernode runtime flags and the ServerApp's poll (docs/runtime.md):
     with --no-warm, Flower's polls unless a poll is given."""
     flags = ["--no-warm"] if args.no_warm else []
-    for name in ("idle_poll", "reply_poll", "task_poll"):
+    for name in ("idle_poll", "reply_poll", "task_poll", "transfer_concurrency"):
         if (value := getattr(args, name)) is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     grid = args.grid_poll if args.grid_poll is not None else (3.0 if args.no_warm else 0.2)
@@ -140,7 +140,8 @@ def _testbed_deployment(args: argparse.Namespace, nodes, workdir: Path):
         return LocalDeployment(specs, workdir=workdir)
     from deploy.testbed import Testbed
 
-    return Testbed(nodes, workdir=workdir, threads=args.threads)
+    flags = ["--transfer-concurrency", str(args.transfer_concurrency)] if args.transfer_concurrency else []
+    return Testbed(nodes, workdir=workdir, threads=args.threads, supernode_flags=flags)
 
 
 def _describe(nodes, loopback: bool) -> None:
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--no-warm", action="store_true", help="stamen-supernode --no-warm: Flower's executor and polls (docs/runtime.md)")
     for poll in ("idle", "reply", "task"):
         local.add_argument(f"--{poll}-poll", type=poll_seconds, default=None, help=f"stamen-supernode --{poll}-poll (seconds)")
+    local.add_argument("--transfer-concurrency", type=transfer_concurrency, default=None,
+                       help="stamen-supernode --transfer-concurrency: object RPCs in flight per transfer (docs/transfers.md)")
     local.add_argument(
         "--grid-poll", type=poll_seconds, default=None, help="the ServerApp's poll, strategy.poll-interval (default 0.2; 3 with --no-warm)"
     )
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     bed.add_argument("--nodes", type=int, default=0, help="default: one node per --devices entry")
     bed.add_argument("--profiles", default=str(Path(__file__).resolve().parent.parent / "deploy" / "profiles.toml"))
     bed.add_argument("--threads", type=int, default=0, help="torch threads per node (default: its CPU quota, rounded up)")
+    bed.add_argument("--transfer-concurrency", type=transfer_concurrency, default=None,
+                     help="stamen-supernode --transfer-concurrency on every node (docs/transfers.md)")
     bed.add_argument("--loopback", action="store_true", help="no namespaces, shaping or limits (no root needed)")
     bed.add_argument("--output", default="runs", help="where run directories go")
     bed.add_argument("--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)")

@@ -45,6 +45,12 @@ def measurement_parser() -> argparse.ArgumentParser:
     flower = runtime.FLOWER_POLLS
     warm.add_argument("--idle-poll", type=runtime.poll_seconds, default=None, help=f"seconds between pulls from the SuperLink while idle (default {polls.idle}; Flower's {flower.idle} with --no-warm)")
     warm.add_argument("--reply-poll", type=runtime.poll_seconds, default=None, help=f"seconds between looks for the ClientApp's reply (default {polls.reply}; Flower's {flower.reply} with --no-warm)")
+    warm.add_argument(
+        "--transfer-concurrency",
+        type=runtime.transfer_concurrency,
+        default=None,
+        help="object RPCs in flight per downlink and uplink (default: Flower's, 2, at most the CPU count; docs/transfers.md)",
+    )
     warm.add_argument("--task-poll", type=runtime.poll_seconds, default=None, help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
     group = parser.add_argument_group("Stamen measurement options")
     group.add_argument(
@@ -96,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     polls = runtime.NodePolls(
         idle=opts.idle_poll or base.idle, reply=opts.reply_poll or base.reply, task=opts.task_poll or base.task
     )
-    runtime.install(warm=not opts.no_warm, polls=polls)
+    runtime.install(warm=not opts.no_warm, polls=polls, concurrency=opts.transfer_concurrency)
     print(
         f"stamen-supernode: {'cold' if opts.no_warm else 'warm'} runtime; polls: idle {polls.idle:g} s, "
-        f"reply {polls.reply:g} s, task {polls.task:g} s",
+        f"reply {polls.reply:g} s, task {polls.task:g} s; transfer concurrency {opts.transfer_concurrency or 'Flower default'}",
         file=sys.stderr,
         flush=True,
     )

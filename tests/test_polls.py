@@ -1,6 +1,7 @@
 """Settable polls: the SuperNode's two sleeps, the executor stamen-supernode starts, and the
 ServerApp grid's reply poll (device_runtime/supernode.py, server_app/grid.py)."""
 
+import argparse
 import types
 
 import pytest
@@ -142,3 +143,39 @@ def test_short_grid_poll_shortens_the_servers_object_retries(monkeypatch):
     assert http_grid.pull_objects is polled.flower_pull_objects
     PolledGrid(object(), 0.5)
     assert http_grid.pull_objects.keywords["initial_backoff"] == 0.02
+
+
+def test_transfer_concurrency_reaches_flowers_push_and_pull_uncapped(monkeypatch):
+    """--transfer-concurrency N: N object RPCs in flight per transfer, even above the CPU
+    count Flower caps it at, and Flower's environment variables for the processes the
+    node starts."""
+    import os
+    import threading
+
+    loop = runtime.flower_loop
+    for name in ("time", "subprocess", "pull_objects", "push_object_contents_from_iterable"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))
+    monkeypatch.setattr(runtime.inflatable_utils, "get_num_workers", runtime.inflatable_utils.get_num_workers)
+    for name in runtime.CONCURRENCY_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    n = (os.cpu_count() or 1) + 2  # more than Flower would allow on this machine
+    runtime.install(warm=True, polls=runtime.WARM_POLLS, concurrency=n)
+    assert loop.pull_objects.keywords["max_concurrent_pulls"] == n
+    assert loop.pull_objects.keywords["initial_backoff"] == 0.02  # the warm retries stay
+    assert all(os.environ[name] == str(n) for name in runtime.CONCURRENCY_ENVS)
+
+    in_flight = threading.Barrier(n, timeout=10)  # passes only if n pushes run at once
+    pushed = []
+
+    def push(object_id, content):
+        in_flight.wait()
+        pushed.append(object_id)
+
+    loop.push_object_contents_from_iterable(((str(i), b"x") for i in range(n)), push)
+    assert sorted(pushed) == sorted(str(i) for i in range(n))
+
+
+@pytest.mark.parametrize("bad", ["0", "65", "two"])
+def test_transfer_concurrency_is_bounded(bad):
+    with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+        runtime.transfer_concurrency(bad)
