@@ -63,7 +63,8 @@ def detect_profile(node_config: dict[str, Any]) -> dict[str, Any]:
     }
     profile[keys.NODE_NETWORK] = str(node_config.get(keys.NODE_NETWORK, "unknown"))
     profile["transport"] = transport()
-    for key in (keys.NODE_PARTITION_ID, keys.NODE_NUM_PARTITIONS, keys.NODE_LORA_RANK, keys.NODE_MAX_EXIT):
+    for key in (keys.NODE_PARTITION_ID, keys.NODE_NUM_PARTITIONS, keys.NODE_LORA_RANK, keys.NODE_MAX_EXIT,
+                keys.NODE_LINK_DOWN_MBIT, keys.NODE_LINK_UP_MBIT):
         if key in node_config:
             profile[key] = node_config[key]
     return profile

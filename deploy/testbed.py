@@ -257,7 +257,8 @@ class Testbed:
             specs.append(NodeSpec(
                 partition_id=i, num_partitions=len(self.nodes), device_class=node.device.device_class,
                 lora_rank=node.device.lora_rank, num_threads=self.threads or max(1, math.ceil(min(node.device.cpus, host_cpus))),
-                extra={"network": node.network.name, "testbed-device": node.device.name},
+                extra={"network": node.network.name, "testbed-device": node.device.name,
+                       "link-down-mbit": node.network.down_mbit, "link-up-mbit": node.network.up_mbit},
                 netns=self.topology.node_ns[i], cgroups=tuple(map(str, limit.paths)), dial_host="127.0.0.1",
             ))
         kwargs = {"app_dir": self.app_dir} if self.app_dir else {}

@@ -20,6 +20,11 @@ beyond its training and its transfers.
 "Share of the round" of a client phase is its total over all client rows divided by
 the total of the round times those rows belong to; for aggregation it is the total
 aggregation time over the total round time.
+
+Transfers, per network: the medians of each downlink's and uplink's bytes on the wire,
+Fleet RPCs, time and goodput (bytes x 8 / time of that transfer), and the goodput over the
+link's rate where the node's config names the rate (the emulated testbed does:
+``link-down-mbit`` / ``link-up-mbit``).
 """
 
 from __future__ import annotations
@@ -145,6 +150,33 @@ def phase_stats(run: Run, rows: list[dict] | None = None) -> dict[str, dict[str,
     return out
 
 
+def transfer_stats(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """direction -> {n, mb, rpcs, seconds, goodput_mbit[, rate_mbit, of_rate]}: medians over
+    the rows that replied and timed that transfer."""
+    out = {}
+    for direction, side in (("downlink", "down"), ("uplink", "up")):
+        timed = [
+            (b, s, _num(r.get(f"rpcs_{side}")), _num(r.get(f"link_{side}_mbit")))
+            for r in rows
+            if r.get("status") == "ok" and (b := _num(r.get(f"bytes_{side}"))) and (s := _num(r.get(f"{direction}_s")))
+        ]
+        if not timed:
+            continue
+        stats = {
+            "n": len(timed),
+            "mb": percentile([b / 1e6 for b, _, _, _ in timed], 50),
+            "rpcs": percentile([c for _, _, c, _ in timed if c is not None], 50),
+            "seconds": percentile([s for _, s, _, _ in timed], 50),
+            "goodput_mbit": percentile([b * 8 / s / 1e6 for b, s, _, _ in timed], 50),
+        }
+        rated = [(b * 8 / s / 1e6, rate) for b, s, _, rate in timed if rate]
+        if rated:
+            stats["rate_mbit"] = percentile([rate for _, rate in rated], 50)
+            stats["of_rate"] = percentile([g / rate for g, rate in rated], 50)
+        out[direction] = stats
+    return out
+
+
 def summarize(run: Run) -> dict:
     groups: dict[str, dict[str, dict]] = {}
     for column in ("device_class", "network"):
@@ -157,11 +189,15 @@ def summarize(run: Run) -> dict:
     for r in run.clients:
         if r.get("status") == "ok":
             starts[r.get("start") or "unknown"] += 1
+    by_network: dict[str, list[dict]] = defaultdict(list)
+    for r in run.clients:
+        by_network[r.get("network") or "unknown"].append(r)
     return {
         "run": str(run.path),
         "label": run.label,
         "overall": phase_stats(run),
         "groups": groups,
+        "transfers": {name: stats for name, rows in sorted(by_network.items()) if (stats := transfer_stats(rows))},
         "no_transfer_timing": unavailable,
         "starts": dict(sorted(starts.items())),
     }
@@ -195,6 +231,14 @@ def format_summary(summary: dict) -> str:
         for name, stats in groups.items():
             client_only = {k: v for k, v in stats.items() if k not in ("aggregation_s", "round_s")}
             out += [f"  {column} = {name}:", *table(client_only)]
+    if summary.get("transfers"):
+        out.append("  transfers (medians per client and round; goodput = bytes on the wire x 8 / transfer time):")
+        out.append(f"    {'network':<12}{'direction':<10}{'n':>4}{'MB':>9}{'RPCs':>6}{'s':>8}{'Mbit/s':>9}  of the link's rate")
+        for network, directions in summary["transfers"].items():
+            for direction, s in directions.items():
+                rate = f"  {s['of_rate']:.2f} of {s['rate_mbit']:g}" if "of_rate" in s else "  (rate not known)"
+                rpcs = "" if math.isnan(s["rpcs"]) else f"{s['rpcs']:.0f}"
+                out.append(f"    {network:<12}{direction:<10}{s['n']:>4}{s['mb']:>9.3f}{rpcs:>6}{s['seconds']:>8.3f}{s['goodput_mbit']:>9.1f}{rate}")
     if summary["no_transfer_timing"]:
         out.append(
             "  nodes without transfer timing (plain flower-supernode or simulation): "

@@ -42,6 +42,8 @@ CLIENTS_COLUMNS = (
     "bytes_up",  # serialized protobuf bytes of the push RPCs' requests
     "rpcs_down",  # device: Fleet RPCs of the downlink (PullMessages .. ConfirmMessageReceived)
     "rpcs_up",  # device: Fleet RPCs of the uplink (PushMessages + PushObject)
+    "link_down_mbit",  # the link's rate, where the node's config names it (the testbed does)
+    "link_up_mbit",
     "payload_down_bytes",  # ArrayRecord bytes of the instruction
     "payload_up_bytes",  # ArrayRecord bytes of the reply
     "rss_peak_bytes",
@@ -113,6 +115,8 @@ def client_rows(
             "status": "late" if m.received_unix_s is None else ("error" if m.error else "ok"),
             "e2e_s": m.e2e_s,
             "payload_down_bytes": m.payload_bytes,
+            "link_down_mbit": profile.get("link-down-mbit"),
+            "link_up_mbit": profile.get("link-up-mbit"),
             "payload_up_bytes": m.reply_payload_bytes if m.received_unix_s is not None else None,
             "phases_via": train_via if train else "missing",
         }

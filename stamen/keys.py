@@ -78,6 +78,8 @@ STATE_EXIT_LOSS_EMA = "stamen.exit-loss-ema"
 STATE_PRUNE_SCORES = "stamen.prune-scores"  # pruning: each unit group's importance on this node
 STATE_DP_LEDGER = "stamen.dp-ledger"  # DP: the node's accountant history (noise, rate, steps) rows
 NODE_NETWORK = "network"  # a label for the node's link ("ethernet", "wifi", "5g"); reports group by it
+NODE_LINK_DOWN_MBIT = "link-down-mbit"  # the link's rate where known (the testbed sets it): reports show goodput against it
+NODE_LINK_UP_MBIT = "link-up-mbit"
 
 # Measurements (measurements/): device-side events travel to the server in a reply's
 # ConfigRecord under this key when the telemetry collector did not take them.

@@ -130,3 +130,30 @@ def test_report_text_shows_start_up_apart_and_counts_starts(tmp_path):
     assert "train " not in text and any(line.strip().startswith("polling") for line in text.splitlines())
     summary = json.loads((d / "summary.json").read_text())
     assert summary["overall"]["overhead_s"]["median"] == pytest.approx((3.4 + 6.0) / 2)
+
+
+def test_transfers_show_goodput_against_the_link_rate_by_hand(tmp_path):
+    from measurements.report import format_summary, summarize
+
+    d = tmp_path / "g"
+    d.mkdir()
+    _write(d / "rounds.csv", ROUNDS_COLUMNS, [{"round": 1, "round_s": 10.0}])
+    rows = [  # 5g: 1 MB up in 1 s and 2 s (8 and 4 Mbit/s) and 3 MB in 2 s (12), link 16 Mbit/s
+        {"round": 1, "node_id": n, "network": "5g", "status": "ok", "bytes_up": b, "uplink_s": s, "rpcs_up": 9,
+         "bytes_down": 4_000_000, "downlink_s": 0.5, "rpcs_down": 11, "link_up_mbit": 16.0, "link_down_mbit": 256.0}
+        for n, b, s in ((1, 1_000_000, 1.0), (2, 1_000_000, 2.0), (3, 3_000_000, 2.0))
+    ]
+    rows.append({"round": 1, "node_id": 4, "network": "lan", "status": "ok", "bytes_up": 500_000, "uplink_s": 0.25})  # no rate known
+    rows.append({"round": 1, "node_id": 5, "network": "5g", "status": "late", "bytes_up": 1, "uplink_s": 100.0})  # not counted
+    _write(d / "clients.csv", CLIENTS_COLUMNS, rows)
+    transfers = summarize(Run.load(d))["transfers"]
+    up = transfers["5g"]["uplink"]
+    assert up["n"] == 3 and up["mb"] == pytest.approx(1.0) and up["seconds"] == pytest.approx(2.0) and up["rpcs"] == 9
+    assert up["goodput_mbit"] == pytest.approx(8.0)  # the median of 8, 4, 12
+    assert up["rate_mbit"] == 16.0 and up["of_rate"] == pytest.approx(0.5)
+    down = transfers["5g"]["downlink"]
+    assert down["goodput_mbit"] == pytest.approx(64.0) and down["of_rate"] == pytest.approx(0.25)
+    lan = transfers["lan"]
+    assert lan.keys() == {"uplink"} and lan["uplink"]["goodput_mbit"] == pytest.approx(16.0) and "of_rate" not in lan["uplink"]
+    text = format_summary(summarize(Run.load(d)))
+    assert "0.50 of 16" in text and "(rate not known)" in text
