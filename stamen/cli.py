@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import signal
 import sys
@@ -125,8 +126,16 @@ def _testbed_nodes(args: argparse.Namespace, network: str | None = None):
         if not wanted or unknown:
             raise ValueError(f"unknown {kind} profile(s) {unknown or wanted}; {args.profiles} defines {', '.join(known)}")
     n = args.nodes or len(wanted_devices)
-    return [TestbedNode(devices[wanted_devices[i % len(wanted_devices)]], networks[wanted_networks[i % len(wanted_networks)]])
-            for i in range(n)]
+    ranks = _ints(args.ranks)
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"--ranks must be positive integers, got {args.ranks!r}")
+    nodes = []
+    for i in range(n):
+        device = devices[wanted_devices[i % len(wanted_devices)]]
+        if ranks:  # the node's node-config lora-rank, in place of its device profile's
+            device = dataclasses.replace(device, lora_rank=ranks[i % len(ranks)])
+        nodes.append(TestbedNode(device, networks[wanted_networks[i % len(wanted_networks)]]))
+    return nodes
 
 
 def _testbed_deployment(args: argparse.Namespace, nodes, workdir: Path):
@@ -309,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     bed.add_argument("--nodes", type=int, default=0, help="default: one node per --devices entry")
     bed.add_argument("--profiles", default=str(Path(__file__).resolve().parent.parent / "deploy" / "profiles.toml"))
     bed.add_argument("--threads", type=int, default=0, help="torch threads per node (default: its CPU quota, rounded up)")
+    bed.add_argument("--ranks", default="", help="node-config lora-rank per node (cycled), in place of the device profiles' (e.g. 64)")
     bed.add_argument("--transfer-concurrency", type=transfer_concurrency, default=None,
                      help="stamen-supernode --transfer-concurrency on every node (docs/transfers.md)")
     bed.add_argument("--loopback", action="store_true", help="no namespaces, shaping or limits (no root needed)")

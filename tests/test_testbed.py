@@ -125,3 +125,19 @@ def test_topology_refuses_a_prefix_that_teardown_would_not_find():
 def test_an_unknown_congestion_control_is_refused_before_any_route_changes():
     with pytest.raises(netns.NamespaceError, match="not available here"):
         netns.pin_congestion_control("no-such-ns", "eth0", "10.213.9.0/24", "10.213.9.1", "no-such-algorithm")
+
+
+def test_testbed_ranks_replace_the_device_profiles_ranks():
+    import argparse
+
+    from stamen.cli import _testbed_nodes
+
+    args = argparse.Namespace(profiles=str(testbed.PROFILES), devices="raspberry-pi-4,raspberry-pi-5", network="5g", nodes=3, ranks="")
+    assert [n.device.lora_rank for n in _testbed_nodes(args, None)] == [4, 8, 4]  # the profiles'
+    args.ranks = "64,96"
+    nodes = _testbed_nodes(args, None)
+    assert [n.device.lora_rank for n in nodes] == [64, 96, 64]
+    assert [n.device.cpus for n in nodes] == [0.5, 1.0, 0.5]  # nothing else changes
+    args.ranks = "0"
+    with pytest.raises(ValueError, match="--ranks"):
+        _testbed_nodes(args, None)
