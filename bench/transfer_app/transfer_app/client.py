@@ -23,3 +23,9 @@ def train(msg: Message, context: Context) -> Message:
         up = encode(make(spec["up"], context.node_id, server_round, UP), packed)
     metrics = MetricRecord({"num-examples": 1, "down-intact": int(down_ok)})
     return Message(RecordDict({"arrays": up, "metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The server's last message asks for the events the node still holds (the mod adds them)."""
+    return Message(RecordDict(), reply_to=msg)
