@@ -53,6 +53,10 @@ WARM_POLLS = NodePolls(idle=0.5, reply=0.05, task=0.05)  # chosen in docs/runtim
 
 
 MAX_CONCURRENCY = 64
+# Object RPCs in flight per transfer under the warm runtime: on the 5g profile (47 ms RTT)
+# 2 (Flower's) -> 8 took a 3.7 MB packed uplink from 2.47 to 2.25 s and 16 gained nothing
+# more (docs/transfers.md, bench/transfer_goodput.py). --no-warm keeps Flower's.
+WARM_TRANSFER_CONCURRENCY = 8
 
 
 def transfer_concurrency(text: str) -> int:

@@ -41,7 +41,7 @@ from flwr.supercore.inflatable.inflatable_utils import pull_objects as flower_pu
 from flwr.supercore.inflatable.inflatable_utils import push_object_contents_from_iterable as flower_push_contents
 from flwr.supernode import start_client_internal as flower_loop
 
-from .polls import FLOWER_IDLE_POLL_S, FLOWER_POLLS, FLOWER_REPLY_POLL_S, WARM_POLLS, NodePolls, poll_seconds, transfer_concurrency  # noqa: F401 - the SuperNode's names
+from .polls import FLOWER_IDLE_POLL_S, FLOWER_POLLS, FLOWER_REPLY_POLL_S, WARM_POLLS, WARM_TRANSFER_CONCURRENCY, NodePolls, poll_seconds, transfer_concurrency  # noqa: F401 - the SuperNode's names
 
 log = logging.getLogger("stamen.runtime")
 

@@ -49,7 +49,8 @@ def measurement_parser() -> argparse.ArgumentParser:
         "--transfer-concurrency",
         type=runtime.transfer_concurrency,
         default=None,
-        help="object RPCs in flight per downlink and uplink (default: Flower's, 2, at most the CPU count; docs/transfers.md)",
+        help=f"object RPCs in flight per downlink and uplink (default {runtime.WARM_TRANSFER_CONCURRENCY}; "
+        "Flower's 2, at most the CPU count, with --no-warm; docs/transfers.md)",
     )
     warm.add_argument("--task-poll", type=runtime.poll_seconds, default=None, help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
     group = parser.add_argument_group("Stamen measurement options")
@@ -77,6 +78,16 @@ def measurement_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def runtime_settings(opts: argparse.Namespace) -> tuple[runtime.NodePolls, int | None]:
+    """The polls and transfer concurrency a node runs with: the flags, else the warm
+    runtime's defaults, else (``--no-warm``) Flower's (concurrency None: Flower's own)."""
+    base = runtime.FLOWER_POLLS if opts.no_warm else runtime.WARM_POLLS
+    polls = runtime.NodePolls(
+        idle=opts.idle_poll or base.idle, reply=opts.reply_poll or base.reply, task=opts.task_poll or base.task
+    )
+    return polls, opts.transfer_concurrency or (None if opts.no_warm else runtime.WARM_TRANSFER_CONCURRENCY)
+
+
 def default_telemetry_address(argv: list[str]) -> str:
     superlink = "127.0.0.1:9092"
     for i, arg in enumerate(argv):
@@ -98,14 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"stamen-supernode: --telemetry-interval must be > 0, got {opts.telemetry_interval}")
     if not opts.no_warm and "--allow-runtime-dependency-installation" in flower_argv:
         sys.exit("stamen-supernode: the warm runtime serves apps from this environment; runtime dependency installation needs --no-warm")
-    base = runtime.FLOWER_POLLS if opts.no_warm else runtime.WARM_POLLS
-    polls = runtime.NodePolls(
-        idle=opts.idle_poll or base.idle, reply=opts.reply_poll or base.reply, task=opts.task_poll or base.task
-    )
-    runtime.install(warm=not opts.no_warm, polls=polls, concurrency=opts.transfer_concurrency)
+    polls, concurrency = runtime_settings(opts)
+    runtime.install(warm=not opts.no_warm, polls=polls, concurrency=concurrency)
     print(
         f"stamen-supernode: {'cold' if opts.no_warm else 'warm'} runtime; polls: idle {polls.idle:g} s, "
-        f"reply {polls.reply:g} s, task {polls.task:g} s; transfer concurrency {opts.transfer_concurrency or 'Flower default'}",
+        f"reply {polls.reply:g} s, task {polls.task:g} s; transfer concurrency {concurrency or 'Flower default'}",
         file=sys.stderr,
         flush=True,
     )

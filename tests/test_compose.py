@@ -115,8 +115,8 @@ def test_entrypoint_supernode_runtime_options():
     """Warm by default (no flag); STAMEN_NO_WARM and the poll variables become flags."""
     base = {"STAMEN_ROLE": "supernode", "STAMEN_NODE_CONFIG": "partition-id=0 num-partitions=4"}
     assert "--no-warm" not in _entry(base)[1] and "poll" not in _entry(base)[1]
-    code, cmd, _ = _entry({**base, "STAMEN_NO_WARM": "1", "STAMEN_IDLE_POLL": "3", "STAMEN_TASK_POLL": "1"})
-    assert code == 0 and cmd.endswith("--insecure --no-warm --idle-poll 3 --task-poll 1")
+    code, cmd, _ = _entry({**base, "STAMEN_NO_WARM": "1", "STAMEN_IDLE_POLL": "3", "STAMEN_TASK_POLL": "1", "STAMEN_TRANSFER_CONCURRENCY": "4"})
+    assert code == 0 and cmd.endswith("--insecure --no-warm --idle-poll 3 --task-poll 1 --transfer-concurrency 4")
 
 
 def test_shaping_script_builds_delay_rate_and_policer():

@@ -179,3 +179,15 @@ def test_transfer_concurrency_reaches_flowers_push_and_pull_uncapped(monkeypatch
 def test_transfer_concurrency_is_bounded(bad):
     with pytest.raises(argparse.ArgumentTypeError, match="must be"):
         runtime.transfer_concurrency(bad)
+
+
+def test_warm_nodes_default_to_eight_transfers_in_flight_and_cold_ones_to_flowers():
+    from stamen.supernode import measurement_parser, runtime_settings
+
+    def settings(*flags):
+        return runtime_settings(measurement_parser().parse_known_args(list(flags))[0])
+
+    assert settings()[1] == 8 and settings()[0] == runtime.WARM_POLLS
+    assert settings("--no-warm") == (runtime.FLOWER_POLLS, None)
+    assert settings("--no-warm", "--transfer-concurrency", "3")[1] == 3
+    assert settings("--transfer-concurrency", "1")[1] == 1

@@ -12,6 +12,7 @@
 #   STAMEN_NODE_CONFIG   SuperNode: --node-config
 #   STAMEN_NO_WARM=1     SuperNode: --no-warm (Flower's executor and polls; default: the warm runtime, docs/runtime.md)
 #   STAMEN_IDLE_POLL / STAMEN_TASK_POLL   SuperNode: --idle-poll / --task-poll seconds
+#   STAMEN_TRANSFER_CONCURRENCY   SuperNode: --transfer-concurrency (object RPCs in flight, docs/transfers.md)
 #   STAMEN_UP_MBIT / STAMEN_DOWN_MBIT / STAMEN_DELAY_MS / STAMEN_JITTER_MS: shape eth0 first (shape.sh)
 #   STAMEN_DRY_RUN=1     print the command instead of running it (used by the tests)
 # Extra arguments are appended to the command.
@@ -51,6 +52,7 @@ case "${STAMEN_ROLE:-}" in
     if [ "${STAMEN_NO_WARM:-0}" = 1 ]; then set -- "$@" --no-warm; fi
     if [ -n "${STAMEN_IDLE_POLL:-}" ]; then set -- "$@" --idle-poll "$STAMEN_IDLE_POLL"; fi
     if [ -n "${STAMEN_TASK_POLL:-}" ]; then set -- "$@" --task-poll "$STAMEN_TASK_POLL"; fi
+    if [ -n "${STAMEN_TRANSFER_CONCURRENCY:-}" ]; then set -- "$@" --transfer-concurrency "$STAMEN_TRANSFER_CONCURRENCY"; fi
     ;;
 esac
 
