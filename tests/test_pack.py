@@ -239,3 +239,15 @@ def test_an_early_exit_strategy_drops_a_malformed_pack_naming_the_node(flower_id
     assert metrics["num-clients"] == 1 and "truncated" in s.rounds[-1].dropped[7]
     assert "node 7" in caplog.text
     np.testing.assert_array_equal(P.unpack(new)["emb"], [1.0, 1.0])
+
+
+def test_a_received_view_loads_into_torch_without_a_copy_or_a_warning():
+    import warnings
+
+    from ml.tensors import source_tensor
+
+    view = P.unpack(over_the_wire(P.pack({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})))["w"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about read-only arrays; these are only read
+        tensor = source_tensor(view)
+    assert tensor.data_ptr() == view.ctypes.data and tensor.shape == (2, 3)
