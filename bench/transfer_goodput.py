@@ -22,10 +22,12 @@ do not grow with the number of arrays; goodput >= 0.9 of the shaped rate for pay
 >= 1 MB on the 5g profile.
 
     python bench/transfer_goodput.py [--where loopback,5g,ethernet] [--payloads minilm,smollm2,smollm2-dense]
-        [--encodings packed,flower] [--rounds 4] [--concurrency 2[,4,...]] [--keep DIR]
+        [--encodings packed,flower] [--rounds 4] [--concurrency 2,8] [--flower-concurrency 2] [--keep DIR]
 
-``--concurrency`` runs every packed arm once per value (stamen-supernode
---transfer-concurrency; ``0`` = Flower's default, 2 capped at the CPU count).
+``--concurrency`` runs every packed arm once per value of stamen-supernode
+--transfer-concurrency (2 is Flower's default; ``0`` passes no flag: stamen-supernode's
+default, 8). The arm with Flower's records runs at ``--flower-concurrency``: with 2, it is
+Flower 1.39 as it ships.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ def main() -> None:
     parser.add_argument("--payloads", default=",".join(PAYLOADS))
     parser.add_argument("--encodings", default="packed,flower")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--concurrency", default="0", help="packed arms: stamen-supernode --transfer-concurrency values (0: Flower's default)")
+    parser.add_argument("--concurrency", default="2,8", help="packed arms: stamen-supernode --transfer-concurrency values (0: its default)")
+    parser.add_argument("--flower-concurrency", type=int, default=2, help="the arm with Flower's records (2: Flower's default)")
     parser.add_argument("--keep", default="", help="keep the runs under this directory (default: a temporary one)")
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -165,8 +168,8 @@ def main() -> None:
             spec_path = base / f"{payload}.json"
             spec_path.write_text(json.dumps(all_specs[payload]))
             for encoding in encodings:
-                for concurrency in (levels if encoding == "packed" else [0]):
-                    label = f"{where}/{payload}/{encoding}" + (f"/c{concurrency}" if concurrency else "")
+                for concurrency in (levels if encoding == "packed" else [args.flower_concurrency]):
+                    label = f"{where}/{payload}/{encoding}/c{concurrency or 'default'}"
                     workdir = base / label.replace("/", "-")
                     workdir.mkdir(parents=True, exist_ok=True)
                     started = time.monotonic()
@@ -174,7 +177,7 @@ def main() -> None:
                     rows = run_arm(where, spec_path, encoding == "packed", concurrency, args.rounds, workdir)
                     for direction, side in (("downlink", "down"), ("uplink", "up")):
                         r = summarize(rows, direction, len(all_specs[payload][side]), link)
-                        r.update(where=where, payload=payload, encoding=encoding, concurrency=concurrency or "flower", direction=direction)
+                        r.update(where=where, payload=payload, encoding=encoding, concurrency=concurrency or "default", direction=direction)
                         results.append(r)
                         print(f"[bench]   {direction}: {json.dumps(r)}", flush=True)
                     print(f"[bench] {label}: {time.monotonic() - started:.0f} s", flush=True)

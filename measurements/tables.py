@@ -42,6 +42,7 @@ CLIENTS_COLUMNS = (
     "bytes_up",  # serialized protobuf bytes of the push RPCs' requests
     "rpcs_down",  # device: Fleet RPCs of the downlink (PullMessages .. ConfirmMessageReceived)
     "rpcs_up",  # device: Fleet RPCs of the uplink (PushMessages + PushObject)
+    "pull_retries",  # device: of rpcs_down, PullObject calls answered "not there yet" (asked again)
     "link_down_mbit",  # the link's rate, where the node's config names it (the testbed does)
     "link_up_mbit",
     "payload_down_bytes",  # ArrayRecord bytes of the instruction
@@ -121,7 +122,8 @@ def client_rows(
             "phases_via": train_via if train else "missing",
         }
         if down is not None:
-            row.update(downlink_s=down.duration_s, bytes_down=down.values.get("bytes"), setup_s=down.values.get("setup_s"), rpcs_down=down.values.get("rpcs"))
+            row.update(downlink_s=down.duration_s, bytes_down=down.values.get("bytes"), setup_s=down.values.get("setup_s"), rpcs_down=down.values.get("rpcs"),
+                       pull_retries=down.values.get("retries"))
         if up is not None:
             row.update(uplink_s=up.duration_s, bytes_up=up.values.get("bytes"), rpcs_up=up.values.get("rpcs"))
         if train is not None:

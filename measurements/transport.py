@@ -50,6 +50,7 @@ class _Transfer:
     bytes_received: int = 0  # response bytes
     rpcs: int = 0
     failed_rpcs: int = 0
+    retries: int = 0  # PullObject answered "not there yet" (the SuperLink offers a message before it has all its objects)
     open_calls: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -82,6 +83,8 @@ class TransferTracker:
                     self._add(self._down, request, response, start_perf, end_perf, ok)
             elif method in _DOWN and self._down is not None:
                 self._add(self._down, request, response, start_perf, end_perf, ok)
+                if method == "PullObject" and ok and not response.object_available:
+                    self._down.retries += 1
                 if method in _SETUP:
                     self._down.setup_s += end_perf - start_perf
                 if method == "ConfirmMessageReceived":
@@ -131,6 +134,7 @@ class TransferTracker:
             "bytes_received": float(t.bytes_received),
             "rpcs": float(t.rpcs),
             "failed_rpcs": float(t.failed_rpcs),
+            "retries": float(t.retries),
             "setup_s": t.setup_s,
         }
         labels = {"round": t.round_label, "transport": "stamen-supernode"}

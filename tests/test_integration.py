@@ -96,8 +96,9 @@ def test_clients_csv_stamen_supernode_has_every_phase(finished_run):
         # what crossed the wire is at least the arrays it carried
         assert int(r["bytes_down"]) >= int(r["payload_down_bytes"]) > 0
         assert int(r["bytes_up"]) >= int(r["payload_up_bytes"]) > 0
-        # packed records: a handful of Fleet RPCs per transfer, not one per array (26 arrays up)
-        assert 3 <= int(r["rpcs_up"]) <= 20 and 3 <= int(r["rpcs_down"]) <= 20
+        # packed records: a handful of Fleet RPCs per transfer, not one per array (26 arrays
+        # up, 14 down); the downlink also asks again for objects the SuperLink lacked yet
+        assert 3 <= int(r["rpcs_up"]) <= 20 and 3 <= int(r["rpcs_down"]) - int(r["pull_retries"]) <= 20
         assert int(r["rss_peak_bytes"]) > 50e6 and float(r["cpu_max_pct"]) > 0
         # loopback: one clock, so the offset estimate is tiny
         assert abs(float(r["clock_offset_s"])) < 0.05

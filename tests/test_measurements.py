@@ -70,12 +70,14 @@ def test_tracker_turns_rpcs_into_one_downlink_and_one_uplink():
     t.on_rpc("GetRun", PullMessagesRequest(), PullMessagesResponse(), 0, 10.1, 10.3, True)  # setup: 0.2 s
     big = PullObjectResponse(object_content=b"x" * 1000, object_found=True, object_available=True)
     t.on_rpc("PullObject", PullObjectRequest(object_id="a"), big, 0, 10.3, 10.8, True)
+    not_yet = PullObjectResponse(object_found=True, object_available=False)  # the ServerApp has not pushed it yet
+    t.on_rpc("PullObject", PullObjectRequest(object_id="b"), not_yet, 0, 10.3, 10.35, True)
     t.on_rpc("PullObject", PullObjectRequest(object_id="b"), big, 0, 10.4, 11.0, True)  # concurrent with the first
     t.on_rpc("ConfirmMessageReceived", ConfirmMessageReceivedRequest(), ConfirmMessageReceivedResponse(), 0, 11.0, 11.1, True)
     (down,) = out
     assert down.kind == ev.DOWNLINK and down.message_id == "m1" and down.run_id == 7 and down.node_id == 42
     assert down.duration_s == pytest.approx(11.1 - 10.0 - 0.2)  # span, less GetRun
-    assert down.values["setup_s"] == pytest.approx(0.2) and down.values["rpcs"] == 5
+    assert down.values["setup_s"] == pytest.approx(0.2) and down.values["rpcs"] == 6 and down.values["retries"] == 1
     assert down.values["bytes"] >= 2000 and down.start_unix_s == 1000.0 and down.labels["round"] == "3"
 
     push = _push_request()
@@ -241,7 +243,7 @@ def test_client_rows_split_the_round_trip_by_hand():
     # server: sent at 100.0, reply pulled at 110.0 (server clock)
     sent = [SentMessage("m1", 5, "train", "1", 100.0, payload_bytes=1000, received_unix_s=110.0, reply_payload_bytes=300)]
     # node clock is 2 s behind the server's (offset +2)
-    down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0, "rpcs": 9}, labels={"transport": "stamen-supernode"})
+    down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0, "rpcs": 9, "retries": 2}, labels={"transport": "stamen-supernode"})
     phases = {"load_s": 1.0, "loop_s": 4.5, "serialize_s": 0.1, "cpu_s": 9.5, "load_cpu_s": 0.5, "loop_cpu_s": 9.0}
     train = ev.Event("train", 100.0, 6.0, node_id=5, message_id="m1", values=phases)
     up = ev.Event("uplink", 106.5, 0.5, node_id=5, message_id="m1", values={"bytes": 400, "rpcs": 7})
@@ -254,7 +256,7 @@ def test_client_rows_split_the_round_trip_by_hand():
     assert row["queue_s"] == pytest.approx(1.0)  # node pulls at 99 + 2 = 101 on the server clock
     assert row["reply_wait_s"] == pytest.approx(1.0)  # uplink ends at 107 + 2 = 109; pulled at 110
     assert row["bytes_down"] == 1100 and row["bytes_up"] == 400 and row["payload_up_bytes"] == 300
-    assert row["rpcs_down"] == 9 and row["rpcs_up"] == 7
+    assert row["rpcs_down"] == 9 and row["rpcs_up"] == 7 and row["pull_retries"] == 2
     assert row["transfer_via"] == "telemetry" and row["phases_via"] == "reply"
     assert row["train_cpu_s"] == 9.5 and row["loop_cpu_s"] == 9.0 and row["serialize_cpu_s"] is None  # not recorded
 
