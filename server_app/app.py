@@ -81,7 +81,7 @@ def _run(grid: Grid, cfg: StamenConfig, task, split, model, targets, run: RunDir
         from strategies.central_dp import CentralDP
 
         algorithm = CentralDP(
-            algorithm, noise_multiplier=cfg.dp.noise_multiplier, clipping_norm=cfg.dp.clipping_norm, delta=cfg.dp.delta, seed=cfg.train.seed
+            algorithm, noise_multiplier=cfg.dp.noise_multiplier, clipping_norm=cfg.dp.clipping_norm, delta=cfg.dp.delta
         )
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     algorithm.attach_run(run, measurements.round_times)

@@ -220,13 +220,25 @@ class LoRAStrategy(SampledStrategy):
         log(INFO, "configure_train: %d nodes, ranks %s", len(node_ids), sorted(record.ranks.values()))
         return messages
 
+    def parse(self, node_id: int, content: RecordDict) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
+        """One node's reply to this round, checked against what it was asked for: the
+        modules and shapes of the global state, and the rank it was assigned. The update's
+        scaling comes from here only (central DP clips with it too). Raises InvalidUpdate."""
+        weights_now, head_now = split_global(self._global)
+        update, head = parse_reply(
+            content,
+            module_shapes={m: tuple(w.shape) for m, w in weights_now.items()},
+            head_shapes={k: tuple(v.shape) for k, v in head_now.items()},
+            rank=self._current.ranks.get(node_id, -1) if self._current is not None else -1,
+            allow_smaller_rank=self.accepts_pruned_ranks,
+            allow_pruned=self.accepts_pruned_units,
+        )
+        return dataclasses.replace(update, node_id=node_id), head
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self._current or RoundRecord(server_round)
-        weights_now, head_now = split_global(self._global)
-        module_shapes = {m: tuple(w.shape) for m, w in weights_now.items()}
-        head_shapes = {k: tuple(v.shape) for k, v in head_now.items()}
         updates, heads, losses, answered = [], [], [], set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
@@ -238,15 +250,7 @@ class LoRAStrategy(SampledStrategy):
             if self.take_privacy(record, node_id, msg.content):
                 continue
             try:
-                update, head = parse_reply(
-                    msg.content,
-                    module_shapes=module_shapes,
-                    head_shapes=head_shapes,
-                    rank=record.ranks.get(node_id, -1),
-                    allow_smaller_rank=self.accepts_pruned_ranks,
-                    allow_pruned=self.accepts_pruned_units,
-                )
-                update = dataclasses.replace(update, node_id=node_id)
+                update, head = self.parse(node_id, msg.content)
             except InvalidUpdate as err:
                 self._drop(record, node_id, f"invalid update: {err}")
                 continue

@@ -29,6 +29,7 @@ is Opacus's RDP with no amplification by sampling (rate 1), composed over rounds
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -121,7 +122,7 @@ class CentralDP(Strategy):
     """Wraps a LoRA strategy with ``central_dp_space`` set (FLoRA, FedIT, FlexLoRA): clips
     each node's update, weighs nodes equally, and has the strategy noise what it releases."""
 
-    def __init__(self, strategy, *, noise_multiplier: float, clipping_norm: float, delta: float, seed: int = 0) -> None:
+    def __init__(self, strategy, *, noise_multiplier: float, clipping_norm: float, delta: float) -> None:
         super().__init__()
         space = getattr(strategy, "central_dp_space", None)
         if space is None:
@@ -130,7 +131,10 @@ class CentralDP(Strategy):
             raise ValueError("central DP needs a positive noise multiplier and clipping norm")
         self.strategy, self.space = strategy, space
         self.noise_multiplier, self.clipping_norm, self.delta = noise_multiplier, clipping_norm, delta
-        self.rng = np.random.default_rng(seed)
+        # The noise comes from the OS's entropy, never from a configured seed: every node
+        # holds the run config, and with z, C and n public, a seeded generator would let
+        # any of them regenerate the noise and subtract it.
+        self.rng = np.random.default_rng(secrets.randbits(128))
         self._head_now: dict[str, np.ndarray] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}
         self.releases = 0
@@ -164,8 +168,11 @@ class CentralDP(Strategy):
             metrics = msg.content.metric_records[keys.METRICS]
             sent = self._sent.get(msg.metadata.src_node_id, {})
             try:
-                arrays = from_record(msg.content.array_records[keys.ARRAYS])  # a malformed pack: ValueError
-                scaling = float(metrics[keys.LORA_ALPHA]) / float(metrics[keys.LORA_RANK])
+                # the scaling the strategy aggregates with: from the assigned rank and the
+                # factors' shapes, never from what the reply says about itself alone
+                update, _ = self.strategy.parse(msg.metadata.src_node_id, msg.content)  # InvalidUpdate: ValueError
+                arrays = from_record(msg.content.array_records[keys.ARRAYS])
+                scaling = update.scaling
                 clipped, norm = clip_reply(
                     arrays, space=self.space, scaling=scaling, head_now=self._head_now, sent=sent, clipping_norm=self.clipping_norm
                 )

@@ -94,11 +94,17 @@ def parse_reply(
     if not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or alpha <= 0:
         raise InvalidUpdate(f"metric '{keys.LORA_ALPHA}' missing or not positive: {alpha!r}")
 
-    if allow_smaller_rank:
-        reported = metrics.get(keys.LORA_RANK)
-        if not isinstance(reported, int) or not 1 <= reported <= rank:
-            raise InvalidUpdate(f"metric '{keys.LORA_RANK}' = {reported!r}: must be an integer in 1..{rank}")
-        rank = reported
+    # The rank that sets the scaling s = alpha / r: the assigned one, or (HetLoRA) the one
+    # the node pruned to; the factors' shapes must agree with it below. A metric that
+    # disagrees with the assignment is refused, so no one can read another scaling from it.
+    reported = metrics.get(keys.LORA_RANK)
+    if not isinstance(reported, int) or isinstance(reported, bool):
+        raise InvalidUpdate(f"metric '{keys.LORA_RANK}' = {reported!r}: must be an integer")
+    if allow_smaller_rank and not 1 <= reported <= rank:
+        raise InvalidUpdate(f"metric '{keys.LORA_RANK}' = {reported}: must be in 1..{rank}, the rank this node was assigned")
+    if not allow_smaller_rank and reported != rank:
+        raise InvalidUpdate(f"metric '{keys.LORA_RANK}' = {reported}, but this node was assigned rank {rank}")
+    rank = reported
     arrays = from_record(content.array_records[keys.ARRAYS])
     expected = {m + s for m in module_shapes for s in (keys.LORA_A, keys.LORA_B)} | set(head_shapes)
     if allow_pruned:

@@ -64,7 +64,7 @@ def reply(instruction, rank, n, seed, scale=10.0):
 
 def flora_round(flower_identity, fake_grid, noise_multiplier):
     inner = FLoRA(node_ranks={1: 2, 2: 4}, default_rank=2, lora_alpha=4.0, min_nodes=1)
-    dp = CentralDP(inner, noise_multiplier=noise_multiplier, clipping_norm=1.0, delta=1e-5, seed=0)
+    dp = CentralDP(inner, noise_multiplier=noise_multiplier, clipping_norm=1.0, delta=1e-5)
     g = global_state()
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, to_record(g), ConfigRecord(), fake_grid([1, 2]))}
     (r1, a1), (r2, a2) = reply(msgs[1], 2, 10, 1), reply(msgs[2], 4, 90, 2)
@@ -93,7 +93,8 @@ def test_flora_under_central_dp_is_the_equal_weight_mean_of_clipped_products_plu
 
 def test_fedit_under_central_dp_noises_the_adapter_the_nodes_receive(flower_identity, fake_grid):
     inner = FedIT(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=4.0, min_nodes=1)
-    dp = CentralDP(inner, noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5, seed=0)
+    dp = CentralDP(inner, noise_multiplier=1.0, clipping_norm=1.0, delta=1e-5)
+    dp.rng = np.random.default_rng(0)  # this test reads a std off 16 entries: pinned here, never in a run
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
     sent = from_record(msgs[1].content.array_records[keys.ARRAYS])
     (r1, _), (r2, _) = reply(msgs[1], 2, 10, 1), reply(msgs[2], 2, 90, 2)
@@ -161,7 +162,7 @@ def flexlora_rounds(fake_grid, noise_multiplier, rounds, change=5.0):
     from strategies.flexlora import FlexLoRA
 
     inner = FlexLoRA(node_ranks={1: 2, 2: 4}, default_rank=2, lora_alpha=4.0, min_nodes=1)
-    dp = CentralDP(inner, noise_multiplier=noise_multiplier, clipping_norm=1.0, delta=1e-5, seed=0)
+    dp = CentralDP(inner, noise_multiplier=noise_multiplier, clipping_norm=1.0, delta=1e-5)
     g = global_state()
     w0 = g["layer.q.weight"].copy()
     history = []
@@ -210,10 +211,63 @@ def test_flexlora_under_central_dp_noises_the_dense_delta_before_the_svd(flower_
 
 def test_a_reply_central_dp_cannot_clip_is_dropped_not_aggregated_unclipped(flower_identity, fake_grid):
     inner = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=4.0, min_nodes=1)
-    dp = CentralDP(inner, noise_multiplier=1e-12, clipping_norm=1.0, delta=1e-5, seed=0)
+    dp = CentralDP(inner, noise_multiplier=1e-12, clipping_norm=1.0, delta=1e-5)
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
     (r1, _), (r2, _) = reply(msgs[1], 2, 10, 1), reply(msgs[2], 2, 90, 2)
     del r2.content.metric_records[keys.METRICS][keys.LORA_RANK]  # no rank: its scaling, so its norm, is unknown
     _, metrics = dp.aggregate_train(1, [r1, r2])
     assert metrics["num-clients"] == 1
     assert "central DP cannot clip" in inner.rounds[-1].dropped[2]
+
+
+def test_central_dp_noise_cannot_be_replayed_from_the_run_config(flower_identity, fake_grid, run_config):
+    """Every node holds the run config, and z, C and n are public: noise drawn from a
+    configured seed could be regenerated and subtracted. It comes from OS entropy."""
+    _, _, first, expected, _ = flora_round(flower_identity, fake_grid, 1.0)
+    _, _, second, expected_again, _ = flora_round(flower_identity, fake_grid, 1.0)
+    np.testing.assert_allclose(expected, expected_again)  # the same config, the same inputs
+    noise = first["layer.q.weight"] - expected
+    assert np.abs(noise - (second["layer.q.weight"] - expected_again)).max() > 0.1  # yet other noise
+    std = 1.0 * 1.0 / 2  # z C / n: public
+    seeds = {v for v in run_config.values() if isinstance(v, int) and not isinstance(v, bool) and v >= 0} | set(range(1000))
+    assert run_config["train.seed"] in seeds
+    for seed in sorted(seeds):  # an attacker's guesses: every integer of the run config, and 0..999
+        guess = np.random.default_rng(seed).normal(0.0, std, noise.shape).astype(noise.dtype)
+        assert np.abs(guess - noise).max() > 0.1, f"the noise is replayed from seed {seed}"
+
+
+def test_a_reply_that_misreports_its_rank_is_dropped_not_clipped_at_another_scaling(flower_identity, fake_grid, caplog):
+    """Rank-2 factors reported as rank 1000 would be clipped at s = 4/1000 and aggregated
+    at s = 4/2, 500x the bound; the metric must agree with the factors and the assignment."""
+    import logging
+
+    inner = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=4.0, min_nodes=1)
+    dp = CentralDP(inner, noise_multiplier=1e-12, clipping_norm=1.0, delta=1e-5)
+    g = global_state()
+    msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, to_record(g), ConfigRecord(), fake_grid([1, 2]))}
+    (honest, a1), (liar, _) = reply(msgs[1], 2, 10, 1), reply(msgs[2], 2, 90, 2, scale=50.0)
+    liar.content.metric_records[keys.METRICS][keys.LORA_RANK] = 1000
+    with caplog.at_level(logging.WARNING):
+        new, metrics = dp.aggregate_train(1, [honest, liar])
+    assert metrics["num-clients"] == 1 and "assigned rank 2" in inner.rounds[-1].dropped[2]
+    assert "node 2" in caplog.text
+    head_now = {k: g[k] for k in ("head.weight", "head.bias")}
+    clipped, _ = clip_reply(a1, space="product", scaling=2.0, head_now=head_now, sent={}, clipping_norm=1.0)
+    moved = from_record(new)["layer.q.weight"] - g["layer.q.weight"]
+    # the honest node alone, weighted 1 of 1 replies, at its scaling 4/2: within the bound
+    np.testing.assert_allclose(moved, 2.0 * clipped["layer.q" + keys.LORA_B] @ clipped["layer.q" + keys.LORA_A], atol=1e-6)
+    assert np.linalg.norm(moved) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("reported", [1000, 1, 2.0, None])
+def test_lora_strategies_refuse_a_rank_metric_that_disagrees_with_the_assignment(reported, flower_identity, fake_grid):
+    for cls in (FLoRA, FedIT):
+        s = cls(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=4.0, min_nodes=1)
+        msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
+        (ok, _), (bad, _) = reply(msgs[1], 2, 10, 1), reply(msgs[2], 2, 90, 2)
+        if reported is None:
+            del bad.content.metric_records[keys.METRICS][keys.LORA_RANK]
+        else:
+            bad.content.metric_records[keys.METRICS][keys.LORA_RANK] = reported
+        _, metrics = s.aggregate_train(1, [ok, bad])
+        assert metrics["num-clients"] == 1 and keys.LORA_RANK in s.rounds[-1].dropped[2], cls.__name__

@@ -60,6 +60,7 @@ def test_bad_replies_are_dropped_and_the_rest_aggregated(flower_identity, fake_g
         reply_to=msgs[3],
     )
     wrong_rank, _ = good_reply(msgs[4], rank=2, n=10, seed=4)  # node 4 was asked for rank 4
+    wrong_rank.content.metric_records[keys.METRICS][keys.LORA_RANK] = 4  # and says it trained it
     nan_reply, arrays = good_reply(msgs[5], rank=2, n=10, seed=5)
     arrays["layer.q" + keys.LORA_A] = np.full((2, IN), np.nan, dtype=np.float32)
     nan_reply.content[keys.ARRAYS] = to_record(arrays)

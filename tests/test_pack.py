@@ -215,7 +215,7 @@ def test_central_dp_drops_a_malformed_pack_naming_the_node(flower_identity, fake
     from strategies.flora import FLoRA
 
     inner = FLoRA(node_ranks={7: 2, 8: 2}, default_rank=2, lora_alpha=4.0, min_nodes=1)
-    dp = CentralDP(inner, noise_multiplier=1e-12, clipping_norm=1.0, delta=1e-5, seed=0)
+    dp = CentralDP(inner, noise_multiplier=1e-12, clipping_norm=1.0, delta=1e-5)
     msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, P.pack(_lora_global()), ConfigRecord(), fake_grid([7, 8]))}
     build, _ = MALFORMED["overlapping spans"]
     with caplog.at_level(logging.WARNING):
