@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,6 +148,16 @@ def register_grad_samplers() -> None:
         return out
 
 
+def noise_generator(device: torch.device) -> torch.Generator:
+    """The DP-SGD noise's generator, seeded from the OS's entropy: the seeds in the run
+    config are known to the server and to every node, and noise drawn from them could be
+    regenerated and subtracted from the update. (Opacus's ``secure_mode`` would need
+    ``torchcsprng``; this is torch's ordinary generator with an unguessable seed.)"""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
 def train_private(
     model: nn.Module,
     task,
@@ -207,7 +218,7 @@ def train_private(
         batch_size=batch_size,
         collate_fn=lambda items: task.batch(data, np.array([int(i) for (i,) in items])),
     )
-    torch.manual_seed(seed)  # Poisson sampling and the noise draw from torch's generator
+    torch.manual_seed(seed)  # Poisson sampling (the data order) draws from torch's generator: reproducible
     model.train()  # Opacus refuses a model in eval mode
     engine = PrivacyEngine(accountant=ACCOUNTANT)
     engine.accountant.history = list(ledger.history)
@@ -218,6 +229,7 @@ def train_private(
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
+        noise_generator=noise_generator(trainable[0].device),
     )
     rate = float(dp_loader.sample_rate)  # = sample_rate(len(data), batch_size)
     losses = [] if losses is None else losses

@@ -573,3 +573,30 @@ def test_two_private_early_exit_rounds_through_the_train_handler(name, flower_id
         arrays, agg = strategy.aggregate_train(server_round, replies)
         assert agg["num-clients"] == 2
     assert [(r["round"], r["status"]) for r in strategy.privacy_log] == [(1, "trained")] * 2 + [(2, "trained")] * 2
+
+
+def test_dp_sgd_noise_is_not_reproducible_from_the_seed():
+    """The server and every node know train.seed: the noise must come from elsewhere. Two
+    runs with the same seed and inputs end with different parameters (other noise)."""
+    from ml import privacy
+
+    drawn = []
+    original = privacy.noise_generator
+
+    def recording(device):
+        generator = original(device)
+        drawn.append(generator.initial_seed())
+        return generator
+
+    outcomes = []
+    for _ in range(2):
+        model = tiny_lora_classifier()
+        privacy.noise_generator, saved = recording, privacy.noise_generator
+        try:
+            train_private(model, TinyTask(), TinyData(40), steps=3, seed=0, **OPTIONS)
+        finally:
+            privacy.noise_generator = saved
+        outcomes.append(snapshot(model))
+    moved = [n for n in outcomes[0] if "lora_B" in n]
+    assert moved and all(not torch.equal(outcomes[0][n], outcomes[1][n]) for n in moved)  # other noise
+    assert len(drawn) == 2 and drawn[0] != drawn[1] and 0 not in drawn  # fresh OS entropy each time, not the seed
