@@ -81,7 +81,7 @@ def clipped_delta(
     return out
 
 
-def svd_factors(delta: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def svd_factors(delta: np.ndarray, rank: int, scaling: float, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A (r, in), B (out, r), singular values) with scaling * B @ A = the best rank-r
     approximation of ``delta``."""
     if rank < 1:
@@ -89,15 +89,17 @@ def svd_factors(delta: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarra
     if scaling <= 0:
         raise ValueError(f"scaling must be > 0, got {scaling}")
     u, s, vt = np.linalg.svd(delta, full_matrices=False)
-    a, b = factors_from_svd(u, s, vt, rank, scaling)  # (a matrix smaller than the rank: zero components)
+    a, b = factors_from_svd(u, s, vt, rank, scaling, rng)
     return a, b, s
 
 
-def redistribute(delta: dict[str, np.ndarray], rank: int, scaling: float, dtype=np.float32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def redistribute(
+    delta: dict[str, np.ndarray], rank: int, scaling: float, dtype=np.float32, rng: np.random.Generator | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every module's rank-``rank`` factors for a node with LoRA scaling ``scaling``."""
     out = {}
     for module, d in delta.items():
-        a, b, _ = svd_factors(d, rank, scaling)
+        a, b, _ = svd_factors(d, rank, scaling, rng)
         out[module] = (a.astype(dtype), b.astype(dtype))
     return out
 
@@ -112,13 +114,26 @@ def low_rank_svd(b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return qb @ uc, s, vct @ qa.T
 
 
-def factors_from_svd(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, scaling: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-``rank`` factors of a decomposition already taken, with scaling * B @ A = U_r S_r V_r^T."""
-    r = min(rank, s.shape[0])
+def factors_from_svd(
+    u: np.ndarray, s: np.ndarray, vt: np.ndarray, rank: int, scaling: float, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors of a decomposition already taken, with scaling * B @ A = U_r S_r V_r^T.
+
+    The delta may hold fewer than ``rank`` components: a round whose participants' ranks
+    sum to less than this node's, or a rank-deficient delta. Split as above, the missing
+    components would be zero in both A and B, so their gradients would be zero and they
+    would never train. They start as a fresh LoRA does instead, as peft initialises one:
+    A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0. The product is unchanged, since B's columns
+    are zero."""
+    tol = (s.max() if s.size else 0.0) * max(u.shape[0], vt.shape[1]) * np.finfo(np.float64).eps  # numpy's matrix_rank
+    r = min(rank, int(np.sum(s > tol)))
     root = np.sqrt(s[:r]) / np.sqrt(scaling)
     a, b = root[:, None] * vt[:r], u[:, :r] * root[None, :]
     if r < rank:
-        a, b = np.pad(a, ((0, rank - r), (0, 0))), np.pad(b, ((0, 0), (0, rank - r)))
+        rng = rng if rng is not None else np.random.default_rng(0)
+        bound = 1.0 / np.sqrt(vt.shape[1])
+        a = np.concatenate([a, rng.uniform(-bound, bound, size=(rank - r, vt.shape[1]))])
+        b = np.pad(b, ((0, 0), (0, rank - r)))
     return a, b
 
 
@@ -133,6 +148,7 @@ class FlexLoRA(AdapterStrategy):
         # one SVD per module and round; None: not taken yet (central DP: of the noised delta)
         self._svd: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = {}
         self._clip_scales: dict[int, float] | None = None  # central DP: this round's c_k
+        self._combined = 0  # rounds aggregated so far
 
     def initial_factors(self, node_id: int) -> Factors | None:
         if not self.global_delta:  # round 1: nothing to redistribute; a fresh LoRA (B = 0) trains
@@ -141,9 +157,10 @@ class FlexLoRA(AdapterStrategy):
             self._svd = {m: np.linalg.svd(d, full_matrices=False) for m, d in self.global_delta.items()}
         rank = self.rank_of(node_id)
         scaling = self.lora_alpha / rank
+        rng = np.random.default_rng([self.seed, node_id % 2**32, self._combined])  # fresh components, the same all round
         out = {}
-        for m, (u, s, vt) in self._svd.items():
-            a, b = factors_from_svd(u, s, vt, rank, scaling)
+        for m, (u, s, vt) in sorted(self._svd.items()):
+            a, b = factors_from_svd(u, s, vt, rank, scaling, rng)
             out[m] = (a.astype(np.float32), b.astype(np.float32))
         return out
 
@@ -158,6 +175,7 @@ class FlexLoRA(AdapterStrategy):
             starts = {u.node_id: self.initial_factors(u.node_id) or {} for u in updates}  # what each was sent
             self.global_delta = clipped_delta(updates, starts, self._clip_scales)
             self._svd, self._clip_scales = None, None  # the SVD: when first needed, of the released (noised) delta
+            self._combined += 1
             return
 
         # dW = B_stack A_stack (FLoRA's stack is exactly sum_k p_k s_k B_k A_k); its SVD from
@@ -171,6 +189,7 @@ class FlexLoRA(AdapterStrategy):
                 self._svd[m] = low_rank_svd(b64, a64)
             else:
                 self._svd[m] = np.linalg.svd(self.global_delta[m], full_matrices=False)
+        self._combined += 1
 
     def delta(self) -> dict[str, np.ndarray]:
         return self.global_delta

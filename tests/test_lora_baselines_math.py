@@ -143,3 +143,28 @@ def test_svd_factors_pad_when_the_matrix_is_smaller_than_the_rank():
     a, b, _ = flexlora.svd_factors(np.ones((2, 3)), rank=4, scaling=1.0)
     assert a.shape == (4, 3) and b.shape == (2, 4)
     np.testing.assert_allclose(b @ a, np.ones((2, 3)), atol=1e-12)
+
+
+def test_components_the_delta_lacks_start_fresh_not_dead():
+    """Two rank-2 clients, then a rank-16 node: the delta has 4 components. The other 12
+    must not be zero in both factors (zero gradients: they would never train). They start
+    as a fresh LoRA: A random, B = 0, so the product is still the delta."""
+    rng = np.random.default_rng(4)
+    updates = [ClientLoRA({"m": (rng.normal(size=(2, 10)), rng.normal(size=(8, 2)))}, 1, 1.0) for _ in range(2)]
+    delta = flexlora.full_delta(updates)["m"]
+    for svd in (np.linalg.svd(delta, full_matrices=False), flexlora.low_rank_svd(*flora_stack(updates))):  # dense: 8 values, 4 of them ~0
+        a, b = flexlora.factors_from_svd(*svd, rank=16, scaling=0.5, rng=np.random.default_rng(0))
+        assert a.shape == (16, 10) and b.shape == (8, 16)
+        np.testing.assert_allclose(0.5 * b @ a, delta, atol=1e-10)
+        np.testing.assert_array_equal(b[:, 4:], 0.0)  # the fresh ones add nothing yet
+        assert np.all(np.abs(a[4:]) <= 1 / np.sqrt(10)) and np.all(np.linalg.norm(a[4:], axis=1) > 0.1)  # U(-1/sqrt(in), ..)
+        # each component trains: d/dB of any loss is g A^T, non-zero in every column
+        g = np.random.default_rng(1).normal(size=(8, 10))
+        assert np.all(np.linalg.norm(g @ a.T, axis=0) > 1e-3)
+
+
+def flora_stack(updates):
+    from strategies.flora import stack_lora
+
+    a, b = stack_lora(updates)["m"]
+    return b, a
