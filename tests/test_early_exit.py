@@ -274,3 +274,45 @@ def test_idle_parameters_are_those_the_forward_never_uses():
     assert model.idle_parameters() == {"backbone.layernorm.weight", "backbone.layernorm.bias", "ree.gate.scale"}
     model(pixel_values=torch.zeros(2, 1, 8, 8))[0].sum().backward()
     assert {n for n, p in model.named_parameters() if p.grad is None} == model.idle_parameters()
+
+
+def test_mutual_distillation_averages_over_the_other_exits_with_three_exits():
+    """DepthFL: exit j learns from the mean of its KLs to the others. With two exits a sum
+    and a mean are the same; with three they differ by 2x."""
+    logits = [torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[0.5, 0.5]])]
+    kl = [[ee.distillation(logits[j], logits[i]).item() for i in range(3)] for j in range(3)]
+    expected = sum((kl[j][(j + 1) % 3] + kl[j][(j + 2) % 3]) / 2 for j in range(3))
+    assert ee.mutual_distillation_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    assert expected > 0.05  # the terms are not all zero, so a sum would show (2x)
+
+
+def test_reefl_teacher_is_the_exit_with_the_lowest_loss_ema(monkeypatch):
+    """Once every exit has a loss average, each step's teacher is its argmin: here the
+    middle exit of three (its EMA starts lowest and stays so at decay 1)."""
+    from ml.data import ImageDataset
+
+    rng = np.random.default_rng(0)
+    data = ImageDataset(rng.normal(size=(16, 1, 8, 8)).astype(np.float32), rng.integers(0, 2, 16).astype(np.int64), ("a", "b"))
+
+    class Task:
+        num_labels = 2
+
+        @staticmethod
+        def batch(d, index):
+            return {"pixel_values": torch.from_numpy(d.images[index]), "labels": torch.as_tensor(d.labels[index])}
+
+    teachers = []
+    original = ee.local_loss
+
+    def spy(objective, logits, labels, **kw):
+        teachers.append(kw["teacher"])
+        return original(objective, logits, labels, **kw)
+
+    monkeypatch.setattr(ee, "local_loss", spy)
+    torch.manual_seed(0)
+    model = ee.EarlyExitClassifier(_tiny_vit(3), 2, exit_blocks=(1, 2, 3), exit_kind="ree")
+    out = ee.train_early_exit(
+        model, Task, data, objective="ree-self-distill", steps=3, batch_size=8, learning_rate=1e-3,
+        exit_learning_rate=1e-2, seed=0, distill_weight=1.0, loss_ema=[5.0, 0.1, 3.0], ema_decay=1.0,
+    )
+    assert teachers == [1, 1, 1] and out["teacher"] == 1  # not the deepest (2), not the first (0)
