@@ -600,3 +600,18 @@ def test_dp_sgd_noise_is_not_reproducible_from_the_seed():
     moved = [n for n in outcomes[0] if "lora_B" in n]
     assert moved and all(not torch.equal(outcomes[0][n], outcomes[1][n]) for n in moved)  # other noise
     assert len(drawn) == 2 and drawn[0] != drawn[1] and 0 not in drawn  # fresh OS entropy each time, not the seed
+
+
+def test_dp_sgd_adds_noise_of_std_z_c_over_the_expected_batch():
+    """With a loss whose per-example gradients are zero, what reaches the parameters is the
+    noise alone: N(0, (z C)^2) on the sum, divided by the expected batch (rate x N = 4)."""
+    model = tiny_lora_classifier()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    options = {**OPTIONS, "noise_multiplier": 2.0, "max_grad_norm": 1.5}
+    train_private(model, TinyTask(), TinyData(40), steps=8, seed=0, loss=lambda m, b: 0.0 * m(**b)[0],
+                  on_step=lambda: seen.append(torch.cat([p.grad.flatten() for p in trainable])), **options)
+    noise = torch.cat(seen)
+    assert len(seen) == 8 and noise.numel() > 1000
+    assert noise.std().item() == pytest.approx(2.0 * 1.5 / 4, rel=0.1)  # z C / expected batch; sampling error ~2%
+    assert abs(noise.mean().item()) < 0.1
