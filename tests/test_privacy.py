@@ -144,6 +144,18 @@ def test_a_data_free_regularizer_is_added_after_the_noise():
     result = train_private(model, TinyTask(), TinyData(40), steps=3, seed=0, regularizer=reg, **OPTIONS)
     assert result.ledger.steps == 3 and math.isfinite(result.loss)
 
+    # and it really acts: with no data gradient and next to no noise, an L2 pull on A is
+    # all that moves A, so (Adam's steps being about lr x the sign) nearly every entry shrinks;
+    # without the regularizer the noise alone moves each entry either way, half of them out
+    model = tiny_lora_classifier()
+    a_params = {n: p for n, p in model.named_parameters() if "lora_A" in n}
+    before = {n: p.detach().clone() for n, p in a_params.items()}
+    pull = lambda m: 10.0 * sum((p**2).sum() for n, p in m.named_parameters() if "lora_A" in n)  # noqa: E731
+    train_private(model, TinyTask(), TinyData(40), steps=5, seed=0, regularizer=pull, loss=lambda m, b: 0.0 * m(**b)[0],
+                  **{**OPTIONS, "noise_multiplier": 1e-6})
+    shrunk = torch.cat([(a_params[n].detach().abs() < before[n].abs()).flatten() for n in before]).float()
+    assert shrunk.numel() >= 64 and shrunk.mean().item() > 0.9
+
 
 def test_the_optimizer_groups_come_from_the_learning_rates_or_explicit_groups_not_both():
     model = tiny_lora_classifier()
