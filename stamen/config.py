@@ -68,6 +68,7 @@ class HetLoRAConfig:
     tail_penalty: float
     tail_fraction: float
     prune_threshold: float
+    aggregation: str = "zero-pad"  # "zero-pad" (the paper's) | "renormalized": strategies/hetlora.py
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,7 @@ class StamenConfig:
                 tail_penalty=r.number("hetlora.tail-penalty", low=0.0),
                 tail_fraction=r.number("hetlora.tail-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
                 prune_threshold=r.number("hetlora.prune-threshold", low=0.0, high=1.0),
+                aggregation=r.choice("hetlora.aggregation", ("zero-pad", "renormalized")),
             ),
             early_exit=EarlyExitConfig(
                 exits=r.rank_list("early-exit.exits"),

@@ -91,6 +91,23 @@ def test_hetlora_aggregate_zero_pads_and_keeps_untrained_components():
     np.testing.assert_allclose(b[0], [2.75, 0.0, 9.0])
 
 
+@pytest.mark.parametrize("mode, component_1", [("zero-pad", (5 / 6 * 4.0, 5 / 6 * 1.0)), ("renormalized", (4.0, 1.0))])
+def test_hetlora_a_component_only_some_clients_hold(mode, component_1):
+    """Component 1 is non-zero and held by client 2 alone. ||B A||: client 1 2, client 2
+    3*2 + 1*4 = 10, so the weights are 1/6 and 5/6. The paper's zero-padding gives
+    5/6 x (A, B) for it; the renormalised variant divides by 5/6 and keeps (A, B)."""
+    prev_a, prev_b = np.full((3, 1), 9.0), np.full((1, 3), 9.0)
+    u1 = ClientLoRA({"m": (np.array([[1.0]]), np.array([[2.0]]))}, 1, 1.0)
+    u2 = ClientLoRA({"m": (np.array([[2.0], [4.0]]), np.array([[3.0, 1.0]]))}, 1, 1.0)
+    np.testing.assert_allclose(hetlora.norm_weights([u1, u2]), [1 / 6, 5 / 6])
+    a, b = hetlora.aggregate([u1, u2], {"m": (prev_a, prev_b)}, mode=mode)["m"]
+    np.testing.assert_allclose([a[0, 0], b[0, 0]], [1 / 6 * 1.0 + 5 / 6 * 2.0, 1 / 6 * 2.0 + 5 / 6 * 3.0])  # both hold it
+    np.testing.assert_allclose([a[1, 0], b[0, 1]], component_1)
+    np.testing.assert_allclose([a[2, 0], b[0, 2]], [9.0, 9.0])  # nobody holds it: kept
+    with pytest.raises(ValueError, match="aggregation"):
+        hetlora.aggregate([u1], {"m": (prev_a, prev_b)}, mode="mean")
+
+
 def test_self_pruning_drops_a_small_tail_only():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(8, 5)), rng.normal(size=(4, 8))
