@@ -64,12 +64,21 @@ def test_pruning_a_lora_model_slices_the_adapter_too():
 
     model = _bert()
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value", "dense"], lora_dropout=0.0), model)
-    pruning.prune(model, {"encoder.layer.0.attention": [1, 2], "encoder.layer.0.mlp": [0, 3, 4]})
     q = model.encoder.layer[0].attention.self.query
-    assert q.lora_B["default"].weight.shape == (8, 2) and q.base_layer.weight.shape == (8, 16)
     o = model.encoder.layer[0].attention.output.dense
+    mlp_out = model.encoder.layer[0].output.dense
+    with torch.no_grad():  # every row of B / column of A says where it came from
+        q.lora_B["default"].weight.copy_(torch.arange(16.0)[:, None].repeat(1, 2))
+        o.lora_A["default"].weight.copy_(torch.arange(16.0)[None, :].repeat(2, 1))
+        mlp_out.lora_A["default"].weight.copy_(torch.arange(12.0)[None, :].repeat(2, 1))
+    pruning.prune(model, {"encoder.layer.0.attention": [1, 2], "encoder.layer.0.mlp": [0, 3, 4]})
+    assert q.lora_B["default"].weight.shape == (8, 2) and q.base_layer.weight.shape == (8, 16)
     assert o.lora_A["default"].weight.shape == (2, 8) and o.base_layer.weight.shape == (16, 8)
-    assert model.encoder.layer[0].output.dense.lora_A["default"].weight.shape == (2, 3)
+    assert mlp_out.lora_A["default"].weight.shape == (2, 3)
+    # the kept ones are those of heads 1 and 2 (head size 4: rows / columns 4..11) and of channels 0, 3, 4
+    assert q.lora_B["default"].weight[:, 0].tolist() == list(range(4, 12))
+    assert o.lora_A["default"].weight[0].tolist() == list(range(4, 12))
+    assert mlp_out.lora_A["default"].weight[0].tolist() == [0.0, 3.0, 4.0]
     with torch.no_grad():
         assert torch.isfinite(model(**_inputs()).last_hidden_state).all()
 
