@@ -265,9 +265,11 @@ def train_pruned(
     if ratio > 0 and len(known) == len(full):
         prune_to(ratio, {name: memory[name][kept[name]] for name in kept})
         plan = [(steps, None)]
-    elif ratio > 0:
+    elif ratio > 0 and steps >= 2:
         quarter = max(1, steps // 4)
-        plan = [(quarter, ratio / 2), (quarter, ratio), (max(steps - 2 * quarter, 0), None)]
+        plan = [(quarter, ratio / 2), (quarter, ratio), (steps - 2 * quarter, None)]
+    elif ratio > 0:  # one step: score it, then prune (the phases must add up to ``steps``: DP plans for them)
+        plan = [(steps, ratio)]
     else:
         plan = [(steps, None)]
     ledger = private.get("ledger") if private is not None else None

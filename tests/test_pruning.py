@@ -144,3 +144,62 @@ def test_train_pruned_reaches_the_ratio_gradually_and_reports_kept_units():
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model2)
     out2 = pruning.train_pruned(model2, Task, data, ratio=0.5, steps=4, seed=1, scores=out["scores"], batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
     assert {k: len(v) for k, v in out2["kept"].items()} == {k: len(v) for k, v in out["kept"].items()}
+
+
+class _Task:
+    @staticmethod
+    def batch(data, index):
+        ids = torch.as_tensor(np.stack([data.texts[i] for i in index]))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.as_tensor(data.labels[index])}
+
+    @staticmethod
+    def loss(model, batch):
+        labels = batch.pop("labels")
+        return torch.nn.functional.cross_entropy(model(**batch).last_hidden_state.mean(1)[:, :2], labels)
+
+
+def _lora_bert_and_data():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from ml.data import TextDataset
+
+    rng = np.random.default_rng(0)
+    data = TextDataset(tuple(rng.integers(0, 50, 7) for _ in range(32)), rng.integers(0, 2, 32), ("a", "b"))
+    model = _bert()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model)
+    for n, p in model.named_parameters():
+        p.requires_grad = "lora_" in n
+    return model, data
+
+
+def test_train_pruned_prunes_to_half_the_ratio_then_the_ratio_keeping_the_top_scored_units(monkeypatch):
+    """Scores that rise with a unit's position: the top-scored are the last ones. Ratio 0.5
+    of 4 heads: first keep 3 (ratio 0.25: heads 1-3), then 2 of those (heads 2, 3)."""
+
+    class RisingScores:
+        def __init__(self, model, smoothing):
+            self.scores = {g.name: np.arange(g.num_units, dtype=np.float64) for g in pruning.unit_groups(model)}
+
+        def update(self, *args):
+            pass
+
+    calls = []
+    real_prune = pruning.prune
+    monkeypatch.setattr(pruning, "UnitImportance", RisingScores)
+    monkeypatch.setattr(pruning, "prune", lambda model, keep: (calls.append({k: list(v) for k, v in keep.items()}), real_prune(model, keep)))
+    model, data = _lora_bert_and_data()
+    out = pruning.train_pruned(model, _Task, data, ratio=0.5, steps=8, seed=0, batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
+    heads = "encoder.layer.0.attention"
+    assert [len(c[heads]) for c in calls] == [3, 2]  # the intermediate ratio, then the ratio
+    assert calls[0][heads] == [1, 2, 3] and list(out["kept"][heads]) == [2, 3]
+    assert list(out["kept"]["encoder.layer.0.mlp"]) == list(range(6, 12))  # 12 channels: keep 9 (3..11), then 6
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8])
+def test_train_pruned_takes_exactly_the_steps_it_was_given(steps):
+    """The DP budget plans for train.local-steps steps: pruning's phases must add up to them."""
+    model, data = _lora_bert_and_data()
+    out = pruning.train_pruned(model, _Task, data, ratio=0.5, steps=steps, seed=0, batch_size=4, learning_rate=1e-3,
+                               head_learning_rate=1e-3, private={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    assert out["ledger"].steps == steps
+    assert len(out["kept"]["encoder.layer.0.attention"]) == 2  # and it still reaches the ratio
