@@ -13,7 +13,7 @@ That is the paper's aggregation, ``hetlora.aggregation = "zero-pad"`` (the defau
 component only some clients hold is pulled toward zero by the others' padding. The
 variant ``"renormalized"`` divides each component by the total weight of the clients that
 hold it, so it is their weighted mean. It is not the paper's; the row norms of the two
-differ by 1.12-3.03x in the LoRA study's heterogeneous setting.
+differ by 1.12-3.03x in the LoRA study's heterogeneous setting (the figure of the audit in issue 15, not re-measured here).
 
 In both, rank components nobody trained this round keep their previous global value (a
 client that holds only the first r_k components says nothing about the others).
