@@ -70,10 +70,16 @@ class SampledStrategy(FedAvg):
     def take_privacy(self, record, node_id: int, content: RecordDict) -> bool:
         """Note a reply's privacy figures (``dp.mode = "local"``) in :attr:`privacy_log`;
         True when the node's budget is spent: it is dropped from this round with its
-        reason and never sampled again (the round goes on with the others)."""
+        reason and never sampled again (the round goes on with the others).
+
+        Also True, with the same consequences, when the node's DP steps went backwards:
+        it lost its ledger (e.g. a SuperNode restarted with a fresh state) and would spend
+        its budget again from zero; what it has already spent stands."""
         metrics = content.metric_records.get(keys.METRICS)
         if metrics is None or keys.DP_EPSILON not in metrics:
             return False
+        before = max((row["steps"] for row in self.privacy_log if row["node_id"] == node_id), default=0)
+        backwards = int(metrics[keys.DP_STEPS]) < before
         stopped = bool(metrics.get(keys.DP_STOPPED, 0))
         self.privacy_log.append(
             {
@@ -84,9 +90,14 @@ class SampledStrategy(FedAvg):
                 "noise_multiplier": float(metrics[keys.DP_NOISE]),
                 "sample_rate": float(metrics[keys.DP_SAMPLE_RATE]),
                 "steps": int(metrics[keys.DP_STEPS]),
-                "status": "budget-spent" if stopped else "trained",
+                "status": "refused" if backwards else ("budget-spent" if stopped else "trained"),
             }
         )
+        if backwards:
+            reason = f"its DP steps went backwards ({int(metrics[keys.DP_STEPS])} after {before}): its privacy ledger was lost"
+            self.retired[node_id] = reason
+            self._drop(record, node_id, reason)
+            return True
         if stopped:
             status = content.config_records.get(keys.DP_STATUS)
             reason = str(status["reason"]) if status is not None and "reason" in status else "privacy budget spent"
@@ -95,8 +106,12 @@ class SampledStrategy(FedAvg):
         return stopped
 
     def privacy_summary(self) -> dict[int, float]:
-        """Each node's epsilon at the end: the last figure it reported."""
-        return {row["node_id"]: row["epsilon"] for row in self.privacy_log}
+        """Each node's epsilon at the end: the largest figure it reported (a later, smaller
+        one cannot undo what was spent)."""
+        out: dict[int, float] = {}
+        for row in self.privacy_log:
+            out[row["node_id"]] = max(out.get(row["node_id"], 0.0), row["epsilon"])
+        return out
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
         return []

@@ -627,3 +627,36 @@ def test_dp_sgd_adds_noise_of_std_z_c_over_the_expected_batch():
     assert len(seen) == 8 and noise.numel() > 1000
     assert noise.std().item() == pytest.approx(2.0 * 1.5 / 4, rel=0.1)  # z C / expected batch; sampling error ~2%
     assert abs(noise.mean().item()) < 0.1
+
+
+def test_a_node_whose_dp_steps_go_backwards_is_refused_and_its_largest_epsilon_reported(flower_identity, fake_grid):
+    """A node that lost its ledger (a SuperNode restarted with a fresh state) would report
+    fewer steps and a smaller epsilon, and spend its budget again. The server drops and
+    retires it, and the summary keeps the largest epsilon it ever reported."""
+    from tests.test_flora_strategy import global_state, good_reply
+
+    from strategies.flora import FLoRA
+    from strategies.lora_records import to_record
+
+    strategy = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=8.0, min_nodes=1)
+    arrays = to_record(global_state())
+
+    def round_of(server_round, reported):
+        msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(server_round, arrays, ConfigRecord(), fake_grid([1, 2]))}
+        replies = []
+        for node, (epsilon, steps) in reported.items():
+            reply, _ = good_reply(msgs[node], rank=2, n=10, seed=node)
+            dp = {keys.DP_EPSILON: epsilon, keys.DP_DELTA: 1e-5, keys.DP_NOISE: 1.1, keys.DP_SAMPLE_RATE: 0.1, keys.DP_STEPS: steps}
+            for k, v in dp.items():
+                reply.content.metric_records[keys.METRICS][k] = v
+            replies.append(reply)
+        return strategy.aggregate_train(server_round, replies)
+
+    round_of(1, {1: (0.8, 10), 2: (0.9, 10)})
+    _, metrics = round_of(2, {1: (1.2, 20), 2: (0.9, 10)})  # node 2 made no progress: steps equal is fine
+    assert metrics["num-clients"] == 2
+    _, metrics = round_of(3, {1: (1.5, 30), 2: (0.4, 5)})  # node 2 starts over
+    assert metrics["num-clients"] == 1 and "went backwards (5 after 10)" in strategy.rounds[-1].dropped[2]
+    assert 2 in strategy.retired
+    assert [r["status"] for r in strategy.privacy_log if r["node_id"] == 2] == ["trained", "trained", "refused"]
+    assert strategy.privacy_summary() == {1: 1.5, 2: 0.9}  # not node 2's later 0.4
