@@ -105,47 +105,6 @@ def test_importance_follows_the_lora_gradient_and_picks_the_kept_units():
         pruning.keep_most_important({"g": np.ones(2)}, 1.0)
 
 
-def test_train_pruned_reaches_the_ratio_gradually_and_reports_kept_units():
-    from peft import LoraConfig, inject_adapter_in_model
-
-    from ml.data import TextDataset
-
-    class Task:
-        @staticmethod
-        def batch(data, index):
-            ids = torch.as_tensor(np.stack([data.texts[i] for i in index]))
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.as_tensor(data.labels[index])}
-
-        @staticmethod
-        def loss(model, batch):
-            labels = batch.pop("labels")
-            hidden = model(**batch).last_hidden_state.mean(1)
-            return torch.nn.functional.cross_entropy(hidden[:, :2], labels)
-
-    rng = np.random.default_rng(0)
-    data = TextDataset(tuple(rng.integers(0, 50, 7) for _ in range(32)), rng.integers(0, 2, 32), ("a", "b"))
-    model = _bert()
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model)
-    for n, p in model.named_parameters():
-        p.requires_grad = "lora_" in n
-    out = pruning.train_pruned(model, Task, data, ratio=0.5, steps=8, seed=0, batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
-    assert {k: len(v) for k, v in out["kept"].items()} == {
-        "encoder.layer.0.attention": 2, "encoder.layer.1.attention": 2, "encoder.layer.0.mlp": 6, "encoder.layer.1.mlp": 6}
-    assert model.encoder.layer[0].attention.self.query.base_layer.weight.shape == (8, 16)
-    assert all(len(s) == n for s, n in zip(out["scores"].values(), (4, 12, 4, 12)))
-    assert np.isfinite([out["loss"], out["loss_start"], out["loss_end"]]).all()
-    # the kept rows of a producer, in unpruned coordinates, follow the kept heads
-    groups = pruning.unit_groups(_bert())
-    rows, cols = pruning.module_indices(groups, out["kept"])["encoder.layer.0.attention.self.query"]
-    heads = out["kept"]["encoder.layer.0.attention"]
-    assert cols is None and list(rows) == [h * 4 + i for h in heads for i in range(4)]
-    # a second round with the scores prunes at once
-    model2 = _bert()
-    inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model2)
-    out2 = pruning.train_pruned(model2, Task, data, ratio=0.5, steps=4, seed=1, scores=out["scores"], batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
-    assert {k: len(v) for k, v in out2["kept"].items()} == {k: len(v) for k, v in out["kept"].items()}
-
-
 class _Task:
     @staticmethod
     def batch(data, index):
@@ -170,6 +129,28 @@ def _lora_bert_and_data():
     for n, p in model.named_parameters():
         p.requires_grad = "lora_" in n
     return model, data
+
+
+def test_train_pruned_reaches_the_ratio_gradually_and_reports_kept_units():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model, data = _lora_bert_and_data()
+    out = pruning.train_pruned(model, _Task, data, ratio=0.5, steps=8, seed=0, batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
+    assert {k: len(v) for k, v in out["kept"].items()} == {
+        "encoder.layer.0.attention": 2, "encoder.layer.1.attention": 2, "encoder.layer.0.mlp": 6, "encoder.layer.1.mlp": 6}
+    assert model.encoder.layer[0].attention.self.query.base_layer.weight.shape == (8, 16)
+    assert all(len(s) == n for s, n in zip(out["scores"].values(), (4, 12, 4, 12)))
+    assert np.isfinite([out["loss"], out["loss_start"], out["loss_end"]]).all()
+    # the kept rows of a producer, in unpruned coordinates, follow the kept heads
+    groups = pruning.unit_groups(_bert())
+    rows, cols = pruning.module_indices(groups, out["kept"])["encoder.layer.0.attention.self.query"]
+    heads = out["kept"]["encoder.layer.0.attention"]
+    assert cols is None and list(rows) == [h * 4 + i for h in heads for i in range(4)]
+    # a second round with the scores prunes at once
+    model2 = _bert()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model2)
+    out2 = pruning.train_pruned(model2, _Task, data, ratio=0.5, steps=4, seed=1, scores=out["scores"], batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
+    assert {k: len(v) for k, v in out2["kept"].items()} == {k: len(v) for k, v in out["kept"].items()}
 
 
 def test_train_pruned_prunes_to_half_the_ratio_then_the_ratio_keeping_the_top_scored_units(monkeypatch):
