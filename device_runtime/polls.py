@@ -49,9 +49,6 @@ def poll_seconds(text: str) -> float:
 FLOWER_POLLS = NodePolls(FLOWER_IDLE_POLL_S, FLOWER_REPLY_POLL_S, FLOWER_TASK_POLL_S)
 WARM_POLLS = NodePolls(idle=0.5, reply=0.05, task=0.05)  # chosen in docs/runtime.md ("Polls")
 
-
-
-
 MAX_CONCURRENCY = 64
 # Object RPCs in flight per transfer under the warm runtime: on the 5g profile (47 ms RTT)
 # 2 (Flower's) -> 8 took a 3.7 MB packed uplink from 2.47 to 2.25 s and 16 gained nothing
