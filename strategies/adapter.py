@@ -12,6 +12,8 @@ the server evaluates and checkpoints, are W0 + delta.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from stamen import keys
@@ -82,6 +84,14 @@ class AdapterStrategy(LoRAStrategy):
 
     def forget_node(self, node_id: int) -> None:
         self._synced.discard(node_id)
+
+    def zero_update(self, node_id: int) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
+        """A node that changes nothing sends back the adapter it started from."""
+        zero, head = super().zero_update(node_id)
+        start = self.initial_factors(node_id)
+        if start is None:  # a fresh LoRA: product 0
+            return zero, head
+        return dataclasses.replace(zero, factors=dict(start), scaling=self.lora_alpha / self.rank_of(node_id)), head
 
     def aggregate_lora(
         self, updates: list[ClientLoRA], heads: list[dict[str, np.ndarray]], global_arrays: dict[str, np.ndarray]

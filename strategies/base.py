@@ -150,6 +150,10 @@ class LoRAStrategy(SampledStrategy):
         self._global: dict[str, np.ndarray] = {}
 
     central_dp_space: str | None = None  # "product" | "factors" | "product-change": dp.mode = "central" can wrap it (strategies/central_dp.py)
+    # Central DP sets this: a participant without a valid update counts as sending its zero
+    # update (zero_update), so the round's mean has the cohort's size as its fixed
+    # denominator and one node's presence moves it by at most C / cohort (docs/privacy.md).
+    absent_as_zero = False
     accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
     accepts_pruned_units = False  # True: a reply carries factors of pruned matrices and the kept indices (FedSpine)
 
@@ -172,6 +176,13 @@ class LoRAStrategy(SampledStrategy):
 
     def forget_node(self, node_id: int) -> None:
         """Called when a node failed or went silent: its local state is unknown."""
+
+    def zero_update(self, node_id: int) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
+        """The update of a node that changes nothing: zero factors (product 0) and the head
+        it was sent. A strategy whose nodes start from a sent adapter overrides it."""
+        weights_now, head_now = split_global(self._global)
+        factors = {m: (np.zeros((1, w.shape[1]), w.dtype), np.zeros((w.shape[0], 1), w.dtype)) for m, w in weights_now.items()}
+        return ClientLoRA(factors=factors, num_examples=1, scaling=1.0, node_id=node_id), dict(head_now)
 
     def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
         """Central DP: add ``noise(array) -> array`` to what this round releases to the
@@ -276,17 +287,25 @@ class LoRAStrategy(SampledStrategy):
         for node_id in set(record.participants) - answered:
             self._drop(record, node_id, "no reply before the round timeout")
             self.forget_node(node_id)
-        if not updates:
+        if updates:
+            record.train_loss = float(np.average(losses, weights=[u.num_examples for u in updates]))
+            record.global_rank = sum(next(iter(u.factors.values()))[0].shape[0] for u in updates)
+        elif not self.absent_as_zero:
             log(WARNING, "aggregate_train: no valid update in round %d; the global model is unchanged", server_round)
             return None, None
-        weights = [u.num_examples for u in updates]
-        record.train_loss = float(np.average(losses, weights=weights))
-        record.global_rank = sum(next(iter(u.factors.values()))[0].shape[0] for u in updates)
+        num_valid = len(updates)
+        if self.absent_as_zero:  # the mean over the whole cohort: whoever sent nothing valid sent no change
+            valid = {u.node_id for u in updates}
+            for node_id in record.participants:
+                if node_id not in valid:
+                    zero, head = self.zero_update(node_id)
+                    updates.append(zero)
+                    heads.append(head)
         new_global = self.aggregate_lora(updates, heads, self._global)
         metrics = MetricRecord(
             {
                 keys.TRAIN_LOSS: record.train_loss,
-                "num-clients": len(updates),
+                "num-clients": num_valid,
                 "global-rank": record.global_rank,
                 "dropped": len(record.dropped),
             }

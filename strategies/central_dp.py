@@ -20,11 +20,22 @@ LoRA factors), so that difference is not defined here. Instead, a node's update 
   clip factors to the strategy (``clip_updates``), which applies them to the dense sum.
 
 Then every node weighs the same (``num-examples`` is set to 1: with example-weighted
-means one node's influence is not bounded by ``C / n``), the wrapped strategy aggregates,
-and the strategy adds Gaussian noise of standard deviation ``z C / n`` (Flower's
-``compute_stdv``) to what the round releases (:meth:`LoRAStrategy.noise_release`). The
-guarantee is per node (all of its data), for the released global models; the accountant
-is Opacus's RDP with no amplification by sampling (rate 1), composed over rounds.
+means one node's influence is not bounded by ``C / m``), and the mean has a fixed
+denominator: the round's cohort size m, the number of nodes it asked, set before any
+reply. A cohort node whose reply is missing, late, invalid or unclippable counts as
+sending no change (``LoRAStrategy.zero_update``: what it was sent), so the release is
+
+    base + (1/m) sum_{k replied} clip(u_k)       (base: what the round starts from)
+
+The neighbouring relation is add/remove of one node's update within the cohort (a node
+that sends anything, or nothing, moves the release by at most C / m), which is the one
+McMahan et al. use with their fixed-denominator estimator. Dividing by the number of
+replies instead would give C / n only under replace-one; under add/remove it is about
+2C / (n + 1). The strategy adds Gaussian noise of standard deviation ``z C / m``
+(Flower's ``compute_stdv``) to what the round releases (:meth:`LoRAStrategy.noise_release`),
+also in a round where no reply came. The guarantee is per node (all of its data), for
+the released global models, with m public; the accountant is Opacus's RDP with no
+amplification by sampling (rate 1), composed over rounds.
 """
 
 from __future__ import annotations
@@ -130,6 +141,7 @@ class CentralDP(Strategy):
         if noise_multiplier <= 0 or clipping_norm <= 0:
             raise ValueError("central DP needs a positive noise multiplier and clipping norm")
         self.strategy, self.space = strategy, space
+        strategy.absent_as_zero = True  # the mean's denominator is the cohort's size (module docstring)
         self.noise_multiplier, self.clipping_norm, self.delta = noise_multiplier, clipping_norm, delta
         # The noise comes from the OS's entropy, never from a configured seed: every node
         # holds the run config, and with z, C and n public, a seeded generator would let
@@ -161,7 +173,8 @@ class CentralDP(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        norms, scales = [], {}
+        # a cohort node without a clipped reply counts as sending no change (absent_as_zero)
+        norms, scales = [], dict.fromkeys(self._sent, 1.0)
         for i, msg in enumerate(replies):
             if msg.has_error() or keys.ARRAYS not in msg.content.array_records or keys.METRICS not in msg.content.metric_records:
                 continue  # the wrapped strategy drops it with its reason
@@ -189,15 +202,15 @@ class CentralDP(Strategy):
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None:
             return arrays, metrics
-        n = int(metrics["num-clients"])
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, n)
+        n, m = int(metrics["num-clients"]), len(self._sent)
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, m)  # sensitivity C / m: the denominator is m
         noised = self.strategy.noise_release(from_record(arrays), lambda a: a + self.rng.normal(0.0, std, a.shape).astype(a.dtype))
         self.releases += 1
         epsilon = self.epsilon()
         log(
             INFO,
-            "central DP round %d: %d updates clipped to %.3g (norms %s), noise std %.3g, epsilon %.3f (delta %g)",
-            server_round, n, self.clipping_norm, " ".join(f"{x:.3g}" for x in norms), std, epsilon, self.delta,
+            "central DP round %d: %d of %d updates clipped to %.3g (norms %s), mean over %d, noise std %.3g, epsilon %.3f (delta %g)",
+            server_round, n, m, self.clipping_norm, " ".join(f"{x:.3g}" for x in norms), m, std, epsilon, self.delta,
         )
         self.strategy.privacy_log.append(
             {"round": server_round, "node_id": "all", "epsilon": epsilon, "delta": self.delta,

@@ -23,10 +23,11 @@ the truncation T_k = s_k B0_k A0_k it was sent. Clipping the product would cap t
 delta itself at the clipping norm. So the wrapper clips the change ``s_k B_k A_k - T_k``
 (and the head's) to norm C, and the delta is
 
-    dW = mean_k [ T_k + c_k (s_k B_k A_k - T_k) ]     (c_k = min(1, C / norm_k), equal weights)
+    dW = (1/m) sum_{k in cohort} [ T_k + c_k (s_k B_k A_k - T_k) ]     (c_k = min(1, C / norm_k))
 
+over all m nodes the round asked: one that sent nothing valid counts as T_k (no change).
 T_k depends only on the previous, already released delta and the node's rank, so it
-costs no privacy. The noise goes into the dense dW, before the SVD: every truncation the
+costs no privacy, and whether a node replies moves dW by at most C / m. The noise goes into the dense dW, before the SVD: every truncation the
 nodes receive next is post-processing of the noised sum.
 """
 

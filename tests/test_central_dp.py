@@ -83,7 +83,7 @@ def test_flora_under_central_dp_is_the_equal_weight_mean_of_clipped_products_plu
 
     dp, g, noisy, expected, metrics = flora_round(flower_identity, fake_grid, 1.0)
     noise = noisy["layer.q.weight"] - expected
-    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)  # z C / n over 1,200 entries
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)  # z C / m over 1,200 entries (m = 2 asked, both replied)
     assert metrics["dp-epsilon"] == pytest.approx(dp.epsilon()) and dp.releases == 1
     assert [r["status"] for r in dp.privacy_log] == ["central"]
     # the noise is not in the stacked factors: next round the nodes get dense weights
@@ -158,7 +158,8 @@ def flexlora_reply(instruction, rank, n, change):
     return Message(RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}), reply_to=instruction), arrays, sent
 
 
-def flexlora_rounds(fake_grid, noise_multiplier, rounds, change=5.0):
+def flexlora_rounds(fake_grid, noise_multiplier, rounds, change=5.0, absent=None):
+    """``absent``: {round: node} whose reply does not come; it counts as its T_k."""
     from strategies.flexlora import FlexLoRA
 
     inner = FlexLoRA(node_ranks={1: 2, 2: 4}, default_rank=2, lora_alpha=4.0, min_nodes=1)
@@ -171,14 +172,15 @@ def flexlora_rounds(fake_grid, noise_multiplier, rounds, change=5.0):
         out = [flexlora_reply(msgs[node], rank, n, change) for node, rank, n in ((1, 2, 10), (2, 4, 90))]
         head_now = {k: g[k] for k in ("head.weight", "head.bias")}
         expected = w0.copy()  # W0 + the equal-weight mean of T_k + c_k (s B A - T_k)
-        for (_, arrays, sent), rank in zip(out, (2, 4)):
+        missing = (absent or {}).get(rnd)
+        for (_, arrays, sent), node, rank in zip(out, (1, 2), (2, 4)):
             s = 4.0 / rank
             change_k = product_change(arrays, sent, s, head_now)
-            c = clip_factor(norm_of(change_k), 1.0)
+            c = 0.0 if node == missing else clip_factor(norm_of(change_k), 1.0)
             a0, b0 = (sent.get(keys.INIT_PREFIX + "layer.q" + x) for x in (keys.LORA_A, keys.LORA_B))
             t = 0.0 if a0 is None else s * b0 @ a0  # round 1: a fresh LoRA
-            expected += 0.5 * (t + c * change_k[0])
-        new, metrics = dp.aggregate_train(rnd, [r for r, _, _ in out])
+            expected += 0.5 * (t + c * change_k[0])  # 1 / m, m = 2 asked, whoever replied
+        new, metrics = dp.aggregate_train(rnd, [r for (r, _, _), node in zip(out, (1, 2)) if node != missing])
         g = from_record(new)
         history.append((g, expected, metrics, msgs))
     return dp, inner, w0, history
@@ -196,11 +198,21 @@ def test_flexlora_under_central_dp_without_noise_is_the_mean_of_clipped_changes(
     assert all(b - a <= 1.0 + 1e-6 for a, b in zip([0.0] + norms, norms))
 
 
+def test_flexlora_under_central_dp_counts_a_silent_node_as_the_truncation_it_was_sent(flower_identity, fake_grid):
+    """Round 2, node 2 (rank 4) does not reply: the delta is (T_1 + c_1 change_1 + T_2) / 2.
+    Averaging over the replies alone would give T_1 + c_1 change_1, which moves with the
+    silent node's presence by far more than C / m."""
+    _, inner, _, history = flexlora_rounds(fake_grid, 1e-12, rounds=3, absent={2: 2})
+    for g, expected, metrics, _ in history:
+        np.testing.assert_allclose(g["layer.q.weight"], expected, atol=1e-6)
+    assert history[1][2]["num-clients"] == 1 and "no reply" in inner.rounds[1].dropped[2]
+
+
 def test_flexlora_under_central_dp_noises_the_dense_delta_before_the_svd(flower_identity, fake_grid):
     dp, inner, w0, history = flexlora_rounds(fake_grid, 1.0, rounds=2)
     (g1, expected1, metrics1, _), (_, _, _, msgs2) = history
     noise = g1["layer.q.weight"] - expected1
-    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)  # z C / n over 1,200 entries
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 2, rel=0.1)  # z C / m over 1,200 entries (m = 2 asked, both replied)
     assert metrics1["dp-epsilon"] == pytest.approx(Ledger([(1.0, 1.0, 1)]).epsilon(1e-5))  # one Gaussian release
     # what node 1 (rank 2) started from in round 2: the rank-2 truncation of the noised delta
     sent = from_record(msgs2[1].content.array_records[keys.ARRAYS])
@@ -254,9 +266,10 @@ def test_a_reply_that_misreports_its_rank_is_dropped_not_clipped_at_another_scal
     head_now = {k: g[k] for k in ("head.weight", "head.bias")}
     clipped, _ = clip_reply(a1, space="product", scaling=2.0, head_now=head_now, sent={}, clipping_norm=1.0)
     moved = from_record(new)["layer.q.weight"] - g["layer.q.weight"]
-    # the honest node alone, weighted 1 of 1 replies, at its scaling 4/2: within the bound
-    np.testing.assert_allclose(moved, 2.0 * clipped["layer.q" + keys.LORA_B] @ clipped["layer.q" + keys.LORA_A], atol=1e-6)
-    assert np.linalg.norm(moved) <= 1.0 + 1e-6
+    # the honest node alone at its scaling 4/2, weighted 1 of the cohort's 2 (the dropped
+    # node counts as no change): within the bound C / m
+    np.testing.assert_allclose(moved, 0.5 * 2.0 * clipped["layer.q" + keys.LORA_B] @ clipped["layer.q" + keys.LORA_A], atol=1e-6)
+    assert np.linalg.norm(moved) <= 0.5 + 1e-6
 
 
 @pytest.mark.parametrize("reported", [1000, 1, 2.0, None])
@@ -271,3 +284,80 @@ def test_lora_strategies_refuse_a_rank_metric_that_disagrees_with_the_assignment
             bad.content.metric_records[keys.METRICS][keys.LORA_RANK] = reported
         _, metrics = s.aggregate_train(1, [ok, bad])
         assert metrics["num-clients"] == 1 and keys.LORA_RANK in s.rounds[-1].dropped[2], cls.__name__
+
+
+# --- the neighbouring relation: add/remove one node within the cohort (fixed denominator) --
+
+
+def aligned_replies(msgs, signs):
+    """Replies of rank 2 whose clipped updates are +-u for one vector u of norm C = 1."""
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(2, IN)), rng.normal(size=(OUT, 2))
+    out = {}
+    for node, sign in signs.items():
+        arrays = {"layer.q" + keys.LORA_A: 10 * a, "layer.q" + keys.LORA_B: sign * 10 * b,
+                  "head.weight": np.zeros((2, IN)), "head.bias": np.zeros(2)}
+        metrics = MetricRecord({keys.NUM_EXAMPLES: 5, keys.TRAIN_LOSS: 1.0, keys.LORA_ALPHA: 4.0, keys.LORA_RANK: 2})
+        out[node] = Message(RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}), reply_to=msgs[node])
+    return out
+
+
+def release(fake_grid, repliers, noise_multiplier=1e-12):
+    """One FLoRA round under central DP with nodes 1, 2, 3 asked and ``repliers`` replying
+    (node 3's update points the other way); the released weights minus the global ones."""
+    inner = FLoRA(node_ranks={}, default_rank=2, lora_alpha=4.0, min_nodes=1)
+    dp = CentralDP(inner, noise_multiplier=noise_multiplier, clipping_norm=1.0, delta=1e-5)
+    g = global_state()
+    msgs = {m.metadata.dst_node_id: m for m in dp.configure_train(1, to_record(g), ConfigRecord(), fake_grid([1, 2, 3]))}
+    replies = aligned_replies(msgs, {1: 1.0, 2: 1.0, 3: -1.0})
+    new, metrics = dp.aggregate_train(1, [replies[n] for n in repliers])
+    return from_record(new)["layer.q.weight"] - g["layer.q.weight"], metrics, dp
+
+
+def test_one_node_moves_the_central_dp_release_by_at_most_c_over_the_cohort(flower_identity, fake_grid):
+    """Cohort m = 3, clipped updates u, u, -u (norm C = 1). With node 3 present the release
+    moves by u / 3, without it by 2u / 3: a difference of C / m. Dividing by the replies
+    instead (u / 3 against u / 2 + u / 2 = u) differs by 2C / 3, twice what the noise covers."""
+    with_3, metrics, _ = release(fake_grid, [1, 2, 3])
+    without_3, metrics_without, _ = release(fake_grid, [1, 2])
+    assert metrics["num-clients"] == 3 and metrics_without["num-clients"] == 2
+    assert np.linalg.norm(with_3) == pytest.approx(1 / 3, rel=1e-6)  # the product part of u is all of it: the heads stay
+    assert np.linalg.norm(with_3 - without_3) == pytest.approx(1 / 3, rel=1e-6)  # C / m, not 2C / 3
+
+
+def test_the_central_dp_noise_is_scaled_to_the_cohort_not_to_the_replies(flower_identity, fake_grid):
+    moved, _, _ = release(fake_grid, [1, 2], noise_multiplier=1.0)
+    quiet, _, _ = release(fake_grid, [1, 2])
+    noise = moved - quiet
+    assert noise.std() == pytest.approx(1.0 * 1.0 / 3, rel=0.1)  # z C / m over 1,200 entries, m = 3 asked (2 replied)
+
+
+def test_a_round_without_a_valid_reply_still_releases_the_noised_model(flower_identity, fake_grid):
+    """Releasing nothing when no reply is valid would tell one node's presence apart from
+    its absence for certain; the mechanism releases base + noise and accounts for it."""
+    moved, metrics, dp = release(fake_grid, [], noise_multiplier=1.0)
+    assert metrics["num-clients"] == 0 and dp.releases == 1
+    assert moved.std() == pytest.approx(1.0 / 3, rel=0.1)  # only the noise moved it
+
+
+def test_central_dp_epsilon_is_the_gaussian_mechanism_composed_checked_by_hand():
+    """n = 10 nodes, z = 1, 3 releases, delta 1e-5 (the audit's example). Under add/remove
+    with the fixed denominator each release is a Gaussian mechanism of sensitivity C / m
+    and std z C / m: RDP alpha / (2 z^2) per release, composed by adding, converted to
+    (epsilon, delta) with the formula Opacus uses (Balle et al. 2020), minimised over its orders."""
+    import math
+
+    z, releases, delta = 1.0, 3, 1e-5
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    by_hand = min(
+        releases * a / (2 * z**2) - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in orders
+    )
+    dp = CentralDP(FLoRA(node_ranks={}, default_rank=2, lora_alpha=4.0), noise_multiplier=z, clipping_norm=1.0, delta=delta)
+    dp.releases = releases
+    assert dp.epsilon() == pytest.approx(by_hand, rel=1e-6)
+    assert by_hand == pytest.approx(9.0, abs=0.1)
+    # dividing by the replies, the sensitivity is about 2C / (n + 1) against noise z C / n:
+    # an effective multiplier of z (n + 1) / (2n) = 0.55, and epsilon about twice as large
+    z_eff = z * 11 / 20
+    replies_epsilon = min(releases * a / (2 * z_eff**2) - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a) for a in orders)
+    assert replies_epsilon == pytest.approx(18.9, abs=0.3)
