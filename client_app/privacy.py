@@ -1,12 +1,21 @@
 """A node's side of ``dp.mode = "local"``: this round's DP-SGD parameters, the budget check
-before anything trains, the ledger kept in ``context.state`` across rounds, and the reply
-metrics (ml/privacy.py does the training; docs/privacy.md explains it all)."""
+before anything trains, the ledger kept across rounds, and the reply metrics
+(ml/privacy.py does the training; docs/privacy.md explains it all).
+
+The ledger is kept twice: in ``context.state`` (what the SuperNode holds between rounds)
+and in a file on the device's disk, keyed by run and partition (:class:`LedgerFile`). A
+restarted SuperNode starts with an empty ``context.state``; the file lets it continue at
+the epsilon it has spent instead of 0. Each round takes the longer of the two."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -15,6 +24,69 @@ from stamen import keys
 from stamen.config import StamenConfig
 
 log = logging.getLogger("stamen.client")
+
+
+class LedgerUnreadable(RuntimeError):
+    """The ledger file exists but cannot be read: what was spent is unknown, so the node
+    does not train."""
+
+
+@dataclass(frozen=True)
+class LedgerFile:
+    """``<state dir>/dp-ledger/run-<run id>/partition-<id>.json``: the ledger of the data a
+    node trains on in one run. The state dir is node-config ``state-dir``, else
+    ``$FLWR_HOME/stamen-state`` (``~/.flwr/stamen-state`` without FLWR_HOME). Written
+    atomically (a temporary file, fsync, rename), so a crash leaves the old or the new one."""
+
+    path: Path
+    run_id: int
+    partition_id: int
+
+    FORMAT = "stamen-dp-ledger"
+    VERSION = 1
+
+    @classmethod
+    def for_context(cls, context: Context) -> LedgerFile:
+        node = context.node_config
+        root = node.get(keys.NODE_STATE_DIR) or os.path.join(os.environ.get("FLWR_HOME") or "~/.flwr", "stamen-state")
+        partition = int(node.get(keys.NODE_PARTITION_ID, 0))
+        path = Path(str(root)).expanduser() / "dp-ledger" / f"run-{context.run_id}" / f"partition-{partition}.json"
+        return cls(path, int(context.run_id), partition)
+
+    def read(self) -> Ledger | None:
+        """The ledger on disk; None when there is none yet."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise LedgerUnreadable(f"cannot read the privacy ledger {self.path}: {err}") from err
+        try:
+            data = json.loads(text)
+            if data.get("format") != self.FORMAT or data.get("version") != self.VERSION:
+                raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}, expected {self.FORMAT!r} {self.VERSION}")
+            if data.get("run-id") != self.run_id or data.get("partition-id") != self.partition_id:
+                raise ValueError(f"it is run {data.get('run-id')} partition {data.get('partition-id')}'s")
+            return Ledger([(float(z), float(q), int(n)) for z, q, n in data["history"]])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LedgerUnreadable(
+                f"the privacy ledger {self.path} is damaged ({err}); what this node spent is unknown, so it does not train"
+            ) from err
+
+    def write(self, ledger: Ledger) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"format": self.FORMAT, "version": self.VERSION, "run-id": self.run_id,
+                "partition-id": self.partition_id, "history": [list(h) for h in ledger.history]}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 @dataclass(frozen=True)
@@ -44,7 +116,12 @@ class RoundPrivacy:
         from strategies.lora_records import from_record
 
         held = context.state.array_records.get(keys.STATE_DP_LEDGER)
-        ledger = Ledger.from_array(from_record(held)["history"]) if held is not None else Ledger()
+        in_state = Ledger.from_array(from_record(held)["history"]) if held is not None else Ledger()
+        on_disk = LedgerFile.for_context(context).read() or Ledger()
+        ledger = max(in_state, on_disk, key=lambda led: led.steps)  # the longer: a restart emptied the state
+        if on_disk.steps > in_state.steps:
+            log.info("privacy ledger: %d DP-SGD steps spent in this run before a restart (from %s)",
+                     on_disk.steps, LedgerFile.for_context(context).path)
         return cls(
             noise_multiplier=noise,
             max_grad_norm=dp.max_grad_norm,
@@ -77,6 +154,7 @@ class RoundPrivacy:
         from strategies.lora_records import to_record
 
         context.state[keys.STATE_DP_LEDGER] = to_record({"history": ledger.to_array()})
+        LedgerFile.for_context(context).write(ledger)  # before the reply leaves
 
     def spend(self, context: Context, ledger: Ledger) -> dict[str, float]:
         """After training: keep ``ledger`` (this round included) in the node state and

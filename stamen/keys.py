@@ -70,6 +70,7 @@ NODE_LORA_RANK = "lora-rank"
 NODE_MAX_EXIT = MAX_EXIT
 NODE_NUM_THREADS = "num-threads"
 NODE_DEVICE = "device"  # "auto" (CUDA if present), "cpu", "cuda", "cuda:1"
+NODE_STATE_DIR = "state-dir"  # what must outlive a SuperNode restart (the DP ledger); default $FLWR_HOME/stamen-state
 
 # node state (context.state) entries
 STATE_GLOBAL = "stamen.global-weights"

@@ -6,6 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def flwr_home(tmp_path_factory, monkeypatch):
+    """Each test its own FLWR_HOME: what a node keeps on its disk (the DP ledger under
+    stamen-state/) must not leak from one test into the next, nor into ~/.flwr."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="session")
 def flower_programs():
     """Integration tests start these by name: fail (not skip) when they are missing."""

@@ -439,6 +439,62 @@ def test_a_target_epsilon_is_spread_over_the_planned_rounds():
     assert RoundPrivacy.plan(cfg, ctx, 200).exhausted()  # a 4th round would overspend
 
 
+def spend_a_round(cfg, ctx):
+    from client_app.privacy import RoundPrivacy
+
+    plan = RoundPrivacy.plan(cfg, ctx, num_examples=200)
+    plan.save(ctx, plan.ledger.after(plan.noise_multiplier, plan.rate, plan.steps))  # as if it trained
+    return plan
+
+
+def test_a_restarted_node_continues_at_the_ledger_on_its_disk(flwr_home):
+    """A restarted SuperNode has an empty context.state: the ledger file, keyed by run and
+    partition, holds what it spent. Without it the node would start again at epsilon 0."""
+    from client_app.privacy import LedgerFile, RoundPrivacy
+
+    cfg = dp_config(noise_multiplier=1.0)
+    node = {"partition-id": 3}
+    before = Context(run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config={})
+    spend_a_round(cfg, before)
+    spend_a_round(cfg, before)
+    restarted = Context(run_id=5, node_id=99, node_config=node, state=RecordDict(), run_config={})  # a new node id, no state
+    plan = RoundPrivacy.plan(cfg, restarted, num_examples=200)
+    assert plan.ledger.steps == 20 and plan.ledger.epsilon(1e-5) == pytest.approx(RoundPrivacy.plan(cfg, before, 200).ledger.epsilon(1e-5))
+    path = flwr_home / "stamen-state" / "dp-ledger" / "run-5" / "partition-3.json"
+    assert LedgerFile.for_context(restarted).path == path and [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    # another run, or another partition, has spent nothing
+    assert RoundPrivacy.plan(cfg, Context(run_id=6, node_id=7, node_config=node, state=RecordDict(), run_config={}), 200).ledger.steps == 0
+    assert RoundPrivacy.plan(cfg, Context(run_id=5, node_id=7, node_config={"partition-id": 4}, state=RecordDict(), run_config={}), 200).ledger.steps == 0
+    # node-config state-dir puts it elsewhere
+    elsewhere = Context(run_id=5, node_id=7, node_config={**node, "state-dir": str(flwr_home / "disk")}, state=RecordDict(), run_config={})
+    assert LedgerFile.for_context(elsewhere).path == flwr_home / "disk" / "dp-ledger" / "run-5" / "partition-3.json"
+
+
+def test_the_longer_ledger_wins_whichever_place_holds_it(flwr_home):
+    """The state may be ahead of the disk (a file lost with a wiped disk) or behind it (a
+    restart): the plan starts from the one with more steps."""
+    from client_app.privacy import LedgerFile, RoundPrivacy
+
+    cfg, ctx = dp_config(noise_multiplier=1.0), context()
+    spend_a_round(cfg, ctx)
+    spend_a_round(cfg, ctx)
+    LedgerFile.for_context(ctx).path.unlink()
+    assert RoundPrivacy.plan(cfg, ctx, 200).ledger.steps == 20  # from the state
+
+
+def test_a_damaged_ledger_file_stops_the_node_from_training(flwr_home):
+    from client_app.privacy import LedgerFile, LedgerUnreadable, RoundPrivacy
+
+    cfg, ctx = dp_config(noise_multiplier=1.0), context()
+    spend_a_round(cfg, ctx)
+    path = LedgerFile.for_context(ctx).path
+    for damage in ("{not json", '{"format": "stamen-dp-ledger", "version": 1, "run-id": 2, "partition-id": 0, "history": []}',
+                   '{"format": "stamen-dp-ledger", "version": 1, "run-id": 1, "partition-id": 0, "history": [[1.0]]}'):
+        path.write_text(damage)
+        with pytest.raises(LedgerUnreadable, match="does not train|run 2 partition 0"):
+            RoundPrivacy.plan(cfg, ctx, 200)
+
+
 def test_a_node_over_budget_replies_with_the_reason_and_no_update(flower_identity):
     from client_app.privacy import RoundPrivacy
 
