@@ -156,6 +156,8 @@ class LocalDeployment:
         self.workdir = workdir
         self.app_dir = app_dir
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self._node_procs: dict[int, subprocess.Popen] = {}  # node index -> its SuperNode process
+        self._node_starts: dict[int, int] = {}
         self.fleet_port = free_port()
         self.http_port = free_port()
         self.flwr_home = workdir / "flwr-cli"
@@ -236,27 +238,53 @@ class LocalDeployment:
         if self.supernode_auth:
             for i in range(len(self.nodes)):
                 self._register(self.tls_dir / f"supernode-{i}.key.pub")
-        for i, node in enumerate(self.nodes):
-            kind = node.supernode or self.supernode
-            host = node.dial_host or self.fleet_host
-            measure = ["--telemetry-address", f"{host}:{self.collector_port}", *self.supernode_flags] if kind == "stamen" else []
-            self._spawn(
-                f"supernode-{i}",
-                [
-                    SUPERNODES[kind],
-                    *measure,
-                    *self._node_security_flags(i),
-                    "--superlink",
-                    f"{host}:{self.fleet_port}",
-                    "--port",
-                    str(free_port()),
-                    "--node-config",
-                    node.node_config(),
-                ],
-                self.workdir / f"supernode-{i}",
-                netns=node.netns,
-                cgroups=tuple(str(c) for c in node.cgroups),
-            )
+        for i in range(len(self.nodes)):
+            self.start_node(i)
+
+    def start_node(self, i: int) -> subprocess.Popen:
+        """Start SuperNode ``i`` (again, after :meth:`stop_node`): the same node-config and
+        FLWR_HOME, so what it keeps on disk is there; Flower gives it a new node id. A
+        restart logs to ``supernode-<i>.<start>.log``."""
+        starts = self._node_starts.get(i, 0)
+        self._node_starts[i] = starts + 1
+        node = self.nodes[i]
+        kind = node.supernode or self.supernode
+        host = node.dial_host or self.fleet_host
+        measure = ["--telemetry-address", f"{host}:{self.collector_port}", *self.supernode_flags] if kind == "stamen" else []
+        self._node_procs[i] = self._spawn(
+            f"supernode-{i}" + (f".{starts}" if starts else ""),
+            [
+                SUPERNODES[kind],
+                *measure,
+                *self._node_security_flags(i),
+                "--superlink",
+                f"{host}:{self.fleet_port}",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node.node_config(),
+            ],
+            self.workdir / f"supernode-{i}",
+            netns=node.netns,
+            cgroups=tuple(str(c) for c in node.cgroups),
+        )
+        return self._node_procs[i]
+
+    def stop_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Stop SuperNode ``i`` and everything it started (its ClientApps); by default as a
+        crash does, with SIGKILL: no goodbye to the SuperLink."""
+        import psutil
+
+        proc = self._node_procs.pop(i)
+        with contextlib.suppress(psutil.Error):
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for p in family:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(sig)
+            psutil.wait_procs(family, timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        self.procs = [p for p in self.procs if p[1] is not proc]
 
     def _node_security_flags(self, i: int) -> list[str]:
         if self.tls_dir is None:

@@ -81,14 +81,17 @@ class _ReplyingGrid:
     def pull_messages(self, ids):
         self.pulls += 1
         ready = {1: ["a"], 3: ["b"]}.get(self.pulls, [])
-        return [types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=i)) for i in ready if i in ids]
+        return [
+            types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=i, src_node_id=7), has_error=lambda: False)
+            for i in ready if i in ids
+        ]
 
     def get_node_ids(self):
         return [7]
 
 
 def _msg(mid):
-    return types.SimpleNamespace(metadata=types.SimpleNamespace(message_id=mid))
+    return types.SimpleNamespace(metadata=types.SimpleNamespace(message_id=mid, dst_node_id=7))
 
 
 def test_polled_grid_pulls_every_poll_interval_until_all_replied(monkeypatch):
@@ -109,6 +112,27 @@ def test_polled_grid_stops_at_the_timeout(monkeypatch):
     inner = _ReplyingGrid()
     replies = PolledGrid(inner, 1.0).send_and_receive([_msg("a"), _msg("b")], timeout=1.5)
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"] and inner.pulls == 2
+
+
+def test_an_error_the_superlink_writes_is_attributed_to_the_node_it_is_about():
+    """A node that died: the SuperLink answers its instruction with NODE_UNAVAILABLE from
+    node id 1 (itself). The strategies must see the dead node, not node 1."""
+    from flwr.app import Error, Metadata
+    from flwr.app.message import make_message
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    from server_app.grid import attribute_superlink_errors
+
+    def reply(src, to, error=True):
+        meta = Metadata(run_id=1, message_id=f"r-{to}", src_node_id=src, dst_node_id=SUPERLINK_NODE_ID,
+                        reply_to_message_id=to, group_id="2", created_at=0.0, ttl=30.0, message_type="train")
+        return make_message(meta, error=Error(ErrorCode.NODE_UNAVAILABLE, "gone")) if error else types.SimpleNamespace(metadata=meta, has_error=lambda: False)
+
+    sent = {"i-42": 42, "i-43": 43}
+    out = attribute_superlink_errors([reply(SUPERLINK_NODE_ID, "i-42"), reply(43, "i-43", error=False), reply(SUPERLINK_NODE_ID, "other")], sent)
+    assert [m.metadata.src_node_id for m in out] == [42, 43, SUPERLINK_NODE_ID]  # an unknown instruction: left as it is
+    assert out[0].error.code == ErrorCode.NODE_UNAVAILABLE and out[0].metadata.reply_to_message_id == "i-42"
+    assert out[0].metadata.group_id == "2" and out[0].metadata.message_type == "train"
 
 
 def test_grid_poll_is_a_validated_config_key(run_config):
