@@ -105,7 +105,8 @@ def train(msg: Message, context: Context) -> Message:
             keys.TRAIN_LOSS: loss,
             keys.LORA_RANK: rank,
             keys.LORA_ALPHA: alpha,
-            **({keys.LOSS_START: pruned["loss_start"], keys.LOSS_END: pruned["loss_end"]} if pruned else {}),
+            **({keys.LOSS_START: pruned["loss_start"], keys.LOSS_END: pruned["loss_end"],
+                keys.LOSS_REFERENCE: pruned["loss_reference"], keys.LOSS_AFTER: pruned["loss_after"]} if pruned else {}),
             **dp_metrics,
         }
     )

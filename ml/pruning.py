@@ -23,12 +23,16 @@ norm of its producers' weight rows.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from .data import batch_indices
+from .tasks import to_device, train_local
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,17 @@ def module_indices(groups: Sequence[UnitGroup], kept: Mapping[str, np.ndarray]) 
     return {m: (r, c) for m, (r, c) in out.items()}
 
 
+@torch.no_grad()
+def probe_loss(model: nn.Module, task, data, batches: Sequence[np.ndarray]) -> float:
+    """The mean loss over ``batches`` (index arrays), in eval mode, without gradients."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float(np.mean([task.loss(model, to_device(task.batch(data, b), model)).item() for b in batches]))
+    finally:
+        model.train(was_training)
+
+
 def train_pruned(
     model: nn.Module,
     task,
@@ -234,8 +249,15 @@ def train_pruned(
     quarter, prunes to ``ratio``, and tunes for the rest (prune, then tune to recover).
 
     Returns {"loss", "loss_start", "loss_end" (means over the first and last quarter of
-    the steps), "kept" (per group, the unpruned unit numbers kept), "scores" (per group,
-    importance of every unpruned unit; pruned units keep their last score)}.
+    the steps), "loss_reference" and "loss_after" (below), "kept" (per group, the unpruned
+    unit numbers kept), "scores" (per group, importance of every unpruned unit; pruned
+    units keep their last score)}.
+
+    ``loss_reference`` is the model's loss as it arrived, unpruned and untrained, on the
+    first quarter's batches (the ones ``loss_start`` is measured on, without DP), and
+    ``loss_after`` the trained, pruned model's loss on the same batches; both in eval mode.
+    The bandit's reward compares these two: pruning damage cannot inflate the reference,
+    whereas ``loss_start`` of a node that prunes before its first step includes it.
 
     ``private``: DP-SGD instead (ml/privacy.py), with its keyword arguments
     ``noise_multiplier``, ``max_grad_norm`` and ``ledger``. Each phase is then its own
@@ -243,8 +265,6 @@ def train_pruned(
     and noised LoRA gradients, so the scores, the units kept and everything pruned from
     them are post-processing of the private gradients. The result's "ledger" is the
     spending including all phases."""
-    from .tasks import train_local
-
     groups = unit_groups(model)
     full = {g.name: g.num_units for g in groups}
     kept = {g.name: np.arange(g.num_units) for g in groups}
@@ -261,12 +281,15 @@ def train_pruned(
         for name, positions in keep_now.items():
             kept[name] = kept[name][positions]
 
+    quarter = max(1, steps // 4)
+    probe = list(itertools.islice(batch_indices(len(data), train_kwargs["batch_size"], seed=seed), quarter))
+    loss_reference = probe_loss(model, task, data, probe)  # before anything is pruned or trained
+
     losses: list[float] = []
     if ratio > 0 and len(known) == len(full):
         prune_to(ratio, {name: memory[name][kept[name]] for name in kept})
         plan = [(steps, None)]
     elif ratio > 0 and steps >= 2:
-        quarter = max(1, steps // 4)
         plan = [(quarter, ratio / 2), (quarter, ratio), (steps - 2 * quarter, None)]
     elif ratio > 0:  # one step: score it, then prune (the phases must add up to ``steps``: DP plans for them)
         plan = [(steps, ratio)]
@@ -293,6 +316,8 @@ def train_pruned(
         "loss": float(np.mean(losses)),
         "loss_start": float(np.mean(losses[:quarter])),
         "loss_end": float(np.mean(losses[-quarter:])),
+        "loss_reference": loss_reference,
+        "loss_after": probe_loss(model, task, data, probe),
         "kept": kept,
         "scores": memory,
         **({"ledger": ledger} if private is not None else {}),

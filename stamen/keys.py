@@ -51,7 +51,9 @@ KEPT_PREFIX = "kept."  # reply arrays "kept.<module>.rows" / ".cols": unpruned i
 KEPT_ROWS = ".rows"
 KEPT_COLS = ".cols"
 LOSS_START = "loss-start"  # reply metric: mean loss of the first quarter of local steps
-LOSS_END = "loss-end"  # reply metric: ... of the last quarter (the bandit's reward)
+LOSS_END = "loss-end"  # reply metric: ... of the last quarter
+LOSS_REFERENCE = "loss-reference"  # reply metric: the model as received, unpruned, on the first quarter's batches (eval mode)
+LOSS_AFTER = "loss-after"  # reply metric: the trained, pruned model on the same batches: the bandit's reward compares the two
 
 # Differential privacy (ml/privacy.py, client_app/privacy.py)
 DP_EPSILON = "dp-epsilon"  # reply metric: the node's epsilon spent since the start of the run

@@ -42,7 +42,8 @@ def reward(
     """``improvement - time_weight * (relative time - 1)``, clipped to [-1, 1].
 
     improvement = (loss_before - loss_after) / loss_before, the share of its local loss a
-    device removed this round; relative time = its round time (downlink + train + uplink)
+    device removed this round, measured from the model it received, before any pruning
+    (FedSpine: loss-reference), so that pruning damage is a cost, not a head start; relative time = its round time (downlink + train + uplink)
     over the median device's. A device as fast as the median pays nothing; one twice as
     slow pays ``time_weight``; a faster one earns a bonus."""
     if not (loss_before > 0 and math.isfinite(loss_after) and round_time_s > 0 and median_round_time_s > 0):

@@ -8,7 +8,8 @@ trains (ml/pruning.py) and replies with LoRA factors of its pruned matrices and 
 indices. The server adds the masked average of the updates (strategies/pruned_lora.py:
 a pruned unit contributes nothing) to the global weights. At the start of round t+1 each
 node's arm is rewarded (strategies/bandit.py: reward) from its relative loss improvement
-and its round time (downlink + train + uplink, from the instrumentation layer) relative
+(the model it sends against the unpruned model it received, on the same batches) and its
+round time (downlink + train + uplink, from the instrumentation layer) relative
 to the median node's. The bandits' state is written to ``bandit_state.json`` after every
 update and can seed a later run (``fedspine.state-file``), keyed by node id.
 """
@@ -104,7 +105,7 @@ class FedSpine(LoRAStrategy):
                 own = median = 1.0  # no timing: the reward is the loss improvement alone
                 log(WARNING, "fedspine: no round time for node %d in round %d; reward from its loss alone", node_id, rnd)
             try:
-                value = reward(loss_before=seen["loss_start"], loss_after=seen["loss_end"], round_time_s=own, median_round_time_s=median, time_weight=self.time_weight)
+                value = reward(loss_before=seen["loss_before"], loss_after=seen["loss_after"], round_time_s=own, median_round_time_s=median, time_weight=self.time_weight)
             except ValueError as err:
                 log(WARNING, "fedspine: node %d, round %d: no reward (%s)", node_id, rnd, err)
                 continue
@@ -137,9 +138,12 @@ class FedSpine(LoRAStrategy):
         return global_arrays, extra
 
     def observe_reply(self, node_id: int, metrics) -> None:
-        start, end = metrics.get(keys.LOSS_START), metrics.get(keys.LOSS_END)
-        if node_id in self._chosen and isinstance(start, (int, float)) and isinstance(end, (int, float)):
-            self._pending[node_id] = {"round": self._round, "arm": self._chosen[node_id], "loss_start": float(start), "loss_end": float(end)}
+        # the reward's losses: the model as the node received it (unpruned) and as it sends
+        # it back, on the same batches. Not loss-start: a node that prunes before its first
+        # step starts from a damaged model, and more damage would earn more
+        before, after = metrics.get(keys.LOSS_REFERENCE), metrics.get(keys.LOSS_AFTER)
+        if node_id in self._chosen and isinstance(before, (int, float)) and isinstance(after, (int, float)):
+            self._pending[node_id] = {"round": self._round, "arm": self._chosen[node_id], "loss_before": float(before), "loss_after": float(after)}
 
     def aggregate_lora(self, updates: list[ClientLoRA], heads, global_arrays):
         weights, _ = split_global(global_arrays)

@@ -33,14 +33,17 @@ def strategy(tmp_path=None, times=None, **kw):
     return s
 
 
-def reply(instruction, *, rows, rank, n, start=2.0, end=1.0, value=1.0):
+def reply(instruction, *, rows, rank, n, before=2.0, after=1.0, start=4.0, end=1.0, value=1.0):
+    """``before`` / ``after``: loss-reference / loss-after (the reward's); ``start`` / ``end``:
+    the training losses, reported only (by default a start that pruning damaged)."""
     a = np.full((rank, IN), value, np.float32)
     b = np.ones((len(rows), rank), np.float32)
     arrays = {
         "m.lora_A": a, "m.lora_B": b, "head.weight": np.ones((2, IN), np.float32),
         "kept.m.rows": np.asarray(rows, np.int64), "kept.m.cols": np.arange(IN, dtype=np.int64),
     }
-    metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 1.0, keys.LORA_ALPHA: 2.0, keys.LORA_RANK: rank, keys.LOSS_START: start, keys.LOSS_END: end})
+    metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 1.0, keys.LORA_ALPHA: 2.0, keys.LORA_RANK: rank, keys.LOSS_START: start, keys.LOSS_END: end,
+                            keys.LOSS_REFERENCE: before, keys.LOSS_AFTER: after})
     return Message(RecordDict({keys.ARRAYS: to_record(arrays), keys.METRICS: metrics}), reply_to=instruction)
 
 
@@ -63,6 +66,23 @@ def test_a_round_with_a_pruned_and_a_dense_node(flower_identity, fake_grid, tmp_
     assert {c["ratio"] for c in s.choices if c["round"] == 2} == {0.5}  # the untried arm next
     saved = json.loads((tmp_path / "bandit_state.json").read_text())
     assert saved["nodes"]["1"]["pulls"] == [1, 0]
+
+
+def test_the_reward_does_not_pay_for_pruning_damage(flower_identity, fake_grid, tmp_path):
+    """From round 2 a node prunes before its first step. Node 1 pruned hard: its training
+    loss went 0.9 -> 0.6, from a damaged start; node 2 pruned nothing: 0.5 -> 0.45. Both
+    received a global model whose loss on those batches is 0.5, and took equal times. The
+    drop within the round would score node 1 0.33 and node 2 0.10, paying for the damage;
+    against the model they received, node 1 made it worse (-0.2) and node 2 better (0.1)."""
+    s = strategy(tmp_path, times={1: 1.0, 2: 1.0})
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
+    s.aggregate_train(1, [
+        reply(msgs[1], rows=[0, 1, 2, 3], rank=2, n=1, start=0.9, end=0.6, before=0.5, after=0.6),
+        reply(msgs[2], rows=[0, 1, 2, 3], rank=2, n=1, start=0.5, end=0.45, before=0.5, after=0.45),
+    ])
+    s.configure_train(2, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))
+    rewards = {c["node_id"]: c["reward"] for c in s.choices if c["round"] == 1}
+    assert rewards[1] == pytest.approx(-0.2) and rewards[2] == pytest.approx(0.1)
 
 
 def test_a_reply_with_bad_kept_indices_is_dropped(flower_identity, fake_grid):

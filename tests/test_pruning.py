@@ -176,6 +176,28 @@ def test_train_pruned_prunes_to_half_the_ratio_then_the_ratio_keeping_the_top_sc
     assert list(out["kept"]["encoder.layer.0.mlp"]) == list(range(6, 12))  # 12 channels: keep 9 (3..11), then 6
 
 
+def test_the_reward_losses_are_the_model_as_received_and_as_sent_on_the_same_batches():
+    """loss_reference is the unpruned, untrained model's loss on the first quarter's
+    batches: the same whatever the ratio, so pruning damage cannot inflate it (a node with
+    scores prunes before its first step). loss_after is the trained, pruned model's."""
+    import copy
+    import itertools
+
+    from ml.data import batch_indices
+
+    model, data = _lora_bert_and_data()
+    scores = {g.name: np.arange(g.num_units, dtype=np.float64) for g in pruning.unit_groups(model)}  # known: prune at once
+    probe = list(itertools.islice(batch_indices(len(data), 4, seed=3), 2))  # 8 steps: a quarter is 2 batches
+    reference = pruning.probe_loss(copy.deepcopy(model), _Task, data, probe)
+    for ratio in (0.0, 0.75):
+        m = copy.deepcopy(model)
+        out = pruning.train_pruned(m, _Task, data, ratio=ratio, steps=8, seed=3, scores=scores, batch_size=4,
+                                   learning_rate=1e-2, head_learning_rate=1e-2)
+        assert out["loss_reference"] == pytest.approx(reference, rel=1e-6), ratio
+        assert out["loss_after"] == pytest.approx(pruning.probe_loss(m, _Task, data, probe), rel=1e-6)
+        assert out["loss_after"] != pytest.approx(reference)  # it trained (and, at 0.75, was pruned)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 8])
 def test_train_pruned_takes_exactly_the_steps_it_was_given(steps):
     """The DP budget plans for train.local-steps steps: pruning's phases must add up to them."""
