@@ -79,6 +79,35 @@ def _git_describe(path: Path) -> str:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def stage_app(app_dir: Path, dest: Path) -> Path:
+    """A copy of the app's own files for ``flwr run`` to build its FAB from; ``app_dir``
+    itself where it is not a git checkout.
+
+    flwr 1.39 walks every file under the app directory, resolving each one, before it
+    applies .gitignore: in a checkout with its .venv that is about 60,000 files and 8.7 s
+    of every ``flwr run``. The files git lists (tracked, and untracked ones it does not
+    ignore) are what the FAB can hold; copying them takes milliseconds."""
+    import shutil
+
+    try:
+        listed = subprocess.run(
+            ["git", "-C", str(app_dir), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            capture_output=True, timeout=30, check=True,
+        ).stdout.split(b"\0")
+    except (OSError, subprocess.SubprocessError):
+        return app_dir
+    names = [n.decode() for n in listed if n]
+    if "pyproject.toml" not in names:
+        return app_dir
+    shutil.rmtree(dest, ignore_errors=True)
+    for name in names:
+        src = Path(app_dir) / name
+        if src.is_file() and not src.is_symlink():  # (a file deleted but not yet staged in git is skipped)
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -316,7 +345,8 @@ class LocalDeployment:
         ``run_config``: overrides, each 'k=v ...' or the path of a TOML file (see conf/).
         """
         collector = f'measure.collector="{self.collector_address}"'
-        cmd = [*_in_netns(self.superlink_netns), "flwr", "run", str(self.app_dir), "local-deployment", "--stream"]
+        app = stage_app(self.app_dir, self.workdir / "app")
+        cmd = [*_in_netns(self.superlink_netns), "flwr", "run", str(app), "local-deployment", "--stream"]
         cmd += ["--run-config", merge_overrides([collector, *run_config]), *self.run_flags()]
         env = {**self.env, "FLWR_HOME": str(self.flwr_home)}
         proc = subprocess.Popen(
