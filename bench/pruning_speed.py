@@ -12,6 +12,10 @@ steps of the pruned model (sampled every 2 ms; the unpruned checkpoint's load be
 pruning is handed back to the OS with ``malloc_trim`` first, or it would be every
 ratio's peak).
 
+The "probe" row is FedSpine's reward probe (ml/pruning.py: probe_loss): one forward
+pass of the unpruned model in eval mode without gradients, timed in the same
+interleaving; a round runs two of them.
+
     python bench/pruning_speed.py [--reps 10] [--ratios 0,0.1,0.2,0.3,0.5] [--models minilm,smollm2]
 """
 
@@ -70,11 +74,13 @@ def run(name: str, ratios: list[float], *, reps: int = 10, echo=print) -> list[d
         _step(model, opt, inputs)  # warm-up
         models[r] = (model, opt, inputs)
     times = {r: [] for r in ratios}
+    probe_times = []
     for _ in range(reps):
         for r, (model, opt, inputs) in models.items():
             t0 = time.perf_counter()
             _step(model, opt, inputs)
             times[r].append(time.perf_counter() - t0)
+        probe_times.append(_probe(*models[ratios[0]][::2]))
     ctx = multiprocessing.get_context("spawn")
     rss = {}
     for r in ratios:
@@ -92,7 +98,21 @@ def run(name: str, ratios: list[float], *, reps: int = 10, echo=print) -> list[d
         med = statistics.median(times[r])
         rows.append({"model": name, "ratio": r, "params_mb": params, "median_s": med, "speed_ratio": med / base, "peak_rss_mb": rss[r]})
         echo(f"  {r:5.2f} {params:9.1f} {med:9.4f} {med / base:7.2f} {rss[r]:12.0f}")
+    probe = statistics.median(probe_times)
+    rows.append({"model": name, "ratio": "probe", "median_s": probe, "speed_ratio": probe / base})
+    echo(f"  {'probe':>5} {'':9} {probe:9.4f} {probe / base:7.2f}   (one eval forward of the unpruned model; a round runs two)")
     return rows
+
+
+@torch.no_grad()
+def _probe(model, inputs) -> float:
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        model(**inputs)
+        return time.perf_counter() - t0
+    finally:
+        model.train()
 
 
 def main() -> None:
