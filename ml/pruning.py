@@ -217,6 +217,9 @@ def module_indices(groups: Sequence[UnitGroup], kept: Mapping[str, np.ndarray]) 
     return {m: (r, c) for m, (r, c) in out.items()}
 
 
+PROBE_BATCHES = 1  # the reward's before/after batch: two forward passes a round (docs/pruning.md measures them)
+
+
 @torch.no_grad()
 def probe_loss(model: nn.Module, task, data, batches: Sequence[np.ndarray]) -> float:
     """The mean loss over ``batches`` (index arrays), in eval mode, without gradients."""
@@ -254,8 +257,9 @@ def train_pruned(
     units keep their last score)}.
 
     ``loss_reference`` is the model's loss as it arrived, unpruned and untrained, on the
-    first quarter's batches (the ones ``loss_start`` is measured on, without DP), and
-    ``loss_after`` the trained, pruned model's loss on the same batches; both in eval mode.
+    first :data:`PROBE_BATCHES` batches of the first phase (without DP, the first batches
+    ``loss_start`` is measured on), and ``loss_after`` the trained, pruned model's loss on
+    the same batches; both in eval mode.
     The bandit's reward compares these two: pruning damage cannot inflate the reference,
     whereas ``loss_start`` of a node that prunes before its first step includes it.
 
@@ -282,7 +286,7 @@ def train_pruned(
             kept[name] = kept[name][positions]
 
     quarter = max(1, steps // 4)
-    probe = list(itertools.islice(batch_indices(len(data), train_kwargs["batch_size"], seed=seed), quarter))
+    probe = list(itertools.islice(batch_indices(len(data), train_kwargs["batch_size"], seed=seed), PROBE_BATCHES))
     loss_reference = probe_loss(model, task, data, probe)  # before anything is pruned or trained
 
     losses: list[float] = []

@@ -52,7 +52,7 @@ KEPT_ROWS = ".rows"
 KEPT_COLS = ".cols"
 LOSS_START = "loss-start"  # reply metric: mean loss of the first quarter of local steps
 LOSS_END = "loss-end"  # reply metric: ... of the last quarter
-LOSS_REFERENCE = "loss-reference"  # reply metric: the model as received, unpruned, on the first quarter's batches (eval mode)
+LOSS_REFERENCE = "loss-reference"  # reply metric: the model as received, unpruned, on the first batch (eval mode)
 LOSS_AFTER = "loss-after"  # reply metric: the trained, pruned model on the same batches: the bandit's reward compares the two
 
 # Differential privacy (ml/privacy.py, client_app/privacy.py)

@@ -178,9 +178,9 @@ def test_train_pruned_prunes_to_half_the_ratio_then_the_ratio_keeping_the_top_sc
 
 
 def test_the_reward_losses_are_the_model_as_received_and_as_sent_on_the_same_batches():
-    """loss_reference is the unpruned, untrained model's loss on the first quarter's
-    batches: the same whatever the ratio, so pruning damage cannot inflate it (a node with
-    scores prunes before its first step). loss_after is the trained, pruned model's."""
+    """loss_reference is the unpruned, untrained model's loss on the first batch: the
+    same whatever the ratio, so pruning damage cannot inflate it (a node with scores
+    prunes before its first step). loss_after is the trained, pruned model's."""
     import copy
     import itertools
 
@@ -188,7 +188,7 @@ def test_the_reward_losses_are_the_model_as_received_and_as_sent_on_the_same_bat
 
     model, data = _lora_bert_and_data()
     scores = {g.name: np.arange(g.num_units, dtype=np.float64) for g in pruning.unit_groups(model)}  # known: prune at once
-    probe = list(itertools.islice(batch_indices(len(data), 4, seed=3), 2))  # 8 steps: a quarter is 2 batches
+    probe = list(itertools.islice(batch_indices(len(data), 4, seed=3), pruning.PROBE_BATCHES))
     reference = pruning.probe_loss(copy.deepcopy(model), _Task, data, probe)
     for ratio in (0.0, 0.75):
         m = copy.deepcopy(model)
