@@ -22,7 +22,7 @@ RUN_DIRS ?= $(shell ls -td runs/[0-9]* 2>/dev/null | head -1)
 # network profile, then the comparison report. TESTBED_ARGS overrides devices, rounds, ...
 TESTBED_ARGS ?= --devices raspberry-pi-4,raspberry-pi-4,raspberry-pi-5 --run-config 'strategy.num-rounds=2 eval.max-examples=128'
 
-.PHONY: install run test test-unit report proto bench clean testbed testbed-down
+.PHONY: install run test test-unit lint report proto bench clean testbed testbed-down
 
 install: $(STAMP)
 
@@ -42,8 +42,14 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/stamen local $(RUN_ARGS)
 
-test: install
+test: install lint
 	$(PY) -m pytest -q -ra
+
+# ruff (pyproject [tool.ruff]) and the import contracts (pyproject [tool.importlinter]:
+# the floors, no device -> server imports, no circles)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test-unit: install
 	$(PY) -m pytest -q -m "not integration"

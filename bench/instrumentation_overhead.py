@@ -30,10 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def component(reps: int, steps: int, interval: float) -> None:
-    import torch
-
     import tomllib
 
+    import torch
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 

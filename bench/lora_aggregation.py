@@ -94,8 +94,9 @@ def run(model: str, n: int, reps: int, echo=print) -> list[dict]:
     global_arrays = {f"{m}.weight": w for m, w in base.items()}
     hetero = [RANKS[k % len(RANKS)] for k in range(n)]
     homo = [8] * n
+    fedavg_inputs = fedavg_records(shapes, hetero)
     cases = {
-        "fedavg (flwr)": (lambda recs=fedavg_records(shapes, hetero): aggregate_arrayrecords(recs, "num-examples")),
+        "fedavg (flwr)": (lambda: aggregate_arrayrecords(fedavg_inputs, "num-examples")),
     }
     for name in ("flora", "fedit", "hetlora", "flexlora"):
         ranks = homo if name == "fedit" else hetero

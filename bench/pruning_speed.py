@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import add_lora, load_default, peak_rss_mb, random_inputs  # noqa: E402
+
 from ml import pruning  # noqa: E402
 
 

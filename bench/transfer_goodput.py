@@ -88,8 +88,8 @@ def run_arm(where: str, spec_path: Path, packed: bool, concurrency: int, rounds:
 
     flags = ["--transfer-concurrency", str(concurrency)] if concurrency else []
     result = workdir / "result.json"
-    overrides = [f'spec-path="{spec_path}" packed={str(packed).lower()} num-rounds={rounds} '
-                 f'result-path="{result}" output.dir="{workdir}"']
+    overrides = [(f'spec-path="{spec_path}" packed={str(packed).lower()} num-rounds={rounds} '
+                  f'result-path="{result}" output.dir="{workdir}"')]
     if where == "loopback":
         with LocalDeployment([NodeSpec(0, 1, num_threads=1)], workdir=workdir / "_deploy", app_dir=APP, supernode_flags=flags) as dep:
             dep.run(overrides, echo=lambda line: None, timeout=1800)
@@ -183,7 +183,8 @@ def main() -> None:
                     print(f"[bench] {label}: {time.monotonic() - started:.0f} s", flush=True)
     (base / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nmedians from round 2 on ({args.rounds} rounds, one node); goodput = wire bytes x 8 / time")
-    head = f"{'where':<9}{'payload':<14}{'dir':<9}{'encoding':<9}{'conc':>6}{'arrays':>7}{'MB':>8}{'RPCs':>6}{'time s':>8}{'Mbit/s':>9}{'of rate':>8}{'ideal/t':>8}"
+    head = (f"{'where':<9}{'payload':<14}{'dir':<9}{'encoding':<9}{'conc':>6}{'arrays':>7}{'MB':>8}{'RPCs':>6}"
+            f"{'time s':>8}{'Mbit/s':>9}{'of rate':>8}{'ideal/t':>8}")
     print(head)
     for r in results:
         rate = f"{r['of_rate']:>8.2f}{r['of_ideal']:>8.2f}" if "of_rate" in r else f"{'':>8}{'':>8}"

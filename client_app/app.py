@@ -15,10 +15,13 @@ from measurements.phases import phase
 from ml.cache import cached
 from stamen import keys
 from stamen.config import EARLY_EXIT_STRATEGIES, StamenConfig
-from strategies.lora_records import factors_to_arrays, from_record, split_global, to_record
+from stamen.lora_math import self_prune_rank, truncate
+from stamen.records import factors_to_arrays, from_record, split_global, to_record
 
 from .device import detect_profile
+from .early_exit import train_early_exit
 from .sync import apply_downlink
+from .task import node_task_and_data, task_and_partition
 
 log = logging.getLogger("stamen.client")
 app = ClientApp(mods=[measurement_mod])  # phase timings and resource samples: measurements/
@@ -37,8 +40,6 @@ def train(msg: Message, context: Context) -> Message:
     cfg = StamenConfig.from_run_config(context.run_config)
     instr = msg.content.config_records[keys.CONFIG]
     if keys.MAX_EXIT in instr:  # an early-exit strategy (ReeFL and its baselines)
-        from .early_exit import train_early_exit
-
         return train_early_exit(msg, context, cfg)
     server_round = int(instr[keys.SERVER_ROUND])
     partition_id = int(context.node_config.get(keys.NODE_PARTITION_ID, 0))
@@ -64,13 +65,13 @@ def train(msg: Message, context: Context) -> Message:
 
     pruned, dp_metrics = None, {}
     with phase("loop"):
-        options = dict(
-            steps=cfg.train.local_steps,
-            batch_size=cfg.train.batch_size,
-            learning_rate=cfg.train.learning_rate,
-            head_learning_rate=cfg.train.head_learning_rate,
-            seed=cfg.train.seed + 7919 * server_round + partition_id,
-        )
+        options = {
+            "steps": cfg.train.local_steps,
+            "batch_size": cfg.train.batch_size,
+            "learning_rate": cfg.train.learning_rate,
+            "head_learning_rate": cfg.train.head_learning_rate,
+            "seed": cfg.train.seed + 7919 * server_round + partition_id,
+        }
         if keys.PRUNE_RATIO in instr:  # FedSpine: prune heads and channels while training
             private = privacy.train_options() if privacy is not None else None
             pruned = _train_pruned(model, task, data, float(instr[keys.PRUNE_RATIO]), context, dict(options, private=private))
@@ -88,8 +89,6 @@ def train(msg: Message, context: Context) -> Message:
     with phase("serialize"):
         factors = lora_factors(model, targets)
         if keys.PRUNE_THRESHOLD in instr:  # HetLoRA: drop a tail that training made negligible
-            from strategies.hetlora import self_prune_rank, truncate
-
             kept = self_prune_rank(factors, rho=float(instr[keys.TAIL_FRACTION]), threshold=float(instr[keys.PRUNE_THRESHOLD]))
             if kept < rank:
                 log.info("round %d: HetLoRA self-pruning, rank %d -> %d", server_round, rank, kept)
@@ -184,29 +183,6 @@ def _train_pruned(model, task, data, ratio: float, context: Context, options: di
     return {**result, "kept": kept_arrays}
 
 
-def node_task_and_data(context: Context, cfg: StamenConfig):
-    """The task, and this node's partition of the training data (node-config
-    ``partition-id`` / ``num-partitions``); also applies node-config ``num-threads``."""
-    import torch
-
-    torch.set_num_threads(int(context.node_config.get(keys.NODE_NUM_THREADS, torch.get_num_threads())))
-    return _task_and_partition(context, cfg)
-
-
-def _task_and_partition(context: Context, cfg: StamenConfig):
-    """Built once per run under the warm runtime (ml/cache.py), else for every message."""
-    from ml.tasks import build_task
-
-    node = context.node_config
-    task, split = cached(("task", cfg.model, cfg.data), lambda: build_task(cfg))
-    partition = (int(node.get(keys.NODE_PARTITION_ID, 0)), int(node.get(keys.NODE_NUM_PARTITIONS, 1)))
-    data = cached(
-        ("partition", cfg.data, partition),
-        lambda: split.partition(partition_id=partition[0], num_partitions=partition[1], alpha=cfg.data.dirichlet_alpha, seed=cfg.data.seed),
-    )
-    return task, data
-
-
 def preload(context: Context) -> None:
     """The warm runtime's hook (device_runtime/executor.py): load, once per run and before
     the next message arrives, what every message of this run builds the same way: the
@@ -216,7 +192,7 @@ def preload(context: Context) -> None:
     may start threads or touch CUDA (the model stays on the CPU; each message moves its
     own copy to the device)."""
     cfg = StamenConfig.from_run_config(context.run_config)
-    task, _ = _task_and_partition(context, cfg)
+    task, _ = task_and_partition(context, cfg)
     if cfg.strategy.name not in EARLY_EXIT_STRATEGIES:  # they build their model from the backbone
         cached(("model", cfg.model, cfg.data), task.load_model, once=True)
 

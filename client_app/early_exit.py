@@ -11,7 +11,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from measurements.phases import phase
 from stamen import keys
 from stamen.config import StamenConfig
-from strategies.lora_records import from_record, to_record
+from stamen.records import from_record, to_record
+
+from .task import node_task_and_data
 
 log = logging.getLogger("stamen.client")
 
@@ -23,8 +25,6 @@ def train_early_exit(msg: Message, context: Context, cfg: StamenConfig) -> Messa
     with phase("load"):
         from ml import early_exit
         from ml.tasks import pick_device
-
-        from .app import node_task_and_data
 
         task, data = node_task_and_data(context, cfg)
         model = early_exit.model_from_config(task, cfg, exit_kind=str(instr[keys.EXIT_KIND]), max_exit=max_exit)

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from ml.privacy import Ledger, noise_for_budget, sample_rate
 from stamen import keys
 from stamen.config import StamenConfig
+from stamen.records import from_record, to_record
 
 log = logging.getLogger("stamen.client")
 
@@ -113,8 +114,6 @@ class RoundPrivacy:
             noise = noise_for_budget(
                 epsilon=dp.epsilon, delta=dp.delta, rate=rate, steps=cfg.strategy.num_rounds * cfg.train.local_steps
             )
-        from strategies.lora_records import from_record
-
         held = context.state.array_records.get(keys.STATE_DP_LEDGER)
         in_state = Ledger.from_array(from_record(held)["history"]) if held is not None else Ledger()
         on_disk = LedgerFile.for_context(context).read() or Ledger()
@@ -151,8 +150,6 @@ class RoundPrivacy:
         )
 
     def save(self, context: Context, ledger: Ledger) -> None:
-        from strategies.lora_records import to_record
-
         context.state[keys.STATE_DP_LEDGER] = to_record({"history": ledger.to_array()})
         LedgerFile.for_context(context).write(ledger)  # before the reply leaves
 

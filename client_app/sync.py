@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from stamen import keys
-from strategies.flora import merge_stacked
-from strategies.lora_records import split_global
+from stamen.lora_math import merge_stacked
+from stamen.records import split_global
 
 
 class OutOfSync(RuntimeError):

@@ -92,7 +92,7 @@ def available() -> str | None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return f"`{tool}` (iproute2) is not installed"
-    probe = "stamen-probe-%d" % os.getpid()
+    probe = f"stamen-probe-{os.getpid()}"
     out = ip("netns", "add", probe, check=False)
     if out.returncode != 0:
         return f"cannot create a network namespace: {out.stderr.strip()}"

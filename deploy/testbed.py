@@ -149,7 +149,7 @@ class Topology:
         _ip(self.switch_ns, "link", "add", "br0", "type", "bridge")
         _ip(self.switch_ns, "link", "set", "br0", "up")
         ends = [("sl", self.server_ns, self.server_ip)] + [
-            (f"n{i}", ns, ip) for i, (ns, ip) in enumerate(zip(self.node_ns, self.node_ip))
+            (f"n{i}", ns, ip) for i, (ns, ip) in enumerate(zip(self.node_ns, self.node_ip, strict=True))
         ]
         for port, ns, ip in ends:  # created inside the namespaces: never present on the host
             _ip(self.switch_ns, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -165,7 +165,7 @@ class Topology:
 
     def verify(self) -> None:
         """Every address is where it belongs, and no namespace has a route beyond the subnet."""
-        for ns, ip in [(self.server_ns, self.server_ip), *zip(self.node_ns, self.node_ip)]:
+        for ns, ip in [(self.server_ns, self.server_ip), *zip(self.node_ns, self.node_ip, strict=True)]:
             if f"inet {ip}/24" not in _ip(ns, "-4", "addr", "show", "dev", "eth0"):
                 raise netns.NamespaceError(f"{ip} did not appear inside {ns}")
             routes = [r for r in _ip(ns, "-4", "route").splitlines() if r.strip()]

@@ -79,7 +79,7 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
     interval = settings.sample_interval
     spool = Spool.from_env()
     kind = str(msg.metadata.message_type)
-    base = dict(node_id=int(context.node_id), run_id=int(msg.metadata.run_id), message_id=str(msg.metadata.message_id))
+    base = {"node_id": int(context.node_id), "run_id": int(msg.metadata.run_id), "message_id": str(msg.metadata.message_id)}
     labels = {"transport": transport()}
     labels["start"] = start_kind(labels["transport"])
     for key in (keys.NODE_DEVICE_CLASS, keys.NODE_NETWORK):

@@ -382,7 +382,7 @@ def plot_comparison(runs: list[Run], target: Path) -> Path:
     plt = _plt()
     table = compare(runs)["mean_s"]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(runs) + 2), 4.5))
-    for i, (label, stats) in enumerate(table.items()):
+    for i, stats in enumerate(table.values()):
         bottom = 0.0
         for name in (*CLIENT_PHASES, "aggregation_s"):
             value = 0.0 if math.isnan(stats[name]) else stats[name]

@@ -32,6 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import batch_indices
+from .layers import ExitTokens, LayerScale
+from .privacy import train_private
+from .tasks import to_device
 from .tensors import source_tensor
 
 EXIT_KINDS = ("ree", "per-exit")
@@ -102,35 +106,6 @@ class _Attention(nn.Module):
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
-
-
-class ExitTokens(nn.Module):
-    """The Ree module's input sequence: a learnable meta token before the features of
-    blocks 1..n, plus a learned positional embedding per position.
-
-    Its own module (not parameters of :class:`ReeModule`) so that every parameter is used
-    inside the forward of the module that holds it: Opacus's per-example gradients
-    (ml/privacy.py) are computed per module from that module's input and output."""
-
-    def __init__(self, dim: int, num_blocks: int) -> None:
-        super().__init__()
-        self.meta = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.position = nn.Parameter(torch.randn(1, num_blocks + 1, dim) * 0.02)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        b, n, _ = features.shape
-        return torch.cat([self.meta.expand(b, -1, -1), features], dim=1) + self.position[:, : n + 1]
-
-
-class LayerScale(nn.Module):
-    """``scale * x`` with one learned scale per channel."""
-
-    def __init__(self, dim: int, init: float) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x
 
 
 class ReeModule(nn.Module):
@@ -425,8 +400,6 @@ def train_early_exit(
     Returns {"loss": mean objective, "exit_losses": mean CE per exit, "loss_ema": the
     updated averages, "teacher": the last teacher (0-based)}, and under DP "privacy": the
     :class:`ml.privacy.PrivateResult`."""
-    from .data import batch_indices
-    from .tasks import to_device
 
     exit_names = ("ree.", "head.", "heads.")  # the gate (ree.gate) learns at the backbone rate, see ReeModule
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -448,8 +421,6 @@ def train_early_exit(
         return loss
 
     if private is not None:
-        from .privacy import train_private
-
         result = train_private(
             model, task, data, steps=steps, batch_size=batch_size, seed=seed, loss=step_loss, groups=groups, losses=losses, **private,
         )
@@ -568,7 +539,6 @@ def early_exit_decisions(probs: np.ndarray, labels: np.ndarray, exit_blocks: Seq
 def evaluate(model: EarlyExitClassifier, task, data, *, batch_size: int, thresholds: Sequence[float] = ()) -> dict[str, float]:
     """Accuracy per exit, mean over exits, ensemble, and for each confidence threshold the
     early-exit accuracy and the share of blocks run (``blocks_at_<t>``: 1.0 = every block)."""
-    from .tasks import to_device
 
     model.eval()
     probs, labels = [], []

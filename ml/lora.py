@@ -13,6 +13,8 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from torch import nn
 
+from stamen.lora_math import tail_size
+
 from .tensors import source_tensor
 
 
@@ -60,14 +62,12 @@ def load_lora_factors(model: nn.Module, factors: dict[str, tuple[np.ndarray, np.
 def tail_norm(model: nn.Module, targets: list[str], fraction: float) -> torch.Tensor:
     """sqrt of the summed squares of the last ceil(fraction * r) rank components of every
     adapted module's A (rows) and B (columns): HetLoRA's regulariser (strategies/hetlora.py)."""
-    import math
-
     total = None
     for name in targets:
         module = model.get_submodule(name)
         a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
         r = a.shape[0]
-        tail = max(1, math.ceil(fraction * r)) if r > 1 else 0
+        tail = tail_size(r, fraction)
         if tail == 0:
             continue
         term = a[-tail:].pow(2).sum() + b[:, -tail:].pow(2).sum()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layers import ExitTokens, LayerScale
 from .tasks import param_groups, to_device
 
 ACCOUNTANT = "rdp"  # Opacus's Renyi-DP accountant; its history is what a node keeps
@@ -119,12 +120,10 @@ def example_loss(task, model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
 @functools.cache
 def register_grad_samplers() -> None:
     """Opacus per-example gradient rules for the early-exit model's own small layers
-    (ml/early_exit.py). Without them Opacus falls back to functorch, which re-runs the
+    (ml/layers.py). Without them Opacus falls back to functorch, which re-runs the
     layer per example: correct (a test compares both with one-example-at-a-time
     gradients) but slower, since ReeFL's module runs after every block. Runs once per process."""
     from opacus.grad_sample import register_grad_sampler
-
-    from .early_exit import ExitTokens, LayerScale
 
     @register_grad_sampler(LayerScale)
     def _layer_scale(layer: LayerScale, activations, backprops: torch.Tensor) -> dict:
@@ -261,7 +260,7 @@ def train_private(
                     on_step()
                 if regularizer is not None:
                     extra = torch.autograd.grad(regularizer(model), trainable, allow_unused=True)
-                    for p, g in zip(trainable, extra):
+                    for p, g in zip(trainable, extra, strict=True):
                         if g is not None:
                             p.grad = g if p.grad is None else p.grad + g
                 dp_optimizer.original_optimizer.step()

@@ -7,7 +7,7 @@ some Linear layers (the *producers*) and consumed by the columns of others (the
 | model | attention unit | producers (rows) | consumers (columns) | MLP unit | producers | consumers |
 | --- | --- | --- | --- | --- | --- | --- |
 | BERT-like | a head | query, key, value | attention.output.dense | a channel | intermediate.dense | output.dense |
-| Llama-like | a key/value group (one k/v head and the query heads that share it) | q_proj, k_proj, v_proj | o_proj | a channel | gate_proj, up_proj | down_proj |
+| Llama-like | a key/value group (a k/v head and the query heads sharing it) | q_proj, k_proj, v_proj | o_proj | a channel | gate_proj, up_proj | down_proj |
 
 Pruning a unit removes its rows and columns (:func:`prune`), so the model really is
 smaller: both attention implementations reshape with ``-1`` heads, and Llama keeps its
@@ -119,7 +119,7 @@ def prune(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> None:
     groups = {g.name: g for g in unit_groups(model)}
     for name, units in keep.items():
         group = groups[name]
-        units = sorted(set(int(u) for u in units))
+        units = sorted({int(u) for u in units})
         if not units or units[0] < 0 or units[-1] >= group.num_units:
             raise ValueError(f"{name}: keep 1..{group.num_units} units in 0..{group.num_units - 1}, got {units}")
         for module, per_unit in group.producers:
@@ -134,7 +134,7 @@ def mask(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> None:
     groups = {g.name: g for g in unit_groups(model)}
     for name, units in keep.items():
         group = groups[name]
-        dropped = sorted(set(range(group.num_units)) - set(int(u) for u in units))
+        dropped = sorted(set(range(group.num_units)) - {int(u) for u in units})
         for module, per_unit in group.producers:
             base = _linear(model.get_submodule(module))
             rows = torch.as_tensor(group.rows(per_unit, dropped))

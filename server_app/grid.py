@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from flwr.app import Message, Metadata
 from flwr.app.message import make_message
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.superlink.grid import http_grid
 from flwr.supercore.inflatable.inflatable_utils import pull_objects as flower_pull_objects
+from flwr.superlink.grid import http_grid
 
 FLOWER_POLL_S = 3.0
 OBJECT_RETRY_S, OBJECT_RETRY_CAP_S = 0.02, 0.2

@@ -72,7 +72,7 @@ class DiscountedUCB:
         self._rng = random.Random(seed)
 
     def means(self) -> list[float]:
-        return [s / c if c > 0 else math.nan for s, c in zip(self.sums, self.counts)]
+        return [s / c if c > 0 else math.nan for s, c in zip(self.sums, self.counts, strict=True)]
 
     def select(self) -> int:
         untried = [a for a, n in enumerate(self.pulls) if n == 0]
@@ -80,7 +80,7 @@ class DiscountedUCB:
             return untried[0]
         total = sum(self.counts)
         scores = [
-            s / c + self.exploration * math.sqrt(max(math.log(total), 0.0) / c) for s, c in zip(self.sums, self.counts)
+            s / c + self.exploration * math.sqrt(max(math.log(total), 0.0) / c) for s, c in zip(self.sums, self.counts, strict=True)
         ]
         best = max(scores)
         return self._rng.choice([a for a, v in enumerate(scores) if v >= best - 1e-12])

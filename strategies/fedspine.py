@@ -105,7 +105,8 @@ class FedSpine(LoRAStrategy):
                 own = median = 1.0  # no timing: the reward is the loss improvement alone
                 log(WARNING, "fedspine: no round time for node %d in round %d; reward from its loss alone", node_id, rnd)
             try:
-                value = reward(loss_before=seen["loss_before"], loss_after=seen["loss_after"], round_time_s=own, median_round_time_s=median, time_weight=self.time_weight)
+                value = reward(loss_before=seen["loss_before"], loss_after=seen["loss_after"], round_time_s=own,
+                               median_round_time_s=median, time_weight=self.time_weight)
             except ValueError as err:
                 log(WARNING, "fedspine: node %d, round %d: no reward (%s)", node_id, rnd, err)
                 continue

@@ -22,11 +22,12 @@ whenever it is smaller (sum r_k > in*out/(in+out) = 192 here).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from stamen import keys
+from stamen.lora_math import merge_stacked
 
 from .base import LoRAStrategy
 from .lora_records import ClientLoRA, Factors, factors_to_arrays, join_global, split_global, weighted_mean
@@ -65,19 +66,6 @@ def stack_lora(updates: Sequence[ClientLoRA]) -> dict[str, tuple[np.ndarray, np.
             b_parts.append(b)
         stacked[module] = (np.concatenate(a_parts, axis=0), np.concatenate(b_parts, axis=1))
     return stacked
-
-
-def merge_stacked(weights: Mapping[str, np.ndarray], stacked: Factors) -> dict[str, np.ndarray]:
-    """W + B_stack @ A_stack for every adapted module (the others are returned unchanged)."""
-    merged = dict(weights)
-    for module, (a, b) in stacked.items():
-        if module not in weights:
-            raise ValueError(f"{module}: not an adapted module of the global model")
-        w = weights[module]
-        if w.shape != (b.shape[0], a.shape[1]):
-            raise ValueError(f"{module}: weight {w.shape} does not match B@A {(b.shape[0], a.shape[1])}")
-        merged[module] = (w + b @ a).astype(w.dtype)
-    return merged
 
 
 def stacked_bytes(stacked: Factors) -> int:

@@ -37,19 +37,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from stamen import keys
+from stamen.lora_math import truncate
 
 from .adapter import AdapterStrategy, initial_adapter
 from .lora_records import ClientLoRA, Factors
-
-
-def truncate(factors: Factors, rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The first ``rank`` components of every module's adapter."""
-    out = {}
-    for m, (a, b) in factors.items():
-        if rank < 1 or rank > a.shape[0]:
-            raise ValueError(f"{m}: cannot truncate a rank-{a.shape[0]} adapter to rank {rank}")
-        out[m] = (a[:rank].copy(), b[:, :rank].copy())
-    return out
 
 
 def pad(a: np.ndarray, b: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,22 +98,6 @@ def aggregate(
         a_new[~held], b_new[:, ~held] = a_prev[~held], b_prev[:, ~held]
         out[module] = (a_new.astype(a_prev.dtype), b_new.astype(b_prev.dtype))
     return out
-
-
-def tail_size(rank: int, rho: float) -> int:
-    return max(1, math.ceil(rho * rank)) if rank > 1 else 0
-
-
-def self_prune_rank(factors: Factors, *, rho: float, threshold: float, min_rank: int = 1) -> int:
-    """The rank a client keeps after local training: drop the tail ceil(rho * r) components
-    when their norm is below ``threshold`` x the norm of the whole adapter."""
-    rank = next(iter(factors.values()))[0].shape[0]
-    tail = tail_size(rank, rho)
-    if tail == 0 or rank - tail < min_rank:
-        return rank
-    total = sum(float(np.sum(a**2) + np.sum(b**2)) for a, b in factors.values())
-    tail_norm = sum(float(np.sum(a[-tail:] ** 2) + np.sum(b[:, -tail:] ** 2)) for a, b in factors.values())
-    return rank - tail if total > 0 and math.sqrt(tail_norm) < threshold * math.sqrt(total) else rank
 
 
 class HetLoRA(AdapterStrategy):

@@ -1,4 +1,5 @@
-"""LoRA updates as Flower records: encoding, decoding, and checking a client's reply.
+"""A client's LoRA reply as the server sees it: decoded with the shared codec
+(stamen/records.py) and checked.
 
 A reply is checked against what the server asked for (the modules, their shapes, the
 node's rank). Anything else is an :class:`InvalidUpdate` with a reason that names the
@@ -11,16 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from stamen import keys
-from stamen.pack import MalformedRecord, pack, unpack
+from stamen.records import Factors, InvalidUpdate, factors_to_arrays, from_record, join_global, split_global, to_record
 
-Factors = Mapping[str, tuple[np.ndarray, np.ndarray]]  # module -> (A (r, in), B (out, r))
-
-
-class InvalidUpdate(ValueError):
-    """A client update that cannot be aggregated; the message says why."""
+__all__ = [  # the codec, from the ground floor, for the strategies that import it from here
+    "ClientLoRA", "Factors", "InvalidUpdate", "factors_to_arrays", "from_record", "join_global", "parse_reply",
+    "split_global", "to_record", "weighted_mean",
+]
 
 
 @dataclass(frozen=True)
@@ -32,38 +32,6 @@ class ClientLoRA:
     scaling: float  # s_k = alpha_k / r_k
     node_id: int = -1  # who sent it (-1: unknown, e.g. in unit tests)
     kept: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None  # pruned: module -> (rows, cols) kept
-
-
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Arrays -> a packed record: a few Flower objects, whatever their number (stamen/pack.py)."""
-    return pack(arrays)
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """A packed record -> read-only arrays; a malformed pack is an :class:`InvalidUpdate`."""
-    try:
-        return unpack(record)
-    except MalformedRecord as err:
-        raise InvalidUpdate(f"malformed pack: {err}") from None
-
-
-def factors_to_arrays(factors: Factors) -> dict[str, np.ndarray]:
-    out = {}
-    for module, (a, b) in factors.items():
-        out[module + keys.LORA_A] = a
-        out[module + keys.LORA_B] = b
-    return out
-
-
-def split_global(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Global state -> ({module: merged weight}, {head.*: tensor})."""
-    weights = {k.removesuffix(".weight"): v for k, v in arrays.items() if not k.startswith(keys.HEAD_PREFIX)}
-    head = {k: v for k, v in arrays.items() if k.startswith(keys.HEAD_PREFIX)}
-    return weights, head
-
-
-def join_global(weights: Mapping[str, np.ndarray], head: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {**{f"{m}.weight": w for m, w in weights.items()}, **head}
 
 
 def parse_reply(
@@ -155,6 +123,6 @@ def weighted_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     return {
-        k: sum(wi * s[k].astype(np.float64) for wi, s in zip(w, states)).astype(states[0][k].dtype)
+        k: sum(wi * s[k].astype(np.float64) for wi, s in zip(w, states, strict=True)).astype(states[0][k].dtype)
         for k in states[0]
     }

@@ -173,14 +173,14 @@ def flexlora_rounds(fake_grid, noise_multiplier, rounds, change=5.0, absent=None
         head_now = {k: g[k] for k in ("head.weight", "head.bias")}
         expected = w0.copy()  # W0 + the equal-weight mean of T_k + c_k (s B A - T_k)
         missing = (absent or {}).get(rnd)
-        for (_, arrays, sent), node, rank in zip(out, (1, 2), (2, 4)):
+        for (_, arrays, sent), node, rank in zip(out, (1, 2), (2, 4), strict=True):
             s = 4.0 / rank
             change_k = product_change(arrays, sent, s, head_now)
             c = 0.0 if node == missing else clip_factor(norm_of(change_k), 1.0)
             a0, b0 = (sent.get(keys.INIT_PREFIX + "layer.q" + x) for x in (keys.LORA_A, keys.LORA_B))
             t = 0.0 if a0 is None else s * b0 @ a0  # round 1: a fresh LoRA
             expected += 0.5 * (t + c * change_k[0])  # 1 / m, m = 2 asked, whoever replied
-        new, metrics = dp.aggregate_train(rnd, [r for (r, _, _), node in zip(out, (1, 2)) if node != missing])
+        new, metrics = dp.aggregate_train(rnd, [r for (r, _, _), node in zip(out, (1, 2), strict=True) if node != missing])
         g = from_record(new)
         history.append((g, expected, metrics, msgs))
     return dp, inner, w0, history
@@ -195,7 +195,7 @@ def test_flexlora_under_central_dp_without_noise_is_the_mean_of_clipped_changes(
     # the products themselves instead would hold the delta's norm at 1 for ever
     norms = [np.linalg.norm(g["layer.q.weight"] - w0) for g, _, _, _ in history]
     assert norms[0] <= 1.0 + 1e-6 and norms[-1] > 2.0  # 0.71 ... 2.72 over 6 rounds
-    assert all(b - a <= 1.0 + 1e-6 for a, b in zip([0.0] + norms, norms))
+    assert all(b - a <= 1.0 + 1e-6 for a, b in zip([0.0] + norms, norms, strict=False))
 
 
 def test_flexlora_under_central_dp_counts_a_silent_node_as_the_truncation_it_was_sent(flower_identity, fake_grid):
@@ -203,7 +203,7 @@ def test_flexlora_under_central_dp_counts_a_silent_node_as_the_truncation_it_was
     Averaging over the replies alone would give T_1 + c_1 change_1, which moves with the
     silent node's presence by far more than C / m."""
     _, inner, _, history = flexlora_rounds(fake_grid, 1e-12, rounds=3, absent={2: 2})
-    for g, expected, metrics, _ in history:
+    for g, expected, _, _ in history:
         np.testing.assert_allclose(g["layer.q.weight"], expected, atol=1e-6)
     assert history[1][2]["num-clients"] == 1 and "no reply" in inner.rounds[1].dropped[2]
 

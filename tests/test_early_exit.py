@@ -12,7 +12,6 @@ from ml import early_exit as ee
 from strategies.early_exit import check_update, layerwise_average
 from strategies.lora_records import InvalidUpdate
 
-
 # --- layer-wise averaging ------------------------------------------------------------------
 
 
@@ -167,7 +166,7 @@ def test_a_truncated_model_gives_the_full_models_shallow_exits(kind):
     with torch.no_grad():
         a, b = full(**_text_batch()), shallow(**_text_batch())
     assert len(a) == 3 and len(b) == 2
-    for x, y in zip(a[:2], b):
+    for x, y in zip(a[:2], b, strict=True):
         torch.testing.assert_close(x, y)
     assert set(shallow.required_exits()) == {n for n, e in full.required_exits().items() if e <= 2}
 
@@ -209,7 +208,7 @@ def test_with_mean_pooled_features_modulation_starts_closed():
     off = ee.EarlyExitClassifier(_tiny_bert(), 3, exit_blocks=(2, 4), exit_kind="ree", pooling="mean", modulation=False).eval()
     off.load_state_dict(on.state_dict())
     with torch.no_grad():
-        for a, b in zip(on(**_text_batch()), off(**_text_batch())):
+        for a, b in zip(on(**_text_batch()), off(**_text_batch()), strict=True):
             torch.testing.assert_close(a, b)
         on.ree.gate.scale.fill_(0.5)
         assert not torch.allclose(on(**_text_batch())[1], off(**_text_batch())[1])

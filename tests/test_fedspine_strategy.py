@@ -50,7 +50,7 @@ def reply(instruction, *, rows, rank, n, before=2.0, after=1.0, start=4.0, end=1
 def test_a_round_with_a_pruned_and_a_dense_node(flower_identity, fake_grid, tmp_path):
     s = strategy(tmp_path, times={1: 10.0, 2: 20.0})
     msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
-    for node, m in msgs.items():  # untried arms first: both nodes start with arm 0
+    for m in msgs.values():  # untried arms first: both nodes start with arm 0
         cfg = m.content.config_records[keys.CONFIG]
         assert cfg[keys.PRUNE_RATIO] == 0.0 and cfg[keys.LORA_RANK] == 2 and cfg[keys.SYNC_MODE] == keys.SYNC_DENSE
     # node 1 kept rows 0..3 (dense), node 2 pretends it kept rows 0 and 2 only

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
+from cli.main import main
 from ml.model import adapted_weights, load_model, target_module_names
 from ml.model_path import locate_model
-from stamen.cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from stamen.cli import main
+from cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -243,7 +243,8 @@ def test_client_rows_split_the_round_trip_by_hand():
     # server: sent at 100.0, reply pulled at 110.0 (server clock)
     sent = [SentMessage("m1", 5, "train", "1", 100.0, payload_bytes=1000, received_unix_s=110.0, reply_payload_bytes=300)]
     # node clock is 2 s behind the server's (offset +2)
-    down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0, "rpcs": 9, "retries": 2}, labels={"transport": "stamen-supernode"})
+    down = ev.Event("downlink", 99.0, 0.5, node_id=5, message_id="m1", values={"bytes": 1100, "setup_s": 0.0, "rpcs": 9, "retries": 2},
+                    labels={"transport": "stamen-supernode"})
     phases = {"load_s": 1.0, "loop_s": 4.5, "serialize_s": 0.1, "cpu_s": 9.5, "load_cpu_s": 0.5, "loop_cpu_s": 9.0}
     train = ev.Event("train", 100.0, 6.0, node_id=5, message_id="m1", values=phases)
     up = ev.Event("uplink", 106.5, 0.5, node_id=5, message_id="m1", values={"bytes": 400, "rpcs": 7})

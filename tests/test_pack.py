@@ -127,7 +127,8 @@ MALFORMED = {
     "wrong dtype": (lambda: forged([["a", "complex64", [2], 0]], {"float32": F32}), "has no buffer"),
     "buffer of a dtype not allowed": (lambda: forged([], {}, sizes={"object": 8}), "not one of"),
     "buffer array of another dtype": (
-        lambda: forged([["a", "float32", [4], 0]], {"float32": F32}, extra={P.BUFFER_PREFIX + "float32": Array(dtype="int32", shape=(4,), stype=P.BUFFER_STYPE, data=F32)}),
+        lambda: forged([["a", "float32", [4], 0]], {"float32": F32},
+                       extra={P.BUFFER_PREFIX + "float32": Array(dtype="int32", shape=(4,), stype=P.BUFFER_STYPE, data=F32)}),
         "expected 'stamen.pack' 'float32'",
     ),
     "index names the wrong count": (lambda: forged([["a", "float32", [4], 0]], {"float32": F32}, count=3), "count 3"),

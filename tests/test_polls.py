@@ -206,7 +206,7 @@ def test_transfer_concurrency_is_bounded(bad):
 
 
 def test_warm_nodes_default_to_eight_transfers_in_flight_and_cold_ones_to_flowers():
-    from stamen.supernode import measurement_parser, runtime_settings
+    from cli.supernode import measurement_parser, runtime_settings
 
     def settings(*flags):
         return runtime_settings(measurement_parser().parse_known_args(list(flags))[0])

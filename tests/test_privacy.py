@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
 
 from ml.privacy import Ledger, noise_for_budget, sample_rate, train_private
 from stamen import keys
@@ -90,7 +90,7 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-OPTIONS = dict(batch_size=4, learning_rate=1e-2, head_learning_rate=1e-2, noise_multiplier=1.0, max_grad_norm=1.0)
+OPTIONS = {"batch_size": 4, "learning_rate": 1e-2, "head_learning_rate": 1e-2, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
 
 
 def test_dp_sgd_trains_the_lora_and_head_and_nothing_else():
@@ -265,7 +265,7 @@ def test_opacus_per_example_gradients_of_the_early_exit_models_are_exact(case):
         loss_of(wrapped, batch, labels).backward()
         assert any(n.startswith("ree.gate.") for n, _ in trainable) == case.startswith("reefl")
         for n, p in trainable:
-            torch.testing.assert_close(p.grad_sample, torch.stack(alone[n]), rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(p.grad_sample, torch.stack(alone[n]), rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     finally:
         wrapped._close()
 
@@ -521,10 +521,9 @@ def test_dp_config_is_checked_at_the_door():
 
 # --- the server side ----------------------------------------------------------------------
 def test_a_spent_node_is_dropped_retired_and_the_round_goes_on(flower_identity, fake_grid, tmp_path):
-    from tests.test_flora_strategy import global_state, good_reply
-
     from strategies.flora import FLoRA
     from strategies.lora_records import to_record
+    from tests.test_flora_strategy import global_state, good_reply
 
     strategy = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=8.0, min_nodes=1)
     msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2]))}
@@ -626,7 +625,7 @@ def test_two_private_early_exit_rounds_through_the_train_handler(name, flower_id
     for server_round in (1, 2):
         msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), fake_grid([7, 8])))
         replies = [train(m, contexts[m.metadata.dst_node_id]) for m in msgs]
-        for m, reply in zip(msgs, replies):
+        for m, reply in zip(msgs, replies, strict=True):
             sent = from_record(m.content.array_records[keys.ARRAYS])
             back = from_record(reply.content.array_records[keys.ARRAYS])
             assert set(back) == set(sent)
@@ -689,10 +688,9 @@ def test_a_node_whose_dp_steps_go_backwards_is_refused_and_its_largest_epsilon_r
     """A node that lost its ledger (a SuperNode restarted with a fresh state) would report
     fewer steps and a smaller epsilon, and spend its budget again. The server drops and
     retires it, and the summary keeps the largest epsilon it ever reported."""
-    from tests.test_flora_strategy import global_state, good_reply
-
     from strategies.flora import FLoRA
     from strategies.lora_records import to_record
+    from tests.test_flora_strategy import global_state, good_reply
 
     strategy = FLoRA(node_ranks={1: 2, 2: 2}, default_rank=2, lora_alpha=8.0, min_nodes=1)
     arrays = to_record(global_state())

@@ -139,7 +139,7 @@ def test_train_pruned_reaches_the_ratio_gradually_and_reports_kept_units():
     assert {k: len(v) for k, v in out["kept"].items()} == {
         "encoder.layer.0.attention": 2, "encoder.layer.1.attention": 2, "encoder.layer.0.mlp": 6, "encoder.layer.1.mlp": 6}
     assert model.encoder.layer[0].attention.self.query.base_layer.weight.shape == (8, 16)
-    assert all(len(s) == n for s, n in zip(out["scores"].values(), (4, 12, 4, 12)))
+    assert all(len(s) == n for s, n in zip(out["scores"].values(), (4, 12, 4, 12), strict=True))
     assert np.isfinite([out["loss"], out["loss_start"], out["loss_end"]]).all()
     # the kept rows of a producer, in unpruned coordinates, follow the kept heads
     groups = pruning.unit_groups(_bert())
@@ -149,7 +149,8 @@ def test_train_pruned_reaches_the_ratio_gradually_and_reports_kept_units():
     # a second round with the scores prunes at once
     model2 = _bert()
     inject_adapter_in_model(LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.0), model2)
-    out2 = pruning.train_pruned(model2, _Task, data, ratio=0.5, steps=4, seed=1, scores=out["scores"], batch_size=4, learning_rate=1e-3, head_learning_rate=1e-3)
+    out2 = pruning.train_pruned(model2, _Task, data, ratio=0.5, steps=4, seed=1, scores=out["scores"], batch_size=4,
+                                learning_rate=1e-3, head_learning_rate=1e-3)
     assert {k: len(v) for k, v in out2["kept"].items()} == {k: len(v) for k, v in out["kept"].items()}
 
 

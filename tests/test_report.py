@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+from cli.main import main
 from measurements.report import Run, compare, percentile, phase_stats, report, stragglers
 from measurements.tables import CLIENTS_COLUMNS
 from server_app.run_dir import ROUNDS_COLUMNS
-from stamen.cli import main
 
 
 def _write(path, columns, rows):
@@ -120,7 +120,8 @@ def test_report_text_shows_start_up_apart_and_counts_starts(tmp_path):
     d = tmp_path / "w"
     d.mkdir()
     _write(d / "rounds.csv", ROUNDS_COLUMNS, [{"round": 1, "aggregation_s": 0.1, "round_s": 10.0}])
-    _write(d / "clients.csv", CLIENTS_COLUMNS, [_startup_row(), _startup_row(node_id=2, start="cold", app_start_s=2.0, message_wait_s="", load_s=3.0, loop_s=1.9)])
+    cold = _startup_row(node_id=2, start="cold", app_start_s=2.0, message_wait_s="", load_s=3.0, loop_s=1.9)
+    _write(d / "clients.csv", CLIENTS_COLUMNS, [_startup_row(), cold])
     lines = []
     report([d], echo=lines.append)
     text = "\n".join(lines)

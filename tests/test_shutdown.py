@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 def test_sigint_stops_every_process(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stamen.cli", "local", "--nodes", "2", "--output", str(tmp_path)],
+        [sys.executable, "-m", "cli.main", "local", "--nodes", "2", "--output", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from stamen.cli import main
+from cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from stamen.study import study
+from cli.study import study
 
 
 def _run(root, name, strategy, ranks, seed, accuracy, downlink):
@@ -77,12 +77,13 @@ def test_early_exit_runs_get_their_own_table(tmp_path):
 def test_fedspine_study_time_to_target_and_ratios():
     import math
 
-    from stamen.fedspine_study import table, time_to
+    from cli.fedspine_study import table, time_to
 
     curve = [(10.0, 0.2), (70.0, 0.85), (130.0, 0.91), (190.0, 0.89)]
     assert time_to(curve, 0.9) == 130.0 and math.isnan(time_to(curve, 0.95))
     rows = {
-        "bandit": {"run": "a", "strategy": "fedspine", "curve": curve, "round_s": [60.0, 58.0, 62.0], "train_s": {"1": [40.0, 30.0], "2": [10.0]}, "profiles": {}, "arms": []},
+        "bandit": {"run": "a", "strategy": "fedspine", "curve": curve, "round_s": [60.0, 58.0, 62.0],
+                   "train_s": {"1": [40.0, 30.0], "2": [10.0]}, "profiles": {}, "arms": []},
         "no-pruning": {"run": "b", "strategy": "fedspine", "curve": [(10.0, 0.2), (260.0, 0.93)], "round_s": [80.0], "train_s": {}, "profiles": {}, "arms": []},
     }
     out = {x["row"]: x for x in table(rows, 0.9)}

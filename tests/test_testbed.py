@@ -130,7 +130,7 @@ def test_an_unknown_congestion_control_is_refused_before_any_route_changes():
 def test_testbed_ranks_replace_the_device_profiles_ranks():
     import argparse
 
-    from stamen.cli import _testbed_nodes
+    from cli.main import _testbed_nodes
 
     args = argparse.Namespace(profiles=str(testbed.PROFILES), devices="raspberry-pi-4,raspberry-pi-5", network="5g", nodes=3, ranks="")
     assert [n.device.lora_rank for n in _testbed_nodes(args, None)] == [4, 8, 4]  # the profiles'

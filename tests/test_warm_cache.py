@@ -93,7 +93,7 @@ def test_forked_worker_changes_do_not_reach_the_executor(builds, monkeypatch):
 def test_app_keys_separate_configs_and_runs(monkeypatch, run_config):
     """client_app's task/partition cache: another data seed or another partition is another
     entry; a second run rebuilds the task and the partition."""
-    from client_app.app import _task_and_partition
+    from client_app.task import task_and_partition
     from stamen.config import StamenConfig
 
     class Ctx:
@@ -103,16 +103,16 @@ def test_app_keys_separate_configs_and_runs(monkeypatch, run_config):
     cache.clear()
     monkeypatch.setenv(cache.ENV_VAR, "1")
     cfg = StamenConfig.from_run_config(run_config)
-    task, data = _task_and_partition(Ctx(0), cfg)
-    again_task, again_data = _task_and_partition(Ctx(0), cfg)
+    task, data = task_and_partition(Ctx(0), cfg)
+    again_task, again_data = task_and_partition(Ctx(0), cfg)
     assert again_task is task and again_data is data
     other_seed = StamenConfig.from_run_config({**run_config, "data.seed": 1234})
-    _, data_seed = _task_and_partition(Ctx(0), other_seed)
-    _, data_other_node = _task_and_partition(Ctx(1), cfg)
+    _, data_seed = task_and_partition(Ctx(0), other_seed)
+    _, data_other_node = task_and_partition(Ctx(1), cfg)
     assert data_seed is not data and data_other_node is not data
     assert sorted(data_seed.labels.tolist()) != sorted(data.labels.tolist()) or len(data_seed) != len(data)
     monkeypatch.setenv(cache.ENV_VAR, "2")
-    task2, data2 = _task_and_partition(Ctx(0), cfg)
+    task2, data2 = task_and_partition(Ctx(0), cfg)
     assert task2 is not task and data2 is not data
     assert list(data2.labels) == list(data.labels)  # the same partition, rebuilt, not shared
     cache.clear()
@@ -121,7 +121,8 @@ def test_app_keys_separate_configs_and_runs(monkeypatch, run_config):
 def test_preload_fills_what_the_train_handler_takes(monkeypatch, run_config):
     """client_app.preload builds the task, the node's partition and the base model into
     the cache; the handler's own calls then find them (the model once)."""
-    from client_app.app import _task_and_partition, preload
+    from client_app.app import preload
+    from client_app.task import task_and_partition
     from stamen.config import StamenConfig
 
     base_config = dict(run_config)
@@ -136,7 +137,7 @@ def test_preload_fills_what_the_train_handler_takes(monkeypatch, run_config):
     kinds = sorted(key[1] for key in cache._entries)
     assert kinds == ["model", "partition", "task"]
     cfg = StamenConfig.from_run_config(run_config)
-    task, data = _task_and_partition(Ctx(), cfg)
+    task, data = task_and_partition(Ctx(), cfg)
     model_key = ("5", "model", cfg.model, cfg.data)
     assert cache._entries[("5", "task", cfg.model, cfg.data)][0] is task and model_key in cache._entries
     cache.clear()

@@ -3,7 +3,7 @@
 # same three devices (2x raspberry-pi-4, jetson-orin-nano: with one torch thread each they
 # fit this 2-core host), nodes alternately on wifi and 5g, same seeds. Needs root (namespaces, tbf, cgroups). About 8-10 min per row.
 #   sudo sh conf/fedspine-study/run.sh [OUTPUT_DIR]        (default runs/fedspine-study)
-# then: .venv/bin/python -m stamen.fedspine_study OUTPUT_DIR   (the table and figures of docs/pruning.md)
+# then: .venv/bin/python -m cli.fedspine_study OUTPUT_DIR   (the table and figures of docs/pruning.md)
 set -eu
 out=${1:-runs/fedspine-study}
 mkdir -p "$out"

@@ -242,7 +242,7 @@ def cmd_device(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from stamen.study import study
+    from .study import study
 
     try:
         study(args.dirs)

@@ -1,7 +1,7 @@
 """The early-exit study's table and plot from run directories (``stamen study`` hands the
 ReeFL / DepthFL / InclusiveFL / ExclusiveFL runs here).
 
-Finished runs (every planned round in metrics.csv; stamen.study.finished_runs) are
+Finished runs (every planned round in metrics.csv; cli.study_runs.finished_runs) are
 grouped by (data.name, strategy.name with its DP mode, e.g. "reefl, local DP eps 8").
 Per group: the final round's accuracy averaged over the exits, each exit's, and the
 ensemble's, as mean and sample std over the runs (seeds); the early-exit inference
@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from stamen.study import epsilon_text, final_epsilon, plot_band, run_label
+from .study_runs import epsilon_text, final_epsilon, plot_band, run_label
 
 COLORS = {"reefl": "#55A868", "depthfl": "#4C72B0", "inclusivefl": "#8172B2", "exclusivefl": "#C44E52"}
 ORDER = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
@@ -30,7 +30,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
-    """Group finished runs (stamen.study.finished_runs) by (data, strategy with its DP mode)."""
+    """Group finished runs (cli.study_runs.finished_runs) by (data, strategy with its DP mode)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for run, config, rows in finished:
         last = rows[-1]
@@ -52,7 +52,7 @@ def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, st
 
 
 def _strategy(label: str) -> str:
-    """"reefl, local DP eps 8" -> "reefl" (stamen.study.run_label)."""
+    """"reefl, local DP eps 8" -> "reefl" (cli.study_runs.run_label)."""
     return label.split(",")[0]
 
 
@@ -98,7 +98,7 @@ def plot(groups, rows: list[dict], target: Path) -> Path:
 
     datasets = sorted({d for d, _ in groups})
     fig, axes = plt.subplots(len(datasets), 3, figsize=(15, 4.2 * len(datasets)), squeeze=False)
-    for ax_row, data in zip(axes, datasets):
+    for ax_row, data in zip(axes, datasets, strict=True):
         for (d, name), runs in sorted(groups.items(), key=_key):
             if d != data:
                 continue

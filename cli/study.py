@@ -10,64 +10,18 @@ min-max band, one panel per setting) into the first DIR.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from stamen.config import EARLY_EXIT_STRATEGIES
+
+from .exit_study import exit_study
+from .study_runs import epsilon_text, final_epsilon, finished_runs, plot_band, run_label, setting
 
 COLORS = {"flora": "#55A868", "fedit": "#C44E52", "hetlora": "#8172B2", "flexlora": "#4C72B0"}  # one per strategy, every panel
-
-
-def _runs(dirs: list[Path]) -> list[Path]:
-    found = []
-    for d in dirs:
-        for metrics in sorted(Path(d).rglob("metrics.csv")):
-            if (metrics.parent / "config.json").is_file():
-                found.append(metrics.parent)
-    return found
-
-
-def finished_runs(dirs: list[Path]) -> list[tuple[Path, dict, list[dict]]]:
-    """(run directory, its config, its metrics.csv rows) of every run under ``dirs`` that
-    finished every planned round; a run still going or failed is not a result."""
-    out = []
-    for run in _runs(dirs):
-        config = json.loads((run / "config.json").read_text())
-        rows = list(csv.DictReader(open(run / "metrics.csv")))
-        if len(rows) >= 2 and len(rows) - 1 >= int(config.get("strategy.num-rounds", 0)):
-            out.append((run, config, rows))
-    return out
-
-
-def plot_band(ax, curves: list[list[float]], *, color, label: str) -> None:
-    """Mean over runs per round, with the min-max band."""
-    n = min(len(c) for c in curves)
-    ax.plot(range(n), [statistics.mean(c[i] for c in curves) for i in range(n)], marker="o", ms=3, color=color, label=label)
-    ax.fill_between(range(n), [min(c[i] for c in curves) for i in range(n)], [max(c[i] for c in curves) for i in range(n)], color=color, alpha=0.15)
-
-
-def setting(config: dict) -> str:
-    ranks = config.get("lora.rank-by-partition") or []
-    return "heterogeneous" if len(set(ranks)) > 1 else "homogeneous"
-
-
-def privacy(config: dict) -> str:
-    """"" without DP; else e.g. "local DP eps 4" (the DP study: docs/privacy.md)."""
-    mode = config.get("dp.mode", "off")
-    if mode == "local":
-        target = float(config.get("dp.epsilon", 0))
-        return f"local DP eps {target:g}" if target and not float(config.get("dp.noise-multiplier", 0)) else f"local DP z {config.get('dp.noise-multiplier')}"
-    if mode == "central":
-        return f"central DP z {config.get('dp.noise-multiplier')}"
-    return ""
-
-
-def run_label(config: dict) -> str:
-    """The strategy with its DP mode: "flora", "reefl, local DP eps 8"."""
-    return ", ".join(x for x in (config["strategy.name"], privacy(config)) if x)
 
 
 def collect(finished: list[tuple[Path, dict, list[dict]]]) -> dict[tuple[str, str], list[dict]]:
@@ -108,18 +62,6 @@ def table(groups) -> list[dict]:
     return out
 
 
-def epsilon_text(epsilon: float) -> str:
-    return "-" if math.isnan(epsilon) else f"{epsilon:.3f}"
-
-
-def final_epsilon(run: Path) -> float:
-    """The largest epsilon any node (or the central mechanism) reported: privacy.csv."""
-    path = run / "privacy.csv"
-    if not path.is_file():
-        return math.nan
-    return max((float(r["epsilon"]) for r in csv.DictReader(open(path))), default=math.nan)
-
-
 def plot(groups, target: Path) -> Path:
     import matplotlib
 
@@ -128,7 +70,7 @@ def plot(groups, target: Path) -> Path:
 
     kinds = sorted({k for _, k in groups})
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
+    for ax, kind in zip(axes[0], kinds, strict=True):
         for (name, k), runs in sorted(groups.items()):
             if k != kind:
                 continue
@@ -146,16 +88,12 @@ def plot(groups, target: Path) -> Path:
 
 def study(dirs: list[str | Path], echo=print) -> list[dict]:
     """The LoRA study's table and plot; runs of the early-exit strategies go to
-    :func:`stamen.exit_study.exit_study` (their own table and plot)."""
-    from stamen.config import EARLY_EXIT_STRATEGIES
-
+    :func:`cli.exit_study.exit_study` (their own table and plot)."""
     dirs = [Path(d) for d in dirs]
     finished = finished_runs(dirs)
     exit_runs = [f for f in finished if f[1].get("strategy.name") in EARLY_EXIT_STRATEGIES]
     lora_runs = [f for f in finished if f[1].get("strategy.name") not in EARLY_EXIT_STRATEGIES]
     if exit_runs:
-        from stamen.exit_study import exit_study
-
         rows = exit_study(exit_runs, dirs[0], echo=echo)
         if not lora_runs:
             return rows

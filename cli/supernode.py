@@ -43,8 +43,10 @@ def measurement_parser() -> argparse.ArgumentParser:
     )
     polls = runtime.WARM_POLLS
     flower = runtime.FLOWER_POLLS
-    warm.add_argument("--idle-poll", type=runtime.poll_seconds, default=None, help=f"seconds between pulls from the SuperLink while idle (default {polls.idle}; Flower's {flower.idle} with --no-warm)")
-    warm.add_argument("--reply-poll", type=runtime.poll_seconds, default=None, help=f"seconds between looks for the ClientApp's reply (default {polls.reply}; Flower's {flower.reply} with --no-warm)")
+    warm.add_argument("--idle-poll", type=runtime.poll_seconds, default=None,
+                      help=f"seconds between pulls from the SuperLink while idle (default {polls.idle}; Flower's {flower.idle} with --no-warm)")
+    warm.add_argument("--reply-poll", type=runtime.poll_seconds, default=None,
+                      help=f"seconds between looks for the ClientApp's reply (default {polls.reply}; Flower's {flower.reply} with --no-warm)")
     warm.add_argument(
         "--transfer-concurrency",
         type=runtime.transfer_concurrency,
@@ -52,7 +54,8 @@ def measurement_parser() -> argparse.ArgumentParser:
         help=f"object RPCs in flight per downlink and uplink (default {runtime.WARM_TRANSFER_CONCURRENCY}; "
         "Flower's 2, at most the CPU count, with --no-warm; docs/transfers.md)",
     )
-    warm.add_argument("--task-poll", type=runtime.poll_seconds, default=None, help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
+    warm.add_argument("--task-poll", type=runtime.poll_seconds, default=None,
+                      help=f"seconds between the executor's polls for tasks (default {polls.task}; Flower's {flower.task} with --no-warm)")
     group = parser.add_argument_group("Stamen measurement options")
     group.add_argument(
         "--measure-dir",

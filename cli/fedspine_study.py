@@ -1,6 +1,6 @@
 """The FedSpine study's table and figures from its run directories (docs/pruning.md).
 
-    python -m stamen.fedspine_study runs/fedspine-study [--target 0.9]
+    python -m cli.fedspine_study runs/fedspine-study [--target 0.9]
 
 Each subdirectory of the study directory is one row (``bandit``, ``no-pruning``, ...; the
 names of conf/fedspine-study/*.toml) holding one finished run. Per row: final held-out
@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from stamen.study import finished_runs
+from .study_runs import finished_runs
 
 ORDER = ("bandit", "fixed-p05-r4", "no-pruning", "hetlora")
 COLORS = {"bandit": "#C44E52", "fixed-p05-r4": "#4C72B0", "no-pruning": "#55A868", "hetlora": "#8172B2"}
