@@ -34,6 +34,7 @@ from common import add_lora, load_default, peak_rss_mb, random_inputs  # noqa: E
 def _reefl_minilm():
     """ReeFL's early-exit MiniLM (exits after blocks 2/3/5/6, the shared Ree module and head,
     LoRA r=8 on query/value), what a full-depth node trains."""
+    from client_app.methods.reefl import ReeFL
     from ml import early_exit as ee
     from ml.model_path import locate_model
     from ml.tasks import TextClassification
@@ -46,7 +47,7 @@ def _reefl_minilm():
     def loss_fn(m, b):
         b = dict(b)
         labels = b.pop("labels")
-        return ee.local_loss("ree-self-distill", m(**b), labels, distill_weight=1.0, teacher=model.max_exit - 1)[0]
+        return ReeFL().loss(m(**b), labels, distill_weight=1.0, teacher=model.max_exit - 1, temperature=1.0)[0]
 
     return model, loss_fn
 

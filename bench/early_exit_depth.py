@@ -26,7 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from client_app.methods.reefl import ReeFL  # noqa: E402
 from ml import early_exit as ee  # noqa: E402
+
+REEFL = ReeFL()  # the objective a ReeFL node trains with
 
 VIT = "vit:image_size=8,patch_size=2,num_channels=1,hidden_size=64,num_hidden_layers=8,num_attention_heads=4,intermediate_size=128"
 
@@ -47,7 +50,7 @@ def _setup(name: str):
 
 
 def _step(model, optimizer, batch, labels) -> None:
-    loss, _ = ee.local_loss("ree-self-distill", model(**batch), labels, distill_weight=1.0, teacher=model.max_exit - 1)
+    loss, _ = REEFL.loss(model(**batch), labels, distill_weight=1.0, teacher=model.max_exit - 1, temperature=1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

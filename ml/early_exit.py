@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -337,37 +337,10 @@ def update_loss_ema(ema: Sequence[float], losses: Sequence[float], decay: float)
     ]
 
 
-OBJECTIVES = ("ree-self-distill", "mutual-distill", "last-exit", "all-exits")
-
-
-def local_loss(
-    objective: str,
-    logits: Sequence[torch.Tensor],
-    labels: torch.Tensor,
-    *,
-    distill_weight: float = 0.0,
-    teacher: int = -1,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to minimise, per-exit cross-entropy) of one batch under a method's objective:
-
-    * ``ree-self-distill`` (ReeFL): sum of the exits' CE + w * KL(teacher exit -> others);
-    * ``mutual-distill`` (DepthFL): sum of CE + w * mutual distillation among the exits;
-    * ``last-exit`` (InclusiveFL): CE of the deepest exit only;
-    * ``all-exits`` (ExclusiveFL): sum of CE.
-    """
-    ce = exit_cross_entropy(logits, labels)
-    if objective == "ree-self-distill":
-        loss = ce.sum() + (distill_weight * self_distillation_loss(logits, teacher, temperature) if distill_weight else 0.0)
-    elif objective == "mutual-distill":
-        loss = ce.sum() + (distill_weight * mutual_distillation_loss(logits, temperature) if distill_weight else 0.0)
-    elif objective == "last-exit":
-        loss = ce[-1]
-    elif objective == "all-exits":
-        loss = ce.sum()
-    else:
-        raise ValueError(f"objective {objective!r}: accepted {', '.join(OBJECTIVES)}")
-    return loss, ce.detach()
+Objective = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""A method's local loss: ``objective(logits, labels, *, teacher, distill_weight,
+temperature) -> (loss to minimise, per-exit cross-entropy, detached)``. Each method's
+is one small file of client_app/methods/, built from the pieces above."""
 
 
 def train_early_exit(
@@ -375,7 +348,7 @@ def train_early_exit(
     task,
     data,
     *,
-    objective: str,
+    objective: Objective,
     steps: int,
     batch_size: int,
     learning_rate: float,
@@ -388,7 +361,8 @@ def train_early_exit(
     private: Mapping | None = None,
 ) -> dict:
     """``steps`` AdamW steps on the model's trainable parameters (the exit modules at
-    ``exit_learning_rate``). ReeFL's teacher is, at every step, the exit with the lowest
+    ``exit_learning_rate``) of the method's ``objective``. The teacher it is given (ReeFL
+    distils from it; the others ignore it) is, at every step, the exit with the lowest
     moving-average loss so far (``loss_ema`` carries it across rounds; the deepest exit
     before any is known).
 
@@ -416,7 +390,7 @@ def train_early_exit(
     def step_loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = dict(batch)
         labels = batch.pop("labels")
-        loss, ce = local_loss(objective, m(**batch), labels, distill_weight=distill_weight, teacher=teacher, temperature=temperature)
+        loss, ce = objective(m(**batch), labels, distill_weight=distill_weight, teacher=teacher, temperature=temperature)
         exit_losses.append(ce.tolist())
         return loss
 

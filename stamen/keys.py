@@ -12,6 +12,7 @@ PROFILE = "profile"  # ConfigRecord: the node's device profile (reply to a query
 
 # ConfigRecord keys of a train instruction
 SERVER_ROUND = "server-round"
+METHOD = "method"  # the device-side method that serves the instruction (client_app/methods/): lora | hetlora | fedspine | reefl | ...
 LORA_RANK = "lora-rank"
 LORA_ALPHA = "lora-alpha"
 SYNC_MODE = "sync-mode"  # how the global model travels down, see strategies/flora.py
@@ -40,7 +41,6 @@ PRUNE_THRESHOLD = "hetlora-prune-threshold"  # drop the tail if its norm is belo
 # ConfigRecord keys of an early-exit train instruction (strategies/early_exit.py)
 MAX_EXIT = "max-exit"  # the deepest exit (1-based) the node holds and trains; also a node-config key
 EXIT_KIND = "exit-kind"  # "ree" (one shared module and head) | "per-exit" (a head per exit)
-OBJECTIVE = "objective"  # the local loss, see ml/early_exit.py: ree-self-distill | mutual-distill | last-exit | all-exits
 DISTILL_WEIGHT = "distill-weight"  # this round's distillation weight (ramped up by the server)
 EXIT_LOSSES = "exit-losses"  # reply metric: mean training loss of each exit the node trained
 TEACHER_EXIT = "teacher-exit"  # reply metric: the exit ReeFL's self-distillation used as teacher (1-based)

@@ -8,8 +8,9 @@ single-exit model (``LoRAStrategy``) and depth-heterogeneous early exits
    class that overrides the smallest hooks of :class:`LoRAStrategy` (``downlink``,
    ``aggregate_lora``) or, for a global adapter on frozen weights, of
    :class:`AdapterStrategy` (``initial_factors``, ``combine``, ``delta``); an early-exit
-   method sets ``exit_kind`` and ``objective`` of :class:`EarlyExitStrategy` (a new
-   objective is a branch of ``ml.early_exit.local_loss``) or overrides ``trains``;
+   method sets ``exit_kind`` and ``client_method`` of :class:`EarlyExitStrategy` or
+   overrides ``trains``. A strategy whose nodes do something new names a device-side
+   method of its own (``client_method``; the checklist in client_app/methods/__init__.py);
 2. options of its own: a config section in ``stamen/config.py`` and ``from_config``;
 3. add it to ``STRATEGIES`` here and to ``stamen.config.LORA_STRATEGIES`` or
    ``stamen.config.EARLY_EXIT_STRATEGIES`` (the ServerApp picks its path by that);

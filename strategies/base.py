@@ -154,6 +154,7 @@ class LoRAStrategy(SampledStrategy):
     # update (zero_update), so the round's mean has the cohort's size as its fixed
     # denominator and one node's presence moves it by at most C / cohort (docs/privacy.md).
     absent_as_zero = False
+    client_method = "lora"  # the device-side method that serves this strategy's instructions (client_app/methods/)
     accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
     accepts_pruned_units = False  # True: a reply carries factors of pruned matrices and the kept indices (FedSpine)
 
@@ -221,6 +222,7 @@ class LoRAStrategy(SampledStrategy):
                 {
                     **dict(config),
                     keys.SERVER_ROUND: server_round,
+                    keys.METHOD: self.client_method,
                     keys.LORA_RANK: rank,
                     keys.LORA_ALPHA: float(self.lora_alpha),
                     **extra,

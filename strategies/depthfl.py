@@ -8,4 +8,4 @@ from .early_exit import EarlyExitStrategy
 
 class DepthFL(EarlyExitStrategy):
     exit_kind = "per-exit"
-    objective = "mutual-distill"
+    client_method = "depthfl"

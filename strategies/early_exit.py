@@ -3,9 +3,9 @@ model up to its deepest exit, and layer-wise averaging over the nodes that hold 
 parameter.
 
 A subclass (one file per method: reefl, depthfl, inclusivefl, exclusivefl) sets the exit
-module its model carries (``exit_kind``), the local loss its nodes train with
-(``objective``, implemented in ml/early_exit.py) and, if it must, which depths train
-(:meth:`trains`). The round loop is Flower's ``Strategy.start``.
+module its model carries (``exit_kind``), the device-side method its nodes train with
+(``client_method``: its objective is one file of client_app/methods/) and, if it must,
+which depths train (:meth:`trains`). The round loop is Flower's ``Strategy.start``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class EarlyExitStrategy(SampledStrategy):
     """Depth-heterogeneous training with layer-wise averaging."""
 
     exit_kind = "per-exit"  # the model's exit module: "ree" | "per-exit"
-    objective = "all-exits"  # the nodes' local loss (ml/early_exit.py: local_loss)
+    client_method = "exclusivefl"  # the device-side method, whose objective is the nodes' local loss (client_app/methods/)
 
     def __init__(
         self,
@@ -137,7 +137,7 @@ class EarlyExitStrategy(SampledStrategy):
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t└──> early exits: %s / %s, max exit by node %s", self.exit_kind, self.objective, self.node_exits)
+        log(INFO, "\t└──> early exits: %s / %s, max exit by node %s", self.exit_kind, self.client_method, self.node_exits)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -160,7 +160,7 @@ class EarlyExitStrategy(SampledStrategy):
                     keys.SERVER_ROUND: server_round,
                     keys.MAX_EXIT: max_exit,
                     keys.EXIT_KIND: self.exit_kind,
-                    keys.OBJECTIVE: self.objective,
+                    keys.METHOD: self.client_method,
                     keys.DISTILL_WEIGHT: float(weight),
                 }
             )

@@ -7,7 +7,7 @@ from .early_exit import EarlyExitStrategy
 
 class ExclusiveFL(EarlyExitStrategy):
     exit_kind = "per-exit"
-    objective = "all-exits"
+    client_method = "exclusivefl"
 
     def trains(self, max_exit: int) -> bool:
         return max_exit == self.num_exits

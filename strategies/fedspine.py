@@ -38,6 +38,7 @@ RoundTimes = Callable[[int], Mapping[int, float]]  # server round -> {node: seco
 
 class FedSpine(LoRAStrategy):
     accepts_pruned_units = True
+    client_method = "fedspine"  # client_app/methods/fedspine.py: prunes while it trains
 
     def __init__(
         self,

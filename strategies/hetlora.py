@@ -104,6 +104,7 @@ class HetLoRA(AdapterStrategy):
     """A rank-r_max global adapter; node k trains its first r_k components."""
 
     accepts_pruned_ranks = True
+    client_method = "hetlora"  # client_app/methods/hetlora.py: the tail penalty and self-pruning
 
     def __init__(
         self, *, tail_penalty: float = 1e-3, tail_fraction: float = 0.25, prune_threshold: float = 0.1,

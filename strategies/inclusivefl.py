@@ -9,7 +9,7 @@ from .early_exit import EarlyExitStrategy
 
 class InclusiveFL(EarlyExitStrategy):
     exit_kind = "per-exit"
-    objective = "last-exit"
+    client_method = "inclusivefl"
 
     def holds(self, name: str, max_exit: int) -> bool:
         """A node trains only its deepest exit's head: the shallower heads are neither sent

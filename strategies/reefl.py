@@ -13,4 +13,4 @@ from .early_exit import EarlyExitStrategy
 
 class ReeFL(EarlyExitStrategy):
     exit_kind = "ree"
-    objective = "ree-self-distill"
+    client_method = "reefl"

@@ -86,20 +86,26 @@ def test_self_distillation_leaves_the_teacher_alone():
     assert student.grad is not None and torch.any(student.grad != 0)
 
 
-def test_local_loss_objectives():
+def objective(name):
+    """The local loss of a device-side method (client_app/methods/<name>.py)."""
+    from client_app.methods import METHODS
+
+    return METHODS[name]().loss
+
+
+def test_each_early_exit_method_has_its_objective():
     labels = torch.tensor([0])
     logits = [torch.tensor([[0.0, 1.0]]), torch.tensor([[2.0, 0.0]])]
     ce = [torch.nn.functional.cross_entropy(z, labels).item() for z in logits]
-    assert ee.local_loss("all-exits", logits, labels)[0].item() == pytest.approx(sum(ce))
-    assert ee.local_loss("last-exit", logits, labels)[0].item() == pytest.approx(ce[1])
+    same = {"teacher": 1, "distill_weight": 0.5, "temperature": 1.0}
+    assert objective("exclusivefl")(logits, labels, **same)[0].item() == pytest.approx(sum(ce))
+    assert objective("inclusivefl")(logits, labels, **same)[0].item() == pytest.approx(ce[1])
     kd = ee.distillation(logits[0], logits[1]).item()
-    loss, per_exit = ee.local_loss("ree-self-distill", logits, labels, distill_weight=0.5, teacher=1)
+    loss, per_exit = objective("reefl")(logits, labels, **same)
     assert loss.item() == pytest.approx(sum(ce) + 0.5 * kd, rel=1e-5)
     assert per_exit.tolist() == pytest.approx(ce)
     mutual = (ee.distillation(logits[0], logits[1]) + ee.distillation(logits[1], logits[0])).item()
-    assert ee.local_loss("mutual-distill", logits, labels, distill_weight=1.0)[0].item() == pytest.approx(sum(ce) + mutual, rel=1e-5)
-    with pytest.raises(ValueError, match="objective"):
-        ee.local_loss("nope", logits, labels)
+    assert objective("depthfl")(logits, labels, **{**same, "distill_weight": 1.0})[0].item() == pytest.approx(sum(ce) + mutual, rel=1e-5)
 
 
 def test_loss_ema():
@@ -247,7 +253,7 @@ def test_training_lowers_the_loss_and_reports_every_exit():
     model = ee.EarlyExitClassifier(_tiny_vit(2), 2, exit_blocks=(1, 2), exit_kind="ree")
     before = ee.evaluate(model, Task, data, batch_size=64)
     out = ee.train_early_exit(
-        model, Task, data, objective="ree-self-distill", steps=30, batch_size=16,
+        model, Task, data, objective=objective("reefl"), steps=30, batch_size=16,
         learning_rate=1e-3, exit_learning_rate=1e-2, seed=0, distill_weight=1.0,
     )
     after = ee.evaluate(model, Task, data, batch_size=64, thresholds=(0.6,))
@@ -285,7 +291,7 @@ def test_mutual_distillation_averages_over_the_other_exits_with_three_exits():
     assert expected > 0.05  # the terms are not all zero, so a sum would show (2x)
 
 
-def test_reefl_teacher_is_the_exit_with_the_lowest_loss_ema(monkeypatch):
+def test_reefl_teacher_is_the_exit_with_the_lowest_loss_ema():
     """Once every exit has a loss average, each step's teacher is its argmin: here the
     middle exit of three (its EMA starts lowest and stays so at decay 1)."""
     from ml.data import ImageDataset
@@ -301,17 +307,16 @@ def test_reefl_teacher_is_the_exit_with_the_lowest_loss_ema(monkeypatch):
             return {"pixel_values": torch.from_numpy(d.images[index]), "labels": torch.as_tensor(d.labels[index])}
 
     teachers = []
-    original = ee.local_loss
+    reefl = objective("reefl")
 
-    def spy(objective, logits, labels, **kw):
+    def spy(logits, labels, **kw):
         teachers.append(kw["teacher"])
-        return original(objective, logits, labels, **kw)
+        return reefl(logits, labels, **kw)
 
-    monkeypatch.setattr(ee, "local_loss", spy)
     torch.manual_seed(0)
     model = ee.EarlyExitClassifier(_tiny_vit(3), 2, exit_blocks=(1, 2, 3), exit_kind="ree")
     out = ee.train_early_exit(
-        model, Task, data, objective="ree-self-distill", steps=3, batch_size=8, learning_rate=1e-3,
+        model, Task, data, objective=spy, steps=3, batch_size=8, learning_rate=1e-3,
         exit_learning_rate=1e-2, seed=0, distill_weight=1.0, loss_ema=[5.0, 0.1, 3.0], ema_decay=1.0,
     )
     assert teachers == [1, 1, 1] and out["teacher"] == 1  # not the deepest (2), not the first (0)

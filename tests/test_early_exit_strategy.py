@@ -37,7 +37,7 @@ def test_each_depth_receives_its_part_and_the_method(flower_identity, fake_grid)
     deep = from_record(msgs[2].content.array_records[keys.ARRAYS])
     assert set(shallow) == {"emb", "block0", "heads.0.w"} and set(deep) == set(REQUIRED)
     cfg = msgs[1].content.config_records[keys.CONFIG]
-    assert cfg[keys.MAX_EXIT] == 1 and cfg[keys.EXIT_KIND] == "ree" and cfg[keys.OBJECTIVE] == "ree-self-distill"
+    assert cfg[keys.MAX_EXIT] == 1 and cfg[keys.EXIT_KIND] == "ree" and cfg[keys.METHOD] == "reefl"
     assert cfg[keys.DISTILL_WEIGHT] == pytest.approx(0.5)  # round 2 of a 4-round ramp
 
 

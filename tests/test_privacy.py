@@ -213,7 +213,7 @@ def _early_exit_case(case):
         model = ee.EarlyExitClassifier(_vit(), 10, exit_blocks=(2, 4), exit_kind="ree")
         ee.set_tuning(model, "full")
         batch = {"pixel_values": torch.randn(3, 1, 8, 8), "labels": torch.tensor([1, 2, 3])}
-        return model, batch, "ree-self-distill"
+        return model, batch, "reefl"
     ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[2, 4:] = 0
@@ -223,10 +223,10 @@ def _early_exit_case(case):
         ee.set_tuning(model, "lora", lora_rank=2)
         with torch.no_grad():
             model.ree.gate.scale.fill_(0.5)  # open, so the gate's gradient is not zero
-        return model, batch, "ree-self-distill"
+        return model, batch, "reefl"
     model = ee.EarlyExitClassifier(_bert(), 3, exit_blocks=(1, 2, 4), exit_kind="per-exit", pooling="mean")
     ee.set_tuning(model, "lora", lora_rank=2)
-    return model, batch, "mutual-distill"
+    return model, batch, "depthfl"
 
 
 @pytest.mark.parametrize("case", ["reefl-vit-full", "reefl-bert-lora", "depthfl-bert-lora"])
@@ -239,19 +239,21 @@ def test_opacus_per_example_gradients_of_the_early_exit_models_are_exact(case):
     from opacus import GradSampleModule
     from opacus.grad_sample import GradSampleModule as Hooks
 
-    from ml.early_exit import ExitTokens, LayerScale, local_loss
+    from client_app.methods import METHODS
+    from ml.layers import ExitTokens, LayerScale
     from ml.privacy import register_grad_samplers
 
     register_grad_samplers()
     assert {ExitTokens, LayerScale} <= set(Hooks.GRAD_SAMPLERS)
 
-    model, batch, objective = _early_exit_case(case)
+    model, batch, method = _early_exit_case(case)
+    objective = METHODS[method]().loss
     model.train()
     labels = batch.pop("labels")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def loss_of(m, b, y):
-        return local_loss(objective, m(**b), y, distill_weight=1.0, teacher=model.max_exit - 1)[0]
+        return objective(m(**b), y, distill_weight=1.0, teacher=model.max_exit - 1, temperature=1.0)[0]
 
     alone = {n: [] for n, _ in trainable}
     for i in range(len(labels)):
@@ -320,17 +322,18 @@ class ImageTask:
 
 
 def test_reefl_trains_every_part_under_dp_sgd_with_the_deepest_exit_as_teacher():
+    from client_app.methods import METHODS
     from ml import early_exit as ee
 
     torch.manual_seed(0)
     model = ee.EarlyExitClassifier(_vit(2), 2, exit_blocks=(1, 2), exit_kind="ree")
     with pytest.raises(RuntimeError, match=r"take no part in the loss: backbone\.layernorm\.weight"):  # the ViT's final norm
-        ee.train_early_exit(model, ImageTask, _digits_like(), objective="all-exits", steps=1, batch_size=8, learning_rate=1e-3,
+        ee.train_early_exit(model, ImageTask, _digits_like(), objective=METHODS["exclusivefl"]().loss, steps=1, batch_size=8, learning_rate=1e-3,
                             exit_learning_rate=1e-2, seed=0, private={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
     ee.set_tuning(model, "full")  # every parameter of the blocks, none past them
     before = snapshot(model)
     out = ee.train_early_exit(
-        model, ImageTask, _digits_like(), objective="ree-self-distill", steps=4, batch_size=8, learning_rate=1e-3,
+        model, ImageTask, _digits_like(), objective=METHODS["reefl"]().loss, steps=4, batch_size=8, learning_rate=1e-3,
         exit_learning_rate=1e-2, seed=0, distill_weight=1.0, loss_ema=[0.1, 5.0],  # un-noised EMA would pick exit 1
         private={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "ledger": Ledger().after(1.0, 1 / 6, 3)},
     )
