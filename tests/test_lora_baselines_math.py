@@ -4,6 +4,7 @@ separates them from FLoRA: averaging factors adds cross terms, stacking does not
 import numpy as np
 import pytest
 
+from stamen import lora_math
 from strategies import fedit, flexlora, hetlora
 from strategies.flora import stack_lora
 from strategies.lora_records import ClientLoRA
@@ -61,14 +62,14 @@ def test_fedit_refuses_mixed_ranks():
 def test_truncate_and_pad_by_hand():
     a = np.arange(6.0).reshape(3, 2)
     b = np.arange(6.0).reshape(2, 3)
-    (ta, tb) = hetlora.truncate({"m": (a, b)}, 2)["m"]
+    (ta, tb) = lora_math.truncate({"m": (a, b)}, 2)["m"]
     np.testing.assert_array_equal(ta, [[0, 1], [2, 3]])
     np.testing.assert_array_equal(tb, [[0, 1], [3, 4]])
     pa, pb = hetlora.pad(ta, tb, 3)
     np.testing.assert_array_equal(pa, [[0, 1], [2, 3], [0, 0]])
     np.testing.assert_array_equal(pb, [[0, 1, 0], [3, 4, 0]])
     with pytest.raises(ValueError):
-        hetlora.truncate({"m": (a, b)}, 4)
+        lora_math.truncate({"m": (a, b)}, 4)
 
 
 def test_norm_weights_by_hand():
@@ -111,11 +112,11 @@ def test_hetlora_a_component_only_some_clients_hold(mode, component_1):
 def test_self_pruning_drops_a_small_tail_only():
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(8, 5)), rng.normal(size=(4, 8))
-    assert hetlora.self_prune_rank({"m": (a, b)}, rho=0.25, threshold=0.1) == 8  # tail as large as the rest
+    assert lora_math.self_prune_rank({"m": (a, b)}, rho=0.25, threshold=0.1) == 8  # tail as large as the rest
     a[-2:] *= 1e-3
     b[:, -2:] *= 1e-3
-    assert hetlora.self_prune_rank({"m": (a, b)}, rho=0.25, threshold=0.1) == 6
-    assert hetlora.self_prune_rank({"m": (a[:1], b[:, :1])}, rho=0.25, threshold=0.1) == 1  # never below 1
+    assert lora_math.self_prune_rank({"m": (a, b)}, rho=0.25, threshold=0.1) == 6
+    assert lora_math.self_prune_rank({"m": (a[:1], b[:, :1])}, rho=0.25, threshold=0.1) == 1  # never below 1
 
 
 # --- FlexLoRA -----------------------------------------------------------------------
