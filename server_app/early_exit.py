@@ -1,6 +1,6 @@
-"""The ServerApp's path for the early-exit strategies (ReeFL and its baselines): depths
-from the device profiles, the model's trainable state as the global state, and an
-evaluation of every exit after every round."""
+"""The early-exit family of the ServerApp (ReeFL and its baselines): depths from the
+device profiles, the model's trainable state as the global state, and an evaluation of
+every exit after every round (server_app/family.py says what a family is)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,44 @@ from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord
-from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from measurements.session import MeasurementSession
 from ml import early_exit
 from stamen.config import StamenConfig
 from strategies import STRATEGIES
-from strategies.lora_records import from_record, to_record
+from strategies.lora_records import from_record
 
 from .evaluation import ServerEvaluation
-from .privacy import write_privacy
-from .profiles import exits_from_profiles, query_profiles
-from .run_dir import RunDirectory
+from .family import Family
+from .profiles import exits_from_profiles
 
 
-def build_model(cfg: StamenConfig, task) -> early_exit.EarlyExitClassifier:
-    """The full-depth model with the exit module the strategy asks for."""
-    from ml.tasks import pick_device
+class EarlyExitFamily(Family):
+    """Depth-heterogeneous early exits: depths from the profiles; the model's trainable
+    state is the global state; every exit is evaluated after every round."""
 
-    return early_exit.model_from_config(task, cfg, exit_kind=STRATEGIES[cfg.strategy.name].exit_kind).to(pick_device())
+    def __init__(self, cfg: StamenConfig, task) -> None:
+        from ml.tasks import pick_device
+
+        super().__init__(cfg, task)
+        self.model = early_exit.model_from_config(task, cfg, exit_kind=STRATEGIES[cfg.strategy.name].exit_kind).to(pick_device())
+        self.metrics_columns = metrics_columns(cfg, self.model)
+
+    def strategy(self, profiles):
+        cfg, model = self.cfg, self.model
+        num_exits = len(model.exit_blocks)
+        node_exits = exits_from_profiles(profiles, cfg.early_exit, num_exits)
+        for node, e in sorted(node_exits.items()):
+            log(INFO, "node %d: %s, max exit %d (%d of %d blocks)", node, profiles[node].get("device-class"), e, model.exit_blocks[e - 1], model.num_blocks)
+        return STRATEGIES[cfg.strategy.name].from_config(
+            cfg, node_exits=node_exits, num_exits=num_exits, required_exits=model.required_exits(), **self.common()
+        )
+
+    def initial(self):
+        return self.model.trainable_state()
+
+    def evaluation(self, test, run, algorithm):
+        return ExitEvaluation(self.cfg, self.task, self.model, test, run, algorithm)
 
 
 def metrics_columns(cfg: StamenConfig, model) -> tuple[str, ...]:
@@ -38,35 +56,6 @@ def metrics_columns(cfg: StamenConfig, model) -> tuple[str, ...]:
         ("round", "eval_accuracy") + exits + ("eval_accuracy_mean", "eval_accuracy_ensemble") + thresholds
         + ("train_loss", "num_clients", "skipped", "dropped", "downlink_bytes", "elapsed_s")
     )
-
-
-def run(grid: Grid, cfg: StamenConfig, task, split, model, run_dir: RunDirectory, measurements: MeasurementSession) -> None:
-    profiles = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
-    measurements.profiles = profiles
-    run_dir.write_json("profiles.json", {str(n): p for n, p in profiles.items()})
-    num_exits = len(model.exit_blocks)
-    node_exits = exits_from_profiles(profiles, cfg.early_exit, num_exits)
-    for node, e in sorted(node_exits.items()):
-        log(INFO, "node %d: %s, max exit %d (%d of %d blocks)", node, profiles[node].get("device-class"), e, model.exit_blocks[e - 1], model.num_blocks)
-    algorithm = STRATEGIES[cfg.strategy.name].from_config(
-        cfg,
-        node_exits=node_exits,
-        num_exits=num_exits,
-        required_exits=model.required_exits(),
-        fraction_train=cfg.strategy.fraction_train,
-        min_nodes=cfg.strategy.min_nodes,
-        message_ttl=cfg.strategy.round_timeout,
-    )
-    strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
-    initial = model.trainable_state()
-    evaluate = ExitEvaluation(cfg, task, model, split.test, run_dir, algorithm)
-    result = strategy.start(
-        grid, to_record(initial), num_rounds=cfg.strategy.num_rounds, timeout=cfg.strategy.round_timeout, evaluate_fn=evaluate
-    )
-    run_dir.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
-    write_privacy(run_dir, algorithm)
-    measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
-    log(INFO, "done: %s", evaluate.summary())
 
 
 class ExitEvaluation(ServerEvaluation):

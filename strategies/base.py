@@ -56,6 +56,13 @@ class SampledStrategy(FedAvg):
 
     PRIVACY_COLUMNS = ("round", "node_id", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "status")
 
+    def attach_run(self, run_dir, round_times=None) -> None:
+        """The run directory (for state a strategy saves) and ``round_times(server_round)
+        -> {node: seconds}`` from the instrumentation layer; most strategies need neither."""
+
+    def finish(self) -> None:
+        """After the last round."""
+
     def sample(self, grid: Grid) -> list[int]:
         """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``;
         a retired node is never sampled again."""
@@ -192,13 +199,6 @@ class LoRAStrategy(SampledStrategy):
 
     def observe_reply(self, node_id: int, metrics) -> None:
         """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""
-
-    def attach_run(self, run_dir, round_times=None) -> None:
-        """The run directory (for state a strategy saves) and ``round_times(server_round)
-        -> {node: seconds}`` from the instrumentation layer; most strategies need neither."""
-
-    def finish(self) -> None:
-        """After the last round."""
 
     # --- Flower Strategy ---------------------------------------------------------------
     def rank_of(self, node_id: int) -> int:
