@@ -63,6 +63,54 @@ class SampledStrategy(FedAvg):
     def finish(self) -> None:
         """After the last round."""
 
+    def forget_node(self, node_id: int) -> None:
+        """Called when a node failed or went silent: its local state is unknown."""
+
+    def observe_reply(self, node_id: int, metrics) -> None:
+        """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""
+
+    client_method: str | None = None  # the device-side method that serves the instructions (client_app/methods/)
+
+    def instruction(self, node_id: int, server_round: int, arrays: Mapping[str, np.ndarray], config: ConfigRecord, **extra) -> Message:
+        """One node's train message: its arrays, the round's config, the round, the
+        device-side method, and what this node needs besides (``extra``)."""
+        fields = {**dict(config), keys.SERVER_ROUND: server_round, keys.METHOD: self.client_method, **extra}
+        return Message(
+            RecordDict({keys.ARRAYS: to_record(arrays), keys.CONFIG: ConfigRecord(fields)}),
+            dst_node_id=node_id,
+            message_type=MessageType.TRAIN,
+            ttl=self.message_ttl,
+            group_id=str(server_round),
+        )
+
+    def collect(self, record, replies: Iterable[Message], parse) -> list[tuple[int, object, MetricRecord]]:
+        """The round's accepted replies as ``(node, parse(node, content), metrics)``. A node
+        is dropped from ``record`` with its reason when its reply is an error, its privacy
+        budget is spent, ``parse`` refuses it (InvalidUpdate, or a missing key), or it
+        never replied; a node that failed or went silent is also forgotten."""
+        accepted, answered = [], set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            answered.add(node_id)
+            if msg.has_error():
+                self._drop(record, node_id, f"client error: {msg.error.reason}")
+                self.forget_node(node_id)
+                continue
+            if self.take_privacy(record, node_id, msg.content):
+                continue
+            try:
+                parsed = parse(node_id, msg.content)
+                metrics = msg.content.metric_records[keys.METRICS]
+            except (InvalidUpdate, KeyError) as err:
+                self._drop(record, node_id, f"invalid update: {err}")
+                continue
+            self.observe_reply(node_id, metrics)
+            accepted.append((node_id, parsed, metrics))
+        for node_id in set(record.participants) - answered:
+            self._drop(record, node_id, "no reply before the round timeout")
+            self.forget_node(node_id)
+        return accepted
+
     def sample(self, grid: Grid) -> list[int]:
         """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``;
         a retired node is never sampled again."""
@@ -161,7 +209,7 @@ class LoRAStrategy(SampledStrategy):
     # update (zero_update), so the round's mean has the cohort's size as its fixed
     # denominator and one node's presence moves it by at most C / cohort (docs/privacy.md).
     absent_as_zero = False
-    client_method = "lora"  # the device-side method that serves this strategy's instructions (client_app/methods/)
+    client_method = "lora"  # client_app/methods/lora.py
     accepts_pruned_ranks = False  # True: a reply may carry a smaller rank than assigned (HetLoRA)
     accepts_pruned_units = False  # True: a reply carries factors of pruned matrices and the kept indices (FedSpine)
 
@@ -182,9 +230,6 @@ class LoRAStrategy(SampledStrategy):
         """New global state from the checked updates of one round."""
         raise NotImplementedError
 
-    def forget_node(self, node_id: int) -> None:
-        """Called when a node failed or went silent: its local state is unknown."""
-
     def zero_update(self, node_id: int) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
         """The update of a node that changes nothing: zero factors (product 0) and the head
         it was sent. A strategy whose nodes start from a sent adapter overrides it."""
@@ -196,9 +241,6 @@ class LoRAStrategy(SampledStrategy):
         """Central DP: add ``noise(array) -> array`` to what this round releases to the
         nodes and return the global arrays the server keeps (see central_dp_space)."""
         raise NotImplementedError(f"{type(self).__name__} does not support central DP")
-
-    def observe_reply(self, node_id: int, metrics) -> None:
-        """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""
 
     # --- Flower Strategy ---------------------------------------------------------------
     def rank_of(self, node_id: int) -> int:
@@ -218,30 +260,11 @@ class LoRAStrategy(SampledStrategy):
         for node_id in node_ids:
             rank = self.rank_of(node_id)
             down, extra = self.downlink(node_id, self._global)
-            node_config = ConfigRecord(
-                {
-                    **dict(config),
-                    keys.SERVER_ROUND: server_round,
-                    keys.METHOD: self.client_method,
-                    keys.LORA_RANK: rank,
-                    keys.LORA_ALPHA: float(self.lora_alpha),
-                    **extra,
-                }
-            )
-            arrays_down = to_record(down)
-            content = RecordDict({keys.ARRAYS: arrays_down, keys.CONFIG: node_config})
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=node_id,
-                    message_type=MessageType.TRAIN,
-                    ttl=self.message_ttl,
-                    group_id=str(server_round),
-                )
-            )
+            msg = self.instruction(node_id, server_round, down, config, **{keys.LORA_RANK: rank, keys.LORA_ALPHA: float(self.lora_alpha), **extra})
+            messages.append(msg)
             record.participants.append(node_id)
             record.ranks[node_id] = rank
-            record.downlink_bytes[node_id] = arrays_down.count_bytes()
+            record.downlink_bytes[node_id] = msg.content.array_records[keys.ARRAYS].count_bytes()
             record.sync_modes[node_id] = str(extra.get(keys.SYNC_MODE, "full"))
         self._current = record
         self.rounds.append(record)
@@ -267,28 +290,10 @@ class LoRAStrategy(SampledStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self._current or RoundRecord(server_round)
-        updates, heads, losses, answered = [], [], [], set()
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
-            answered.add(node_id)
-            if msg.has_error():
-                self._drop(record, node_id, f"client error: {msg.error.reason}")
-                self.forget_node(node_id)
-                continue
-            if self.take_privacy(record, node_id, msg.content):
-                continue
-            try:
-                update, head = self.parse(node_id, msg.content)
-            except InvalidUpdate as err:
-                self._drop(record, node_id, f"invalid update: {err}")
-                continue
-            updates.append(update)
-            heads.append(head)
-            losses.append(msg.content.metric_records[keys.METRICS].get(keys.TRAIN_LOSS, float("nan")))
-            self.observe_reply(node_id, msg.content.metric_records[keys.METRICS])
-        for node_id in set(record.participants) - answered:
-            self._drop(record, node_id, "no reply before the round timeout")
-            self.forget_node(node_id)
+        accepted = self.collect(record, replies, self.parse)
+        updates = [update for _, (update, _), _ in accepted]
+        heads = [head for _, (_, head), _ in accepted]
+        losses = [metrics.get(keys.TRAIN_LOSS, float("nan")) for _, _, metrics in accepted]
         if updates:
             record.train_loss = float(np.average(losses, weights=[u.num_examples for u in updates]))
             record.global_rank = sum(next(iter(u.factors.values()))[0].shape[0] for u in updates)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
@@ -154,62 +154,37 @@ class EarlyExitStrategy(SampledStrategy):
                 record.skipped.append(node_id)
                 continue
             down = {k: v for k, v in self._global.items() if self.holds(k, max_exit)}
-            instruction = ConfigRecord(
-                {
-                    **dict(config),
-                    keys.SERVER_ROUND: server_round,
-                    keys.MAX_EXIT: max_exit,
-                    keys.EXIT_KIND: self.exit_kind,
-                    keys.METHOD: self.client_method,
-                    keys.DISTILL_WEIGHT: float(weight),
-                }
+            msg = self.instruction(
+                node_id, server_round, down, config,
+                **{keys.MAX_EXIT: max_exit, keys.EXIT_KIND: self.exit_kind, keys.DISTILL_WEIGHT: float(weight)},
             )
-            down_record = to_record(down)
-            messages.append(
-                Message(
-                    RecordDict({keys.ARRAYS: down_record, keys.CONFIG: instruction}),
-                    dst_node_id=node_id,
-                    message_type=MessageType.TRAIN,
-                    ttl=self.message_ttl,
-                    group_id=str(server_round),
-                )
-            )
+            messages.append(msg)
             self._sent[node_id] = {k: tuple(v.shape) for k, v in down.items()}
             record.participants.append(node_id)
             record.exits[node_id] = max_exit
-            record.downlink_bytes[node_id] = down_record.count_bytes()
+            record.downlink_bytes[node_id] = msg.content.array_records[keys.ARRAYS].count_bytes()
         self.rounds.append(record)
         if not messages:
             log(WARNING, "configure_train: no sampled node trains under %s (skipped %s)", type(self).__name__, record.skipped)
         log(INFO, "configure_train: %d nodes, max exits %s, skipped %d", len(messages), sorted(record.exits.values()), len(record.skipped))
         return messages
 
+    def parse(self, node_id: int, content: RecordDict) -> tuple[float, dict[str, np.ndarray]]:
+        """(num-examples, arrays) of a reply, checked against what the node was sent.
+        Raises InvalidUpdate (or KeyError for a missing record)."""
+        arrays = check_update(from_record(content.array_records[keys.ARRAYS]), self._sent.get(node_id, {}))
+        n = int(content.metric_records[keys.METRICS][keys.NUM_EXAMPLES])
+        if n <= 0:
+            raise InvalidUpdate(f"num-examples = {n}")
+        return float(n), arrays
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.rounds[-1] if self.rounds and self.rounds[-1].server_round == server_round else DepthRound(server_round)
-        updates, losses, answered = [], [], set()
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
-            answered.add(node_id)
-            if msg.has_error():
-                self._drop(record, node_id, f"client error: {msg.error.reason}")
-                continue
-            if self.take_privacy(record, node_id, msg.content):
-                continue
-            try:
-                arrays = check_update(from_record(msg.content.array_records[keys.ARRAYS]), self._sent.get(node_id, {}))
-                metrics = msg.content.metric_records[keys.METRICS]
-                n = int(metrics[keys.NUM_EXAMPLES])
-                if n <= 0:
-                    raise InvalidUpdate(f"num-examples = {n}")
-            except (InvalidUpdate, KeyError) as err:
-                self._drop(record, node_id, f"invalid update: {err}")
-                continue
-            updates.append((float(n), arrays))
-            losses.append(float(metrics.get(keys.TRAIN_LOSS, math.nan)))
-        for node_id in set(record.participants) - answered:
-            self._drop(record, node_id, "no reply before the round timeout")
+        accepted = self.collect(record, replies, self.parse)
+        updates = [parsed for _, parsed, _ in accepted]
+        losses = [float(metrics.get(keys.TRAIN_LOSS, math.nan)) for _, _, metrics in accepted]
         if not updates:
             log(WARNING, "aggregate_train: no valid update in round %d; the global model is unchanged", server_round)
             return None, None
