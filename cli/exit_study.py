@@ -19,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .study_runs import epsilon_text, final_epsilon, plot_band, run_label
+from .study_runs import epsilon_text, final_epsilon, plot_band, pyplot, run_label, save_figure
 
 COLORS = {"reefl": "#55A868", "depthfl": "#4C72B0", "inclusivefl": "#8172B2", "exclusivefl": "#C44E52"}
 ORDER = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
@@ -91,10 +91,8 @@ def table(groups) -> list[dict]:
 
 
 def plot(groups, rows: list[dict], target: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    from matplotlib.colors import to_rgba
 
     datasets = sorted({d for d, _ in groups})
     fig, axes = plt.subplots(len(datasets), 3, figsize=(15, 4.2 * len(datasets)), squeeze=False)
@@ -104,7 +102,7 @@ def plot(groups, rows: list[dict], target: Path) -> Path:
                 continue
             color = COLORS.get(_strategy(name))
             if name != _strategy(name):  # the same method under DP: a lighter shade
-                color = matplotlib.colors.to_rgba(color or "grey", 0.55)
+                color = to_rgba(color or "grey", 0.55)
             plot_band(ax_row[0], [r["mean"] for r in runs], color=color, label=f"{name} ({len(runs)} seeds)")
             row = next(r for r in rows if r["data"] == data and r["strategy"] == name)
             ax_row[1].plot(range(1, len(row["final_exit_accuracy"]) + 1), row["final_exit_accuracy"], marker="o", color=color, label=name)
@@ -115,10 +113,7 @@ def plot(groups, rows: list[dict], target: Path) -> Path:
         for ax in ax_row:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return target
+    return save_figure(fig, target, dpi=110)
 
 
 def exit_study(finished: list[tuple[Path, dict, list[dict]]], out_dir: Path, echo=print) -> list[dict]:

@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .study_runs import finished_runs
+from .study_runs import finished_runs, pyplot, save_figure
 
 ORDER = ("bandit", "fixed-p05-r4", "no-pruning", "hetlora")
 COLORS = {"bandit": "#C44E52", "fixed-p05-r4": "#4C72B0", "no-pruning": "#55A868", "hetlora": "#8172B2"}
@@ -91,10 +91,7 @@ def table(rows: dict[str, dict], target: float) -> list[dict]:
 
 
 def plot_accuracy(rows: dict[str, dict], target: float, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, r in rows.items():
@@ -104,18 +101,12 @@ def plot_accuracy(rows: dict[str, dict], target: float, path: Path) -> Path:
     ax.set_ylabel("held-out accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_arms(row: dict, path: Path) -> Path:
     """One line per device: the arm (ratio, rank) it played in each round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = sorted({(float(a["ratio"]), int(a["rank"])) for a in row["arms"]})
     by_node: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -130,10 +121,7 @@ def plot_arms(row: dict, path: Path) -> Path:
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _device(row: dict, node: str) -> str:

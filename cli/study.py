@@ -19,7 +19,7 @@ from pathlib import Path
 from stamen.config import EARLY_EXIT_STRATEGIES
 
 from .exit_study import exit_study
-from .study_runs import epsilon_text, final_epsilon, finished_runs, plot_band, run_label, setting
+from .study_runs import epsilon_text, final_epsilon, finished_runs, plot_band, pyplot, run_label, save_figure, setting
 
 COLORS = {"flora": "#55A868", "fedit": "#C44E52", "hetlora": "#8172B2", "flexlora": "#4C72B0"}  # one per strategy, every panel
 
@@ -63,10 +63,7 @@ def table(groups) -> list[dict]:
 
 
 def plot(groups, target: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kinds = sorted({k for _, k in groups})
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
@@ -80,10 +77,7 @@ def plot(groups, target: Path) -> Path:
         ax.set_ylabel("held-out accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
-    return target
+    return save_figure(fig, target)
 
 
 def study(dirs: list[str | Path], echo=print) -> list[dict]:

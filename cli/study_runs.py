@@ -70,3 +70,21 @@ def final_epsilon(run: Path) -> float:
     if not path.is_file():
         return math.nan
     return max((float(r["epsilon"]) for r in csv.DictReader(open(path))), default=math.nan)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, target: Path, dpi: int = 120) -> Path:
+    """Lay out, write and close a study figure; returns where it went."""
+    fig.tight_layout()
+    fig.savefig(target, dpi=dpi)
+    pyplot().close(fig)
+    return target
