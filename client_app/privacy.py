@@ -116,11 +116,11 @@ class RoundPrivacy:
             )
         held = context.state.array_records.get(keys.STATE_DP_LEDGER)
         in_state = Ledger.from_array(from_record(held)["history"]) if held is not None else Ledger()
-        on_disk = LedgerFile.for_context(context).read() or Ledger()
+        ledger_file = LedgerFile.for_context(context)
+        on_disk = ledger_file.read() or Ledger()
         ledger = max(in_state, on_disk, key=lambda led: led.steps)  # the longer: a restart emptied the state
         if on_disk.steps > in_state.steps:
-            log.info("privacy ledger: %d DP-SGD steps spent in this run before a restart (from %s)",
-                     on_disk.steps, LedgerFile.for_context(context).path)
+            log.info("privacy ledger: %d DP-SGD steps spent in this run before a restart (from %s)", on_disk.steps, ledger_file.path)
         return cls(
             noise_multiplier=noise,
             max_grad_norm=dp.max_grad_norm,
