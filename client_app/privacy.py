@@ -103,6 +103,11 @@ class RoundPrivacy:
     ledger: Ledger  # spent before this round
 
     @classmethod
+    def for_round(cls, cfg: StamenConfig, context: Context, num_examples: int) -> RoundPrivacy | None:
+        """This round's plan under ``dp.mode = "local"``; None without it."""
+        return cls.plan(cfg, context, num_examples) if cfg.dp.local else None
+
+    @classmethod
     def plan(cls, cfg: StamenConfig, context: Context, num_examples: int) -> RoundPrivacy:
         """The noise is ``dp.noise-multiplier``, or, with only a target ``dp.epsilon``, the
         noise that spends exactly that over ``strategy.num-rounds`` rounds of

@@ -19,6 +19,11 @@ def node_task_and_data(context: Context, cfg: StamenConfig):
     return task_and_partition(context, cfg)
 
 
+def loop_seed(cfg: StamenConfig, server_round: int, partition_id: int) -> int:
+    """The seed of a round's local training (its data order): another per round and node."""
+    return cfg.train.seed + 7919 * server_round + partition_id
+
+
 def task_and_partition(context: Context, cfg: StamenConfig):
     """Built once per run under the warm runtime (ml/cache.py), else for every message."""
     from ml.tasks import build_task

@@ -21,7 +21,7 @@ from stamen.config import StamenConfig
 from stamen.records import from_record, to_record
 
 from ..privacy import RoundPrivacy
-from ..task import node_task_and_data
+from ..task import loop_seed, node_task_and_data
 
 log = logging.getLogger("stamen.client")
 
@@ -54,11 +54,9 @@ class EarlyExitMethod:
             model.to(pick_device(str(context.node_config.get(keys.NODE_DEVICE, "auto"))))
             held = context.state.config_records.get(keys.STATE_EXIT_LOSS_EMA)
             ema = [float(x) for x in held["ema"]] if held is not None else []
-        privacy = None
-        if cfg.dp.local:  # DP-SGD: check the budget before anything trains
-            privacy = RoundPrivacy.plan(cfg, context, len(data))
-            if privacy.exhausted():
-                return privacy.stop_reply(msg, server_round)
+        privacy = RoundPrivacy.for_round(cfg, context, len(data))
+        if privacy is not None and privacy.exhausted():  # DP-SGD: the budget is checked before anything trains
+            return privacy.stop_reply(msg, server_round)
         with phase("loop"):
             result = early_exit.train_early_exit(
                 model,
@@ -69,7 +67,7 @@ class EarlyExitMethod:
                 batch_size=cfg.train.batch_size,
                 learning_rate=cfg.train.learning_rate,
                 exit_learning_rate=cfg.train.head_learning_rate,
-                seed=cfg.train.seed + 7919 * server_round + partition_id,
+                seed=loop_seed(cfg, server_round, partition_id),
                 distill_weight=float(instr[keys.DISTILL_WEIGHT]),
                 temperature=cfg.early_exit.distill_temperature,
                 loss_ema=ema,

@@ -27,7 +27,7 @@ from stamen.records import factors_to_arrays, from_record, split_global, to_reco
 
 from ..privacy import RoundPrivacy
 from ..sync import apply_downlink
-from ..task import node_task_and_data
+from ..task import loop_seed, node_task_and_data
 from .registry import register
 
 log = logging.getLogger("stamen.client")
@@ -106,17 +106,15 @@ class LoRAMethod:
             from ml.model import head_state
 
             task, data, model, targets = prepare(msg, context, cfg)
-        privacy = None
-        if cfg.dp.local:  # DP-SGD: check the budget before anything trains
-            privacy = RoundPrivacy.plan(cfg, context, len(data))
-            if privacy.exhausted():
-                return privacy.stop_reply(msg, server_round)
+        privacy = RoundPrivacy.for_round(cfg, context, len(data))
+        if privacy is not None and privacy.exhausted():  # DP-SGD: the budget is checked before anything trains
+            return privacy.stop_reply(msg, server_round)
         options = {
             "steps": cfg.train.local_steps,
             "batch_size": cfg.train.batch_size,
             "learning_rate": cfg.train.learning_rate,
             "head_learning_rate": cfg.train.head_learning_rate,
-            "seed": cfg.train.seed + 7919 * server_round + partition_id,
+            "seed": loop_seed(cfg, server_round, partition_id),
         }
         r = LoRARound(msg, context, cfg, instr, task, data, model, targets, privacy, options)
         with phase("loop"):
