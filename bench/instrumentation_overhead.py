@@ -39,9 +39,10 @@ def component(reps: int, steps: int, interval: float) -> None:
     from measurements import client_mod
     from measurements.phases import phase
     from measurements.spool import ENV_VAR
+    from ml.loop import train
     from ml.lora import attach_fresh_lora
     from ml.model import target_module_names
-    from ml.tasks import build_task, train_local
+    from ml.tasks import build_task
     from stamen.config import StamenConfig
 
     torch.set_num_threads(1)
@@ -57,7 +58,7 @@ def component(reps: int, steps: int, interval: float) -> None:
 
     def handler(msg, context):
         with phase("loop"):
-            train_local(model, task, data, steps=steps, batch_size=8, learning_rate=1e-3, head_learning_rate=5e-3, seed=0)
+            train(model, task, data, steps=steps, batch_size=8, learning_rate=1e-3, head_learning_rate=5e-3, seed=0)
         return Message(RecordDict(), reply_to=msg)
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)

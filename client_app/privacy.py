@@ -1,6 +1,6 @@
 """A node's side of ``dp.mode = "local"``: this round's DP-SGD parameters, the budget check
 before anything trains, the ledger kept across rounds, and the reply metrics
-(ml/privacy.py does the training; docs/privacy.md explains it all).
+(ml/privacy.py makes the training private; docs/privacy.md explains it all).
 
 The ledger is kept twice: in ``context.state`` (what the SuperNode holds between rounds)
 and in a file on the device's disk, keyed by run and partition (:class:`LedgerFile`). A
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from ml.privacy import Ledger, noise_for_budget, sample_rate
+from ml.privacy import DPSGD, Ledger, noise_for_budget, sample_rate
 from stamen import keys
 from stamen.config import StamenConfig
 from stamen.records import from_record, to_record
@@ -144,9 +144,9 @@ class RoundPrivacy:
         # Opacus's noise search stops within 1% of the target; that much over is the target itself
         return self.epsilon_after() > self.budget * 1.01
 
-    def train_options(self) -> dict:
-        """The DP-SGD keyword arguments of ``ml.privacy.train_private``."""
-        return {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm, "ledger": self.ledger}
+    def dpsgd(self) -> DPSGD:
+        """What the training loop's DP-SGD takes (``ml.loop.train(private=...)``)."""
+        return DPSGD(self.noise_multiplier, self.max_grad_norm, self.ledger)
 
     def log_spent(self, server_round: int, metrics: dict[str, float]) -> None:
         log.info(

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import batch_indices
 from .layers import ExitTokens, LayerScale
-from .privacy import train_private
+from .loop import train
+from .privacy import DPSGD
 from .tasks import to_device
 from .tensors import source_tensor
 
@@ -358,22 +358,21 @@ def train_early_exit(
     temperature: float = 1.0,
     loss_ema: Sequence[float] = (),
     ema_decay: float = 0.9,
-    private: Mapping | None = None,
+    private: DPSGD | None = None,
 ) -> dict:
-    """``steps`` AdamW steps on the model's trainable parameters (the exit modules at
-    ``exit_learning_rate``) of the method's ``objective``. The teacher it is given (ReeFL
-    distils from it; the others ignore it) is, at every step, the exit with the lowest
-    moving-average loss so far (``loss_ema`` carries it across rounds; the deepest exit
-    before any is known).
+    """``steps`` AdamW steps (ml/loop.py) on the model's trainable parameters (the exit
+    modules at ``exit_learning_rate``) of the method's ``objective``. The teacher it is
+    given (ReeFL distils from it; the others ignore it) is, at every step, the exit with
+    the lowest moving-average loss so far (``loss_ema`` carries it across rounds; the
+    deepest exit before any is known).
 
-    ``private``: DP-SGD instead (ml/privacy.py), with its keyword arguments
-    ``noise_multiplier``, ``max_grad_norm`` and ``ledger``. The teacher is then always the
-    deepest exit: choosing it from un-noised losses would let the data steer training
-    outside the guarantee (the moving average is left as it was).
+    ``private``: DP-SGD (ml/privacy.py). The teacher is then always the deepest exit:
+    choosing it from un-noised losses would let the data steer training outside the
+    guarantee (the moving average is left as it was).
 
     Returns {"loss": mean objective, "exit_losses": mean CE per exit, "loss_ema": the
-    updated averages, "teacher": the last teacher (0-based)}, and under DP "privacy": the
-    :class:`ml.privacy.PrivateResult`."""
+    updated averages, "teacher": the last teacher (0-based), "ledger": under DP the
+    spending including this round, else None}."""
 
     exit_names = ("ree.", "head.", "heads.")  # the gate (ree.gate) learns at the backbone rate, see ReeModule
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -385,45 +384,29 @@ def train_early_exit(
     groups = [g for g in groups if g["params"]]
     ema = list(loss_ema)[: model.max_exit]
     deepest = model.max_exit - 1
-    losses, exit_losses, teacher = [], [], deepest
+    adapt = private is None  # the teacher follows the losses: not under DP (docstring)
+    exit_losses, teacher = [], deepest
 
     def step_loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonlocal ema, teacher
         batch = dict(batch)
         labels = batch.pop("labels")
+        if adapt:
+            known = [x for x in ema if not math.isnan(x)]
+            teacher = int(np.nanargmin(ema)) if len(known) == model.max_exit else deepest
         loss, ce = objective(m(**batch), labels, distill_weight=distill_weight, teacher=teacher, temperature=temperature)
         exit_losses.append(ce.tolist())
+        if adapt:  # the next step's teacher sees this step's losses
+            ema = update_loss_ema(ema, exit_losses[-1], ema_decay)
         return loss
 
-    if private is not None:
-        result = train_private(
-            model, task, data, steps=steps, batch_size=batch_size, seed=seed, loss=step_loss, groups=groups, losses=losses, **private,
-        )
-        return {
-            "loss": result.loss,
-            "exit_losses": [float(x) for x in np.mean(exit_losses, axis=0)] if exit_losses else [math.nan] * model.max_exit,
-            "loss_ema": ema,
-            "teacher": deepest,
-            "privacy": result,
-        }
-
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    batches = batch_indices(len(data), batch_size, seed=seed)
-    model.train()
-    for _ in range(steps):
-        known = [m for m in ema if not math.isnan(m)]
-        teacher = int(np.nanargmin(ema)) if len(known) == model.max_exit else deepest
-        loss = step_loss(model, to_device(task.batch(data, next(batches)), model))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema = update_loss_ema(ema, exit_losses[-1], ema_decay)
-        losses.append(loss.item())
-    model.eval()
+    trained = train(model, task, data, steps=steps, batch_size=batch_size, seed=seed, groups=groups, loss=step_loss, private=private)
     return {
-        "loss": float(np.mean(losses)),
-        "exit_losses": [float(x) for x in np.mean(exit_losses, axis=0)],
+        "loss": trained.loss,
+        "exit_losses": [float(x) for x in np.mean(exit_losses, axis=0)] if exit_losses else [math.nan] * model.max_exit,
         "loss_ema": ema,
         "teacher": teacher,
+        "ledger": trained.ledger,
     }
 
 

@@ -4,9 +4,11 @@ What a node does with ``dp.mode = "local"`` (docs/privacy.md):
 
 * Only the parameters that train (the LoRA factors, the classification head; for ReeFL
   its shared module and head) get per-example gradients, are clipped to
-  ``max_grad_norm`` and noised: Opacus's ``PrivacyEngine.make_private`` wraps the model,
-  the optimizer and a data loader with Poisson sampling (each example joins a step's
-  batch with probability ``q = 1 / ceil(N / batch_size)``).
+  ``max_grad_norm`` and noised: :func:`make_private` (Opacus's ``PrivacyEngine.make_private``
+  underneath) swaps the model, the optimizer and the data loader for private ones, with
+  Poisson sampling (each example joins a step's batch with probability
+  ``q = 1 / ceil(N / batch_size)``), and the ordinary training loop (ml/loop.py) runs
+  them: DP is not a loop of its own.
 * The privacy unit is one example: one article for classification, one sequence for a
   causal LM, whose loss is the mean over the batch of each sequence's token mean
   (:func:`example_loss`), not the token mean over the whole batch (that would let one
@@ -26,14 +28,16 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .layers import ExitTokens, LayerScale
-from .tasks import param_groups, to_device
 
 ACCOUNTANT = "rdp"  # Opacus's Renyi-DP accountant; its history is what a node keeps
 
@@ -89,25 +93,17 @@ class Ledger:
 
 
 @dataclass(frozen=True)
-class PrivateResult:
-    loss: float  # mean training loss over the non-empty steps
-    ledger: Ledger  # the spending including this round
-    rate: float
-    empty_steps: int  # Poisson drew no example: the step was noise only
+class DPSGD:
+    """What a node's DP-SGD run takes: the noise multiplier, the clipping norm, and the
+    spending before it."""
 
+    noise_multiplier: float
+    max_grad_norm: float
+    ledger: Ledger = field(default_factory=Ledger)
 
-class _Indices(torch.utils.data.Dataset):
-    """Example i is ``(tensor(i),)``: the loader samples indices; the task builds batches.
-    A tuple of tensors is the form Opacus's empty-batch handling expects."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        return (torch.tensor(i, dtype=torch.long),)
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and self.max_grad_norm > 0):
+            raise ValueError(f"DP-SGD needs a positive noise multiplier and clipping norm, got {self.noise_multiplier} and {self.max_grad_norm}")
 
 
 def example_loss(task, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -157,119 +153,114 @@ def noise_generator(device: torch.device) -> torch.Generator:
     return generator
 
 
-def train_private(
-    model: nn.Module,
-    task,
-    data,
+def make_private(
     *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float | None = None,
-    head_learning_rate: float | None = None,
-    seed: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: torch.utils.data.DataLoader,
     noise_multiplier: float,
     max_grad_norm: float,
     ledger: Ledger | None = None,
-    regularizer=None,
-    losses: list[float] | None = None,
-    loss=None,
-    groups: list[dict] | None = None,
-    on_step=None,
-) -> PrivateResult:
-    """``steps`` DP-SGD steps (AdamW on the privatized gradients) of the trainable
-    parameters; returns the mean loss and the ledger with this round added.
+) -> tuple[nn.Module, PrivateOptimizer, torch.utils.data.DataLoader]:
+    """DP-SGD for a model, its optimizer and its data loader: drop-in replacements for the
+    three, in the shape of Opacus's ``PrivacyEngine.make_private`` (which does the work):
+    a model that records per-example gradients, an optimizer whose ``step()`` clips them
+    to ``max_grad_norm`` and adds Gaussian noise of std ``noise_multiplier * max_grad_norm``
+    before it updates, and a loader that samples each example with probability
+    ``q = 1 / len(data_loader)`` (Poisson; a batch may be empty). Train them with the
+    ordinary loop (ml/loop.py), then call the optimizer's ``release()``.
 
-    ``regularizer(model) -> tensor`` must not read the data (HetLoRA's tail norm): its
-    gradient is added after clipping and noise, which costs no privacy.
-
-    ``loss(model, batch) -> tensor``, if given, replaces the task's per-example loss (the
-    early-exit objectives): it must be a mean over the batch of terms that each depend on
-    one example only. The optimizer's parameter groups are either the LoRA/head groups at
-    ``learning_rate`` / ``head_learning_rate`` or, instead, the explicit ``groups``. ``on_step()``,
-    if given, runs once the step's clipped and noised gradients are in ``p.grad`` (before
-    the regularizer's): what it reads of them is post-processing and costs no privacy
-    (FedSpine's unit importance).
-
-    The first non-empty step checks that Opacus saw every trainable parameter: the mean
-    of its per-example gradients must equal its ordinary gradient. A parameter used
-    outside the forward of the module that holds it gets no (or a wrong) per-example
-    gradient, and would otherwise be trained on noise alone while the loss looks fine."""
+    ``ledger`` is the spending before this run; the optimizer's ``ledger`` is the spending
+    including every step it has taken. The noise comes from the OS's entropy
+    (:func:`noise_generator`)."""
     from opacus import PrivacyEngine
 
-    if noise_multiplier <= 0 or max_grad_norm <= 0:
-        raise ValueError(f"DP-SGD needs a positive noise multiplier and clipping norm, got {noise_multiplier} and {max_grad_norm}")
-    rates = (learning_rate, head_learning_rate)
-    if groups is None and None in rates:
-        raise TypeError("train_private needs learning_rate and head_learning_rate, or explicit parameter groups")
-    if groups is not None and rates != (None, None):
-        raise TypeError("train_private takes explicit parameter groups or learning rates, not both")
-    ledger = ledger or Ledger()
-    register_grad_samplers()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    DPSGD(noise_multiplier, max_grad_norm)  # validated at the door
+    trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("DP-SGD: the model has no trainable parameter")
-    if groups is None:
-        groups = param_groups(model, learning_rate, head_learning_rate)
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    loss_of = loss if loss is not None else (lambda m, b: example_loss(task, m, b))
-    loader = torch.utils.data.DataLoader(
-        _Indices(len(data)),
-        batch_size=batch_size,
-        collate_fn=lambda items: task.batch(data, np.array([int(i) for (i,) in items])),
-    )
-    torch.manual_seed(seed)  # Poisson sampling (the data order) draws from torch's generator: reproducible
-    model.train()  # Opacus refuses a model in eval mode
+    register_grad_samplers()
+    module.train()  # Opacus refuses a model in eval mode
     engine = PrivacyEngine(accountant=ACCOUNTANT)
-    engine.accountant.history = list(ledger.history)
-    private_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
+    engine.accountant.history = list((ledger or Ledger()).history)
+    private_module, dp_optimizer, private_loader = engine.make_private(
+        module=module,
         optimizer=optimizer,
-        data_loader=loader,
+        data_loader=data_loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=noise_generator(trainable[0].device),
     )
-    rate = float(dp_loader.sample_rate)  # = sample_rate(len(data), batch_size)
-    losses = [] if losses is None else losses
-    first, empty, checked = len(losses), 0, False
-    private_model.train()
-    batches = iter(dp_loader)
-    try:
-        for _ in range(steps):
-            try:
-                batch = next(batches)
-            except StopIteration:  # an epoch of the Poisson loader is over: start another
-                batches = iter(dp_loader)
-                batch = next(batches)
-            dp_optimizer.zero_grad(set_to_none=True)
-            if _batch_size(batch) == 0:
-                # Poisson sampling drew nobody: the step still adds noise (as DP-SGD's analysis assumes)
-                empty += 1
-                for p in trainable:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                value = loss_of(private_model, to_device(batch, model))
-                value.backward()
-                losses.append(value.item())
-                if not checked:
-                    check_per_example_gradients(model)
-                    checked = True
-            if dp_optimizer.pre_step():  # clipped and noised gradients are in p.grad now
-                if on_step is not None:
-                    on_step()
-                if regularizer is not None:
-                    extra = torch.autograd.grad(regularizer(model), trainable, allow_unused=True)
-                    for p, g in zip(trainable, extra, strict=True):
-                        if g is not None:
-                            p.grad = g if p.grad is None else p.grad + g
-                dp_optimizer.original_optimizer.step()
-    finally:
-        private_model.eval()
-        _unwrap(private_model)
-    spent = Ledger([(float(z), float(q), int(s)) for z, q, s in engine.accountant.history])
-    mean = float(np.mean(losses[first:])) if len(losses) > first else float("nan")
-    return PrivateResult(loss=mean, ledger=spent, rate=rate, empty_steps=empty)
+    return private_module, PrivateOptimizer(dp_optimizer, engine, module, private_module, float(private_loader.sample_rate)), private_loader
+
+
+class PrivateOptimizer:
+    """The optimizer :func:`make_private` returns. ``step()`` is one DP-SGD step:
+
+    1. an empty Poisson batch (the loop ran no backward) gets zero per-example gradients,
+       so the step is noise alone, as DP-SGD's analysis assumes;
+    2. the first step with data checks that Opacus saw every trainable parameter
+       (:func:`check_per_example_gradients`);
+    3. Opacus clips and noises: the private gradient is in ``p.grad``;
+    4. the step pre-hooks run: what they read is post-processing, what they add to
+       ``p.grad`` must not read the data (a regularizer on the weights);
+    5. the wrapped optimizer (AdamW) updates.
+
+    A plain torch optimizer's pre-hooks run at the same point of a step (after backward,
+    before the update), so the loop registers them the same way on both."""
+
+    def __init__(self, dp_optimizer, engine, module: nn.Module, private_module: nn.Module, sample_rate: float) -> None:
+        self._dp = dp_optimizer
+        self._engine = engine
+        self._module = module
+        self._private_module = private_module
+        self._hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
+        self._checked = False
+        self.sample_rate = sample_rate
+        self.empty_steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self._dp.param_groups
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger([(float(z), float(q), int(s)) for z, q, s in self._engine.accountant.history])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._dp.zero_grad(set_to_none=set_to_none)
+
+    def register_step_pre_hook(self, hook: Callable) -> RemovableHandle:
+        """``hook(optimizer, args, kwargs)`` runs in step 4 (class docstring)."""
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = hook
+        return handle
+
+    def step(self) -> None:
+        params = self._dp.params
+        if all(getattr(p, "grad_sample", None) is None for p in params):
+            self.empty_steps += 1
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        elif not self._checked:
+            check_per_example_gradients(self._module)
+            self._checked = True
+        if self._dp.pre_step():  # clipped and noised gradients are in p.grad now
+            for hook in list(self._hooks.values()):
+                hook(self, (), {})
+            self._dp.original_optimizer.step()
+
+    def release(self) -> None:
+        """Remove Opacus's hooks and per-example gradients from the model, so it trains and
+        evaluates as before (the same model object is used after the round)."""
+        self._private_module.eval()
+        if hasattr(self._private_module, "_close"):
+            self._private_module._close()
+        for p in self._private_module.parameters():
+            for name in ("grad_sample", "_forward_counter", "_current_grad_sample"):
+                if hasattr(p, name):
+                    delattr(p, name)
 
 
 def check_per_example_gradients(model: nn.Module, *, rtol: float = 1e-3) -> None:
@@ -304,22 +295,3 @@ def check_per_example_gradients(model: nn.Module, *, rtol: float = 1e-3) -> None
             "A parameter used outside the forward of the module that holds it is invisible to "
             "Opacus's hooks and would train on noise alone (ml/early_exit.py: ExitTokens, LayerScale)"
         )
-
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):  # Opacus's stand-in when the very first batch is empty
-        return len(batch[0]) if batch else 0
-    return len(batch)
-
-
-def _unwrap(private_model) -> None:
-    """Remove Opacus's hooks and per-example gradients, so the model trains and
-    evaluates as before (the same model object is used after the round)."""
-    if hasattr(private_model, "_close"):
-        private_model._close()
-    for p in private_model.parameters():
-        for name in ("grad_sample", "_forward_counter", "_current_grad_sample"):
-            if hasattr(p, name):
-                delattr(p, name)

@@ -23,6 +23,7 @@ norm of its producers' weight rows.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ import torch
 from torch import nn
 
 from .data import batch_indices
-from .tasks import to_device, train_local
+from .loop import train
+from .privacy import DPSGD
+from .tasks import to_device
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ def train_pruned(
     seed: int,
     scores: Mapping[str, np.ndarray] | None = None,
     smoothing: float = 0.9,
-    private: Mapping | None = None,
+    private: DPSGD | None = None,
     **train_kwargs,
 ) -> dict:
     """Local training with gradual structured pruning to ``ratio`` of every group's units.
@@ -263,9 +266,7 @@ def train_pruned(
     The bandit's reward compares these two: pruning damage cannot inflate the reference,
     whereas ``loss_start`` of a node that prunes before its first step includes it.
 
-    ``private``: DP-SGD instead (ml/privacy.py), with its keyword arguments
-    ``noise_multiplier``, ``max_grad_norm`` and ``ledger``. Each phase is then its own
-    Opacus run (the model changes shape between phases); the importance reads the clipped
+    ``private``: DP-SGD (ml/privacy.py). Each phase is then its own Opacus run (the model changes shape between phases); the importance reads the clipped
     and noised LoRA gradients, so the scores, the units kept and everything pruned from
     them are post-processing of the private gradients. The result's "ledger" is the
     spending including all phases."""
@@ -299,18 +300,14 @@ def train_pruned(
         plan = [(steps, ratio)]
     else:
         plan = [(steps, None)]
-    ledger = private.get("ledger") if private is not None else None
     for i, (n_steps, then_ratio) in enumerate(plan):
         importance = UnitImportance(model, smoothing=smoothing)
-        if n_steps and private is None:
-            train_local(model, task, data, steps=n_steps, seed=seed + 104729 * i, on_backward=importance.update, losses=losses, **train_kwargs)
-        elif n_steps:
-            from .privacy import train_private
-
-            options = {**private, "ledger": ledger}
-            ledger = train_private(
-                model, task, data, steps=n_steps, seed=seed + 104729 * i, on_step=importance.update, losses=losses, **options, **train_kwargs
-            ).ledger
+        if n_steps:
+            trained = train(
+                model, task, data, steps=n_steps, seed=seed + 104729 * i, on_gradients=importance.update, private=private, losses=losses, **train_kwargs
+            )
+            if private is not None:  # the next phase continues this one's spending
+                private = dataclasses.replace(private, ledger=trained.ledger)
         for name, s in importance.scores.items():
             memory[name][kept[name]] = s
         if then_ratio is not None:
@@ -324,5 +321,5 @@ def train_pruned(
         "loss_after": probe_loss(model, task, data, probe),
         "kept": kept,
         "scores": memory,
-        **({"ledger": ledger} if private is not None else {}),
+        **({"ledger": private.ledger} if private is not None else {}),
     }

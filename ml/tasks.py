@@ -14,13 +14,12 @@ Three tasks share everything else (LoRA, data, strategies):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from .data import TextDataset, batch_indices
+from .data import TextDataset
 from .model import load_model, load_tokenizer
 
 
@@ -178,43 +177,6 @@ def param_groups(model: nn.Module, learning_rate: float, head_learning_rate: flo
     if head:
         groups.append({"params": head, "lr": head_learning_rate})
     return groups
-
-
-def train_local(
-    model: nn.Module,
-    task,
-    data: TextDataset,
-    *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    head_learning_rate: float,
-    seed: int,
-    regularizer=None,
-    on_backward=None,
-    losses: list[float] | None = None,
-) -> float:
-    """Run ``steps`` optimizer steps of AdamW on the trainable parameters; mean loss.
-
-    ``regularizer(model) -> tensor``, if given, is added to each step's loss (the reported
-    loss is the task loss alone). ``on_backward()``, if given, runs after each backward
-    pass, before the optimizer step (pruning importance reads the gradients there).
-    ``losses``, if given, receives each step's loss."""
-    optimizer = torch.optim.AdamW(param_groups(model, learning_rate, head_learning_rate), weight_decay=0.0)
-    model.train()
-    batches: Iterator[np.ndarray] = batch_indices(len(data), batch_size, seed=seed)
-    losses = [] if losses is None else losses
-    first = len(losses)
-    for _ in range(steps):
-        loss = task.loss(model, to_device(task.batch(data, next(batches)), model))
-        optimizer.zero_grad(set_to_none=True)
-        (loss + regularizer(model) if regularizer is not None else loss).backward()
-        if on_backward is not None:
-            on_backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return float(np.mean(losses[first:]))
 
 
 def build_task(cfg):

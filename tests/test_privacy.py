@@ -12,8 +12,14 @@ import torch.nn.functional as F
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from ml.privacy import Ledger, noise_for_budget, sample_rate, train_private
+from ml import loop
+from ml.privacy import DPSGD, Ledger, noise_for_budget, sample_rate
 from stamen import keys
+
+
+def train_private(model, task, data, *, noise_multiplier, max_grad_norm, ledger=None, **options):
+    """The training loop (ml/loop.py) under DP-SGD: what a node runs with dp.mode = "local"."""
+    return loop.train(model, task, data, private=DPSGD(noise_multiplier, max_grad_norm, ledger or Ledger()), **options)
 
 
 def fresh_epsilon(noise, rate, steps, delta):
@@ -329,13 +335,13 @@ def test_reefl_trains_every_part_under_dp_sgd_with_the_deepest_exit_as_teacher()
     model = ee.EarlyExitClassifier(_vit(2), 2, exit_blocks=(1, 2), exit_kind="ree")
     with pytest.raises(RuntimeError, match=r"take no part in the loss: backbone\.layernorm\.weight"):  # the ViT's final norm
         ee.train_early_exit(model, ImageTask, _digits_like(), objective=METHODS["exclusivefl"]().loss, steps=1, batch_size=8, learning_rate=1e-3,
-                            exit_learning_rate=1e-2, seed=0, private={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+                            exit_learning_rate=1e-2, seed=0, private=DPSGD(1.0, 1.0))
     ee.set_tuning(model, "full")  # every parameter of the blocks, none past them
     before = snapshot(model)
     out = ee.train_early_exit(
         model, ImageTask, _digits_like(), objective=METHODS["reefl"]().loss, steps=4, batch_size=8, learning_rate=1e-3,
         exit_learning_rate=1e-2, seed=0, distill_weight=1.0, loss_ema=[0.1, 5.0],  # un-noised EMA would pick exit 1
-        private={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "ledger": Ledger().after(1.0, 1 / 6, 3)},
+        private=DPSGD(1.0, 1.0, Ledger().after(1.0, 1 / 6, 3)),
     )
     after = snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -343,7 +349,7 @@ def test_reefl_trains_every_part_under_dp_sgd_with_the_deepest_exit_as_teacher()
     assert {n for n in before if not torch.equal(before[n], after[n])} == trainable
     assert out["teacher"] == 1 and out["loss_ema"] == [0.1, 5.0]  # fixed to the deepest exit, the EMA untouched
     assert len(out["exit_losses"]) == 2 and math.isfinite(out["loss"])
-    ledger = out["privacy"].ledger
+    ledger = out["ledger"]
     assert ledger.steps == 7 and ledger.epsilon(1e-5) == pytest.approx(fresh_epsilon(1.0, 1 / 6, 7, 1e-5), rel=1e-9)
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
 
@@ -358,7 +364,7 @@ def test_fedspine_prunes_from_the_noised_gradients_and_accounts_every_phase():
         model = tiny_lora_classifier()
         out = pruning.train_pruned(
             model, TinyTask(), TinyData(40), ratio=0.5, steps=8, seed=seed, batch_size=4, learning_rate=1e-2,
-            head_learning_rate=1e-2, private={"noise_multiplier": noise, "max_grad_norm": 1.0, "ledger": Ledger()},
+            head_learning_rate=1e-2, private=DPSGD(noise, 1.0),
         )
         return model, out
 
@@ -680,7 +686,7 @@ def test_dp_sgd_adds_noise_of_std_z_c_over_the_expected_batch():
     seen = []
     options = {**OPTIONS, "noise_multiplier": 2.0, "max_grad_norm": 1.5}
     train_private(model, TinyTask(), TinyData(40), steps=8, seed=0, loss=lambda m, b: 0.0 * m(**b)[0],
-                  on_step=lambda: seen.append(torch.cat([p.grad.flatten() for p in trainable])), **options)
+                  on_gradients=lambda: seen.append(torch.cat([p.grad.flatten() for p in trainable])), **options)
     noise = torch.cat(seen)
     assert len(seen) == 8 and noise.numel() > 1000
     assert noise.std().item() == pytest.approx(2.0 * 1.5 / 4, rel=0.1)  # z C / expected batch; sampling error ~2%

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ml import pruning
+from ml.privacy import DPSGD
 
 
 def _bert():
@@ -204,6 +205,6 @@ def test_train_pruned_takes_exactly_the_steps_it_was_given(steps):
     """The DP budget plans for train.local-steps steps: pruning's phases must add up to them."""
     model, data = _lora_bert_and_data()
     out = pruning.train_pruned(model, _Task, data, ratio=0.5, steps=steps, seed=0, batch_size=4, learning_rate=1e-3,
-                               head_learning_rate=1e-3, private={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+                               head_learning_rate=1e-3, private=DPSGD(1.0, 1.0))
     assert out["ledger"].steps == steps
     assert len(out["kept"]["encoder.layer.0.attention"]) == 2  # and it still reaches the ratio

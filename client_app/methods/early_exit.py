@@ -72,9 +72,9 @@ class EarlyExitMethod:
                 temperature=cfg.early_exit.distill_temperature,
                 loss_ema=ema,
                 ema_decay=cfg.early_exit.loss_ema,
-                private=privacy.train_options() if privacy is not None else None,
+                private=privacy.dpsgd() if privacy is not None else None,
             )
-        dp_metrics = privacy.spend(context, result["privacy"].ledger) if privacy is not None else {}
+        dp_metrics = privacy.spend(context, result["ledger"]) if privacy is not None else {}
         with phase("serialize"):
             params = dict(model.named_parameters())
             update = to_record({k: params[k].detach().cpu().numpy() for k in down})  # exactly what this node was sent

@@ -22,9 +22,8 @@ class FedSpine(LoRAMethod):
         groups = pruning.unit_groups(r.model)  # before pruning: the unpruned coordinates
         held = r.context.state.array_records.get(keys.STATE_PRUNE_SCORES)
         scores = from_record(held) if held is not None else None
-        private = r.privacy.train_options() if r.privacy is not None else None
         result = pruning.train_pruned(
-            r.model, r.task, r.data, ratio=float(r.instr[keys.PRUNE_RATIO]), scores=scores, private=private, **r.options
+            r.model, r.task, r.data, ratio=float(r.instr[keys.PRUNE_RATIO]), scores=scores, private=r.dpsgd, **r.options
         )
         r.context.state[keys.STATE_PRUNE_SCORES] = to_record(result["scores"])
         return Trained(result["loss"], result.get("ledger"), {"result": result, "indices": pruning.module_indices(groups, result["kept"])})

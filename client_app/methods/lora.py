@@ -46,11 +46,16 @@ class LoRARound:
     model: object
     targets: list[str]
     privacy: RoundPrivacy | None  # dp.mode = "local": this round's DP-SGD plan
-    options: dict = field(default_factory=dict)  # train_local / train_private keyword arguments
+    options: dict = field(default_factory=dict)  # ml.loop.train's keyword arguments
 
     @property
     def server_round(self) -> int:
         return int(self.instr[keys.SERVER_ROUND])
+
+    @property
+    def dpsgd(self):
+        """``ml.loop.train``'s ``private``: this round's DP-SGD, or None."""
+        return self.privacy.dpsgd() if self.privacy is not None else None
 
 
 @dataclass
@@ -82,15 +87,11 @@ class LoRAMethod:
         return None
 
     def train(self, r: LoRARound, regularizer: Callable | None) -> Trained:
-        """The round's local steps: plain AdamW, or DP-SGD under ``dp.mode = "local"``."""
-        if r.privacy is not None:
-            from ml.privacy import train_private
+        """The round's local steps (ml/loop.py): AdamW, DP-SGD under ``dp.mode = "local"``."""
+        from ml import loop
 
-            result = train_private(r.model, r.task, r.data, regularizer=regularizer, **r.privacy.train_options(), **r.options)
-            return Trained(result.loss, result.ledger)
-        from ml.tasks import train_local
-
-        return Trained(train_local(r.model, r.task, r.data, regularizer=regularizer, **r.options))
+        result = loop.train(r.model, r.task, r.data, regularizer=regularizer, private=r.dpsgd, **r.options)
+        return Trained(result.loss, result.ledger)
 
     def reply(self, r: LoRARound, trained: Trained, out: Reply) -> Reply:
         """The reply as it stands after training (factors, rank, alpha); returns it changed."""
