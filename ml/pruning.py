@@ -266,9 +266,10 @@ def train_pruned(
     The bandit's reward compares these two: pruning damage cannot inflate the reference,
     whereas ``loss_start`` of a node that prunes before its first step includes it.
 
-    ``private``: DP-SGD (ml/privacy.py). Each phase is then its own Opacus run (the model changes shape between phases); the importance reads the clipped
-    and noised LoRA gradients, so the scores, the units kept and everything pruned from
-    them are post-processing of the private gradients. The result's "ledger" is the
+    ``private``: DP-SGD (ml/privacy.py). Each phase is then its own Opacus run (the model
+    changes shape between phases); the importance reads the clipped and noised LoRA
+    gradients, so the scores, the units kept and everything pruned from them are
+    post-processing of the private gradients. The result's "ledger" is the
     spending including all phases."""
     groups = unit_groups(model)
     full = {g.name: g.num_units for g in groups}
