@@ -27,6 +27,8 @@ def query(msg: Message, context: Context) -> Message:
     if msg.content.config_records.get(keys.CONFIG, {}).get(keys.FLUSH):
         return Message(RecordDict(), reply_to=msg)  # the mod attaches the events this node still holds
     profile = detect_profile(dict(context.node_config))
+    _, data = task_and_partition(context, StamenConfig.from_run_config(context.run_config))
+    profile[keys.NUM_EXAMPLES] = len(data)  # the server caps this node's aggregation weight by it (strategies/bounds.py)
     return Message(RecordDict({keys.PROFILE: ConfigRecord(profile)}), reply_to=msg)
 
 

@@ -48,6 +48,7 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     measurements.profiles = profiles
     run.write_json("profiles.json", {str(n): p for n, p in profiles.items()})
     algorithm = family.strategy(profiles)
+    algorithm.declare_profiles(profiles)  # each node's num-examples: the cap of its weight (strategies/bounds.py)
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     algorithm.attach_run(run, measurements.round_times)
     initial = family.initial()

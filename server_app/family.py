@@ -48,7 +48,7 @@ class Family:
     def common(self) -> dict:
         """What every strategy takes from the config."""
         s = self.cfg.strategy
-        return {"fraction_train": s.fraction_train, "min_nodes": s.min_nodes, "message_ttl": s.round_timeout}
+        return {"fraction_train": s.fraction_train, "min_nodes": s.min_nodes, "message_ttl": s.round_timeout, "bounds": self.cfg.robust}
 
 
 class LoRAFamily(Family):

@@ -40,6 +40,23 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    """What one node's reply can do to the aggregate (strategies/bounds.py, docs/robustness.md)."""
+
+    norm_multiple: float = 3.0  # an update's norm is bounded by this x the round's median; 0: off
+    norm_cap: float = 0.0  # and by this absolute norm; 0: no cap
+    over_bound: str = "clip"  # "clip" | "drop": an update over the bound
+    max_weight_share: float = 0.5  # a node weighs at most this share of the round's total; 1: off
+    weights: str = "examples"  # "examples" (bounded claims) | "equal"
+
+    def __post_init__(self) -> None:
+        if self.over_bound not in ("clip", "drop") or self.weights not in ("examples", "equal"):
+            raise ConfigError(f"robust: over-bound {self.over_bound!r} must be clip or drop, weights {self.weights!r} examples or equal")
+        if not (self.norm_multiple == 0 or self.norm_multiple >= 1):
+            raise ConfigError(f"robust.norm-multiple = {self.norm_multiple}: 0 (off) or at least 1")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     path: str
     task: str
@@ -199,6 +216,7 @@ class StamenConfig:
     early_exit: EarlyExitConfig
     fedspine: FedSpineConfig
     dp: DPConfig
+    robust: RobustConfig
 
     @property
     def is_early_exit(self) -> bool:
@@ -285,6 +303,13 @@ class StamenConfig:
                 clipping_norm=r.number("dp.clipping-norm", low=0.0, low_open=True),
                 epsilon=r.number("dp.epsilon", low=0.0),
                 delta=r.number("dp.delta", low=0.0, high=1.0, low_open=True, high_open=True),
+            ),
+            robust=RobustConfig(
+                norm_multiple=r.number("robust.norm-multiple", low=0.0),
+                norm_cap=r.number("robust.norm-cap", low=0.0),
+                over_bound=r.choice("robust.over-bound", ("clip", "drop")),
+                max_weight_share=r.number("robust.max-weight-share", low=0.0, high=1.0, low_open=True),
+                weights=r.choice("robust.weights", ("examples", "equal")),
             ),
         )
         if cfg.strategy.name == "fedspine" and not (cfg.fedspine.ratios and cfg.fedspine.ranks):

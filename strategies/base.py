@@ -21,6 +21,7 @@ from flwr.supercore import log
 
 from stamen import keys
 
+from .bounds import Bounds, bounded_weights, norm_bound, norm_of, scale_to_bound
 from .lora_records import ClientLoRA, InvalidUpdate, from_record, parse_reply, split_global, to_record
 
 
@@ -32,6 +33,8 @@ class RoundRecord:
     participants: list[int] = field(default_factory=list)
     ranks: dict[int, int] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)  # node -> reason
+    clipped: dict[int, str] = field(default_factory=dict)  # node -> why its update was scaled down (strategies/bounds.py)
+    reweighted: dict[int, str] = field(default_factory=dict)  # node -> why its weight is below its claim
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     sync_modes: dict[int, str] = field(default_factory=dict)
     train_loss: float = float("nan")
@@ -43,7 +46,9 @@ class SampledStrategy(FedAvg):
     node sampling, a message TTL, evaluation on the server only (a held-out split), and
     dropped nodes logged with the reason. The LoRA and the early-exit families build on it."""
 
-    def __init__(self, *, fraction_train: float = 1.0, min_nodes: int = 2, message_ttl: float | None = None) -> None:
+    def __init__(
+        self, *, fraction_train: float = 1.0, min_nodes: int = 2, message_ttl: float | None = None, bounds: Bounds | None = None
+    ) -> None:
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=0.0,  # evaluation is server-side, on a held-out split
@@ -53,6 +58,8 @@ class SampledStrategy(FedAvg):
         self.message_ttl = message_ttl
         self.retired: dict[int, str] = {}  # node -> why it trains no more (its privacy budget is spent)
         self.privacy_log: list[dict] = []  # one row per DP reply: privacy.csv
+        self.bounds = bounds if bounds is not None else Bounds()  # what one reply can do to the aggregate
+        self.declared_examples: dict[int, float] = {}  # node -> num-examples of its device profile (the weight's cap)
 
     PRIVACY_COLUMNS = ("round", "node_id", "epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "status")
 
@@ -68,6 +75,30 @@ class SampledStrategy(FedAvg):
 
     def observe_reply(self, node_id: int, metrics) -> None:
         """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""
+
+    # the median rule of the update bound; central DP turns it off (strategies/bounds.py)
+    relative_bound = True
+
+    def update_parts(self, node_id: int, parsed) -> list[np.ndarray]:
+        """The node's update, measured where this strategy aggregates (strategies/bounds.py)."""
+        raise NotImplementedError
+
+    def scaled(self, node_id: int, parsed, t: float):
+        """``parsed`` with its update scaled by ``t`` in [0, 1] (0: no change)."""
+        raise NotImplementedError
+
+    def weight_of(self, parsed) -> float:
+        raise NotImplementedError
+
+    def with_weight(self, parsed, weight: float):
+        raise NotImplementedError
+
+    def declare_profiles(self, profiles: Mapping[int, Mapping]) -> None:
+        """Note each node's ``num-examples`` from its device profile: the cap of its weight."""
+        for node_id, profile in profiles.items():
+            n = profile.get(keys.NUM_EXAMPLES)
+            if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0:
+                self.declared_examples[node_id] = float(n)
 
     client_method: str | None = None  # the device-side method that serves the instructions (client_app/methods/)
 
@@ -104,12 +135,46 @@ class SampledStrategy(FedAvg):
             except (InvalidUpdate, KeyError) as err:
                 self._drop(record, node_id, f"invalid update: {err}")
                 continue
-            self.observe_reply(node_id, metrics)
             accepted.append((node_id, parsed, metrics))
         for node_id in set(record.participants) - answered:
             self._drop(record, node_id, "no reply before the round timeout")
             self.forget_node(node_id)
+        accepted = self.bound(record, accepted)
+        for node_id, _, metrics in accepted:
+            self.observe_reply(node_id, metrics)
         return accepted
+
+    def bound(self, record, accepted: list[tuple[int, object, MetricRecord]]) -> list[tuple[int, object, MetricRecord]]:
+        """The round's valid replies with every update within this round's norm bound
+        (clipped to it, or dropped) and every weight within what the server can justify
+        (strategies/bounds.py). Each decision is logged and kept in ``record``."""
+        rule = self.bounds
+        norms = {node_id: norm_of(self.update_parts(node_id, parsed)) for node_id, parsed, _ in accepted}
+        limit, how = norm_bound(list(norms.values()), multiple=rule.norm_multiple, cap=rule.norm_cap, relative=self.relative_bound)
+        kept = []
+        for node_id, parsed, metrics in accepted:
+            if norms[node_id] > limit:
+                reason = f"update norm {norms[node_id]:.4g} over the bound {limit:.4g} ({how})"
+                if rule.over_bound == "drop":
+                    self._drop(record, node_id, reason)
+                    continue
+                t = scale_to_bound(lambda t, n=node_id, p=parsed: norm_of(self.update_parts(n, self.scaled(n, p, t))), limit)
+                parsed = self.scaled(node_id, parsed, t)
+                record.clipped[node_id] = f"{reason}; scaled by {t:.3g}"
+                log(WARNING, "clipping node %d's update in round %d: %s", node_id, record.server_round, record.clipped[node_id])
+            kept.append((node_id, parsed, metrics))
+        claims = {node_id: self.weight_of(parsed) for node_id, parsed, _ in kept}
+        weights = bounded_weights(claims, declared=self.declared_examples, share=rule.max_weight_share, equal=rule.weights == "equal")
+        out = []
+        for node_id, parsed, metrics in kept:
+            if rule.weights == "examples" and weights[node_id] < claims[node_id]:
+                record.reweighted[node_id] = (
+                    f"num-examples {claims[node_id]:.6g} counted as {weights[node_id]:.6g} (its profile said "
+                    f"{self.declared_examples.get(node_id, 'nothing')}; at most {rule.max_weight_share:g} of the round's total)"
+                )
+                log(WARNING, "node %d in round %d: %s", node_id, record.server_round, record.reweighted[node_id])
+            out.append((node_id, self.with_weight(parsed, weights[node_id]), metrics))
+        return out
 
     def sample(self, grid: Grid) -> list[int]:
         """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``;
@@ -194,8 +259,9 @@ class LoRAStrategy(SampledStrategy):
         min_nodes: int = 2,
         message_ttl: float | None = None,
         seed: int = 0,
+        bounds: Bounds | None = None,
     ) -> None:
-        super().__init__(fraction_train=fraction_train, min_nodes=min_nodes, message_ttl=message_ttl)
+        super().__init__(fraction_train=fraction_train, min_nodes=min_nodes, message_ttl=message_ttl, bounds=bounds)
         self.node_ranks = dict(node_ranks)
         self.default_rank = default_rank
         self.lora_alpha = lora_alpha
@@ -203,6 +269,7 @@ class LoRAStrategy(SampledStrategy):
         self.rounds: list[RoundRecord] = []
         self._current: RoundRecord | None = None
         self._global: dict[str, np.ndarray] = {}
+        self._sent_adapter: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # node -> the adapter it started from
 
     central_dp_space: str | None = None  # "product" | "factors" | "product-change": dp.mode = "central" can wrap it (strategies/central_dp.py)
     # Central DP sets this: a participant without a valid update counts as sending its zero
@@ -254,12 +321,14 @@ class LoRAStrategy(SampledStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._global = from_record(arrays)
+        self._sent_adapter = {}
         node_ids = self.sample(grid)
         record = RoundRecord(server_round)
         messages = []
         for node_id in node_ids:
             rank = self.rank_of(node_id)
             down, extra = self.downlink(node_id, self._global)
+            self._sent_adapter[node_id] = sent_adapter(down)
             msg = self.instruction(node_id, server_round, down, config, **{keys.LORA_RANK: rank, keys.LORA_ALPHA: float(self.lora_alpha), **extra})
             messages.append(msg)
             record.participants.append(node_id)
@@ -285,6 +354,46 @@ class LoRAStrategy(SampledStrategy):
             allow_pruned=self.accepts_pruned_units,
         )
         return dataclasses.replace(update, node_id=node_id), head
+
+    # --- the update, as strategies/bounds.py measures it --------------------------------
+    def update_parts(self, node_id: int, parsed) -> list[np.ndarray]:
+        """``s B A - s B0 A0`` per adapted matrix (``B0 A0``: the adapter the node was sent;
+        none, a fresh LoRA: 0), and the head's change."""
+        update, head = parsed
+        sent = self._sent_adapter.get(node_id, {})
+        _, head_now = split_global(self._global)
+        parts = []
+        for module, (a, b) in sorted(update.factors.items()):
+            product = update.scaling * (b.astype(np.float64) @ a.astype(np.float64))
+            if module in sent:
+                a0, b0 = sent[module]
+                product = product - update.scaling * (b0.astype(np.float64) @ a0.astype(np.float64))
+            parts.append(product)
+        return parts + [head[k].astype(np.float64) - head_now[k] for k in sorted(head)]
+
+    def scaled(self, node_id: int, parsed, t: float):
+        """A fresh LoRA: ``t B`` (the product scales by t exactly). An adapter the node was
+        sent: each factor moved t of the way from the one sent (of the reply's rank); the
+        head: t of its change."""
+        update, head = parsed
+        sent = self._sent_adapter.get(node_id, {})
+        _, head_now = split_global(self._global)
+        factors = {}
+        for module, (a, b) in update.factors.items():
+            if module in sent:
+                a0, b0 = sent[module][0][: a.shape[0]], sent[module][1][:, : b.shape[1]]
+                factors[module] = ((a0 + t * (a - a0)).astype(a.dtype), (b0 + t * (b - b0)).astype(b.dtype))
+            else:
+                factors[module] = (a, (t * b).astype(b.dtype))
+        new_head = {k: (head_now[k] + t * (v - head_now[k])).astype(v.dtype) for k, v in head.items()}
+        return dataclasses.replace(update, factors=factors), new_head
+
+    def weight_of(self, parsed) -> float:
+        return float(parsed[0].num_examples)
+
+    def with_weight(self, parsed, weight: float):
+        update, head = parsed
+        return dataclasses.replace(update, num_examples=weight), head
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -318,3 +427,10 @@ class LoRAStrategy(SampledStrategy):
             }
         )
         return to_record(new_global), metrics
+
+
+def sent_adapter(down: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The adapter in a downlink (``init.<module>.lora_A/B``), by module; empty for a fresh LoRA."""
+    init = {k[len(keys.INIT_PREFIX):]: v for k, v in down.items() if k.startswith(keys.INIT_PREFIX)}
+    modules = {k.removesuffix(keys.LORA_A) for k in init if k.endswith(keys.LORA_A)}
+    return {m: (init[m + keys.LORA_A], init[m + keys.LORA_B]) for m in modules if m + keys.LORA_B in init}

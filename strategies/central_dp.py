@@ -142,6 +142,7 @@ class CentralDP(Strategy):
             raise ValueError("central DP needs a positive noise multiplier and clipping norm")
         self.strategy, self.space = strategy, space
         strategy.absent_as_zero = True  # the mean's denominator is the cohort's size (module docstring)
+        strategy.relative_bound = False  # the median rule would couple the nodes' treatment (strategies/bounds.py)
         self.noise_multiplier, self.clipping_norm, self.delta = noise_multiplier, clipping_norm, delta
         # The noise comes from the OS's entropy, never from a configured seed: every node
         # holds the run config, and with z, C and n public, a seeded generator would let

@@ -23,6 +23,7 @@ from flwr.supercore import log
 from stamen import keys
 
 from .base import SampledStrategy
+from .bounds import Bounds
 from .lora_records import InvalidUpdate, from_record, to_record
 
 
@@ -74,6 +75,8 @@ class DepthRound:
     exits: dict[int, int] = field(default_factory=dict)  # node -> deepest exit it trained
     skipped: list[int] = field(default_factory=list)  # sampled, but this method does not train its depth
     dropped: dict[int, str] = field(default_factory=dict)
+    clipped: dict[int, str] = field(default_factory=dict)  # strategies/bounds.py
+    reweighted: dict[int, str] = field(default_factory=dict)
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     train_loss: float = float("nan")
 
@@ -95,8 +98,9 @@ class EarlyExitStrategy(SampledStrategy):
         fraction_train: float = 1.0,
         min_nodes: int = 2,
         message_ttl: float | None = None,
+        bounds: Bounds | None = None,
     ) -> None:
-        super().__init__(fraction_train=fraction_train, min_nodes=min_nodes, message_ttl=message_ttl)
+        super().__init__(fraction_train=fraction_train, min_nodes=min_nodes, message_ttl=message_ttl, bounds=bounds)
         bad = {n: e for n, e in node_exits.items() if not 1 <= e <= num_exits}
         if bad:
             raise ValueError(f"nodes {bad}: max exit must lie in 1..{num_exits}")
@@ -177,6 +181,22 @@ class EarlyExitStrategy(SampledStrategy):
         if n <= 0:
             raise InvalidUpdate(f"num-examples = {n}")
         return float(n), arrays
+
+    # --- the update, as strategies/bounds.py measures it --------------------------------
+    def update_parts(self, node_id: int, parsed) -> list[np.ndarray]:
+        """The change of every parameter from what the node was sent."""
+        _, arrays = parsed
+        return [arrays[k].astype(np.float64) - self._global[k] for k in sorted(arrays)]
+
+    def scaled(self, node_id: int, parsed, t: float):
+        weight, arrays = parsed
+        return weight, {k: (self._global[k] + t * (v - self._global[k])).astype(v.dtype) for k, v in arrays.items()}
+
+    def weight_of(self, parsed) -> float:
+        return parsed[0]
+
+    def with_weight(self, parsed, weight: float):
+        return weight, parsed[1]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -28,7 +28,7 @@ class ClientLoRA:
     """One client's trained adapter and its aggregation weight inputs."""
 
     factors: Factors
-    num_examples: int
+    num_examples: float  # the aggregation weight: the node's claim, as bounded by strategies/bounds.py
     scaling: float  # s_k = alpha_k / r_k
     node_id: int = -1  # who sent it (-1: unknown, e.g. in unit tests)
     kept: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None  # pruned: module -> (rows, cols) kept
