@@ -76,7 +76,8 @@ def lora_reply(instruction, node, *, rank, alpha, scale=1.0, n=100, sent=None):
     """Node ``node``'s honest reply (seeded by its id), its change from the ``sent`` adapter
     (none: a fresh LoRA) scaled by ``scale``, claiming ``n`` examples."""
     rng = np.random.default_rng(node)
-    arrays = {"head.weight": np.full((2, IN), 0.1 * node * scale, np.float32), "head.bias": np.full(2, 0.1 * scale, np.float32)}
+    down = from_record(instruction.content.array_records[keys.ARRAYS])  # the head it was sent, plus its change
+    arrays = {"head.weight": down["head.weight"] + np.float32(0.1 * node * scale), "head.bias": down["head.bias"] + np.float32(0.1 * scale)}
     for m in MODULES:
         da, db = 0.1 * rng.normal(size=(rank, IN)), 0.1 * rng.normal(size=(OUT, rank))
         a0, b0 = sent[m] if sent else (np.zeros((rank, IN)), np.zeros((OUT, rank)))
@@ -267,3 +268,25 @@ def test_under_central_dp_the_median_rule_is_off_and_only_the_dp_clipping_bounds
     replies = [lora_reply(msgs[n], n, rank=RANK, alpha=8.0, scale=100.0 if n == ATTACKER else 1.0) for n in msgs]
     s.aggregate_train(1, replies)
     assert not s.strategy.rounds[-1].clipped and not s.strategy.rounds[-1].dropped
+
+
+@pytest.mark.parametrize("name", ["fedit", "flexlora", "hetlora"])
+def test_an_adapter_strategy_measures_the_change_from_the_adapter_it_sent(name, flower_identity, fake_grid):
+    """Round 2 starts from a large adapter (round 1's updates were 20x): the products of
+    all replies are then about the same, and only their change from what was sent shows
+    the node that moved five times as far as the others."""
+    s = LORA_STRATEGIES[name](RobustConfig())
+    nodes = [*HONEST, ATTACKER]
+    arrays = global_state()
+    for server_round, scale in ((1, dict.fromkeys(nodes, 20.0)), (2, {ATTACKER: 5.0})):
+        msgs = {m.metadata.dst_node_id: m for m in s.configure_train(server_round, to_record(arrays), ConfigRecord(), fake_grid(nodes))}
+        replies = []
+        for node in nodes:
+            cfg = msgs[node].content.config_records[keys.CONFIG]
+            replies.append(lora_reply(msgs[node], node, rank=int(cfg[keys.LORA_RANK]), alpha=float(cfg[keys.LORA_ALPHA]),
+                                      scale=scale.get(node, 1.0), sent=sent_adapter(msgs[node])))
+        new, _ = s.aggregate_train(server_round, replies)
+        arrays = from_record(new)
+        if server_round == 1:
+            assert not s.rounds[-1].clipped
+    assert list(s.rounds[-1].clipped) == [ATTACKER]
