@@ -43,6 +43,7 @@ class RoundTiming:
     sent: list[int] = field(default_factory=list)  # node ids a train message went to
     replied: list[int] = field(default_factory=list)
     errors: list[int] = field(default_factory=list)  # replies that carried an error
+    outcomes: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (status, reason) from the strategy
     payload_down_bytes: int = 0  # arrays of all train messages (before framing)
     started_at: float = 0.0  # server wall clock (time.time()) at configure_train
     started_perf: float | None = field(default=None, repr=False)  # monotonic clock, same instant
@@ -51,6 +52,19 @@ class RoundTiming:
     def late(self) -> list[int]:
         """Nodes that did not reply before the round's timeout."""
         return sorted(set(self.sent) - set(self.replied))
+
+    @property
+    def rejected(self) -> list[int]:
+        """Nodes that replied without an error and whose update the strategy refused."""
+        return sorted(n for n, (status, _) in self.outcomes.items() if status == "rejected" and n in self.replied and n not in self.errors)
+
+    @property
+    def accepted(self) -> list[int]:
+        """Nodes whose update went into the aggregate."""
+        return sorted(set(self.replied) - set(self.errors) - set(self.rejected))
+
+    def outcome_of(self, status: str) -> list[int]:
+        return sorted(n for n, (s, _) in self.outcomes.items() if s == status)
 
 
 def ingest_replies(replies: Iterable[Message], store: TelemetryStore) -> int:
@@ -118,6 +132,8 @@ class TimedStrategy(Strategy):
         t1 = time.perf_counter()
         timing.aggregation_s = t1 - t0
         timing.round_s = t1 - (timing.started_perf if timing.started_perf is not None else t0)
+        outcomes = getattr(self.strategy, "round_outcomes", None)  # what it did with each reply, if it says
+        timing.outcomes = dict(outcomes(server_round)) if callable(outcomes) else {}
         ingest_replies(replies, self.telemetry)
         if self.on_round is not None:
             self.on_round(timing)

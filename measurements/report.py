@@ -36,6 +36,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tables import ACCEPTED
+
 CLIENT_PHASES = ("downlink_s", "train_s", "uplink_s", "wait_s")
 ROUND_PARTS = ("downlink_s", "startup_s", "loop_s", "handler_rest_s", "uplink_s", "poll_s")  # sum: e2e_s
 PART_LABELS = {"startup_s": "start-up", "handler_rest_s": "serialize", "poll_s": "polling"}
@@ -123,7 +125,7 @@ def round_parts(row: dict) -> dict[str, float]:
 def phase_stats(run: Run, rows: list[dict] | None = None) -> dict[str, dict[str, float]]:
     """phase -> {n, median, p95, share} over ``rows`` (default: all client rows that
     replied), for CLIENT_PHASES, ROUND_PARTS and overhead_s."""
-    rows = [r for r in (run.clients if rows is None else rows) if r.get("status") == "ok"]
+    rows = [r for r in (run.clients if rows is None else rows) if r.get("status") in ACCEPTED]
     rows = [{**r, **round_parts(r)} for r in rows]
     round_s = run.round_time()
     out: dict[str, dict[str, float]] = {}
@@ -158,7 +160,7 @@ def transfer_stats(rows: list[dict]) -> dict[str, dict[str, float]]:
         timed = [
             (b, s, _num(r.get(f"rpcs_{side}")), _num(r.get(f"link_{side}_mbit")))
             for r in rows
-            if r.get("status") == "ok" and (b := _num(r.get(f"bytes_{side}"))) and (s := _num(r.get(f"{direction}_s")))
+            if r.get("status") in ACCEPTED and (b := _num(r.get(f"bytes_{side}"))) and (s := _num(r.get(f"{direction}_s")))
         ]
         if not timed:
             continue
@@ -187,7 +189,7 @@ def summarize(run: Run) -> dict:
     unavailable = sorted({r["node_id"] for r in run.clients if r.get("transfer_via") == "unavailable"})
     starts: dict[str, int] = defaultdict(int)
     for r in run.clients:
-        if r.get("status") == "ok":
+        if r.get("status") in ACCEPTED:
             starts[r.get("start") or "unknown"] += 1
     by_network: dict[str, list[dict]] = defaultdict(list)
     for r in run.clients:
@@ -260,7 +262,7 @@ def _plt():
 def plot_phases_per_round(run: Run, target: Path) -> Path:
     plt = _plt()
     agg = {r["round"]: float(r["aggregation_s"]) for r in run.rounds if _num(r.get("aggregation_s")) is not None}
-    rows = sorted((r for r in run.clients if r.get("status") == "ok"), key=lambda r: (int(r["round"]), r["node_id"]))
+    rows = sorted((r for r in run.clients if r.get("status") in ACCEPTED), key=lambda r: (int(r["round"]), r["node_id"]))
     nodes = sorted({r["node_id"] for r in rows})
     short = {n: f"n{i}" for i, n in enumerate(nodes)}
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows) + 2), 4.5))
@@ -328,7 +330,7 @@ def stragglers(run: Run) -> dict[str, float | str]:
     """
     by_round: dict[str, list[dict]] = defaultdict(list)
     for r in run.clients:
-        if r.get("status") == "ok" and _num(r.get("e2e_s")) is not None:
+        if r.get("status") in ACCEPTED and _num(r.get("e2e_s")) is not None:
             by_round[r["round"]].append(r)
     round_s = run.round_time()
     slow_over_median, slow_over_fast, slow_over_round, idle, who = [], [], [], [], defaultdict(int)
@@ -360,7 +362,7 @@ def compare(runs: list[Run]) -> dict:
         shares[run.label] = {name: stats_by_phase[name]["share"] for name in (*CLIENT_PHASES, "aggregation_s")}
         straggling[run.label] = stragglers(run)
         stats = {}
-        ok = [r for r in run.clients if r.get("status") == "ok"]
+        ok = [r for r in run.clients if r.get("status") in ACCEPTED]
         for name in CLIENT_PHASES:
             values = [v for r in ok if (v := _num(r.get(name))) is not None]
             stats[name] = sum(values) / len(values) if values else math.nan

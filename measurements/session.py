@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from stamen import keys
 
 from .aggregation import RoundTiming, TimedStrategy, ingest_replies
-from .tables import CLIENTS_COLUMNS, RESOURCES_COLUMNS, client_rows, resource_rows
+from .tables import ACCEPTED, CLIENTS_COLUMNS, RESOURCES_COLUMNS, client_rows, resource_rows
 from .telemetry import TelemetryCollector, TelemetryStore
 
 log = logging.getLogger("stamen.measurements")
@@ -64,8 +64,13 @@ class MeasurementSession:
         grid = self.strategy.grid if self.strategy is not None else None
         sent = grid.messages() if grid is not None else []
         events = self.telemetry.events()
-        self.run_dir.write_table("clients.csv", CLIENTS_COLUMNS, client_rows(sent, events, self.profiles))
+        self.run_dir.write_table("clients.csv", CLIENTS_COLUMNS, client_rows(sent, events, self.profiles, outcomes=self.outcomes()))
         self.run_dir.write_table("resources.csv", RESOURCES_COLUMNS, resource_rows(sent, events))
+
+    def outcomes(self) -> dict[tuple[int, int], tuple[str, str]]:
+        """(round, node) -> (status, reason): what the strategy did with each reply."""
+        timings = self.strategy.timings if self.strategy is not None else {}
+        return {(r, n): o for r, t in timings.items() for n, o in t.outcomes.items()}
 
     def round_times(self, server_round: int) -> dict[int, float]:
         """{node: seconds} of one round's training message, as measured so far: downlink +
@@ -75,8 +80,8 @@ class MeasurementSession:
         if grid is None:
             return {}
         out = {}
-        for row in client_rows(grid.messages(), self.telemetry.events(), self.profiles):
-            if row["round"] != server_round or row["status"] != "ok":
+        for row in client_rows(grid.messages(), self.telemetry.events(), self.profiles, outcomes=self.outcomes()):
+            if row["round"] != server_round or row["status"] not in ACCEPTED:
                 continue
             parts = [row.get(k) for k in ("downlink_s", "train_s", "uplink_s")]
             if all(isinstance(x, (int, float)) for x in parts):

@@ -20,7 +20,8 @@ CLIENTS_COLUMNS = (
     "network",
     "transport",
     "start",  # cold | forked | warm | simulation: how the ClientApp process started (docs/runtime.md)
-    "status",  # ok | error | late
+    "status",  # ok | clipped | reweighted (accepted) | rejected (the server refused the update) | error | late
+    "reason",  # why, for every status but ok (the server's words)
     "e2e_s",  # server: sent -> reply pulled
     "downlink_s",  # device: pull RPCs of the instruction
     "train_s",  # device: the handler (load + loop + serialize + the rest)
@@ -73,10 +74,20 @@ RESOURCES_COLUMNS = (
 _PHASE_CPU = ("load_cpu_s", "loop_cpu_s", "serialize_cpu_s")
 _RESOURCE_SUMMARY = ("rss_peak_bytes", "cpu_mean_pct", "cpu_max_pct", "temp_max_c", "gpu_mem_peak_bytes")
 TIMES_TRANSFERS = "stamen-supernode"
+ACCEPTED = ("ok", "clipped", "reweighted")  # statuses whose update went into the aggregate
 
 
 def _round(group_id: str) -> int | str:
     return int(group_id) if group_id.isdigit() else group_id
+
+
+def _status(m: SentMessage, outcome: tuple[str, str] | None) -> dict[str, str]:
+    if m.received_unix_s is None:
+        return {"status": "late", "reason": "no reply before the round timeout"}
+    if m.error:
+        return {"status": "error", "reason": m.error}
+    status, reason = outcome or ("ok", "")
+    return {"status": status, "reason": reason}
 
 
 def client_rows(
@@ -85,8 +96,13 @@ def client_rows(
     profiles: dict[int, dict[str, Any]] | None = None,
     *,
     message_type: str = "train",
+    outcomes: dict[tuple[int, int], tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per sent message of ``message_type``. ``outcomes``: (round, node) ->
+    (status, reason), what the strategy did with a reply that arrived without an error
+    (rejected, clipped, reweighted); without one it is ``ok``."""
     profiles = profiles or {}
+    outcomes = outcomes or {}
     events = list(events)
     clocks = ev.best_clocks(e for e, _ in events)
     by_message: dict[tuple[str, str], tuple[ev.Event, str]] = {}
@@ -113,7 +129,7 @@ def client_rows(
             "device_class": profile.get("device-class") or (train.labels.get("device-class") if train else "") or "",
             "network": profile.get("network") or (train.labels.get("network") if train else "") or "unknown",
             "transport": transport,
-            "status": "late" if m.received_unix_s is None else ("error" if m.error else "ok"),
+            **_status(m, outcomes.get((_round(m.group_id), m.node_id))),
             "e2e_s": m.e2e_s,
             "payload_down_bytes": m.payload_bytes,
             "link_down_mbit": profile.get("link-down-mbit"),

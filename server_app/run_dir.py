@@ -45,6 +45,8 @@ ROUNDS_COLUMNS = (
     "nodes_replied",
     "nodes_error",
     "nodes_late",
+    "nodes_rejected",  # replied, and the strategy refused the update (the reason is in clients.csv)
+    "nodes_clipped",  # accepted with its update scaled down to the round's bound
     "payload_down_bytes",
 )
 _PACKAGES = ("flwr", "torch", "transformers", "peft", "numpy", "flwr-datasets", "datasets", "grpcio", "protobuf", "psutil")
@@ -108,10 +110,12 @@ class RunDirectory:
                 "aggregation_s": timing.aggregation_s,
                 "round_s": timing.round_s,
                 "nodes_sent": len(timing.sent),
-                "participants": len(set(timing.replied) - set(timing.errors)),
+                "participants": len(timing.accepted),
                 "nodes_replied": len(timing.replied),
                 "nodes_error": len(timing.errors),
                 "nodes_late": len(timing.late),
+                "nodes_rejected": len(timing.rejected),
+                "nodes_clipped": len(timing.outcome_of("clipped")),
                 "payload_down_bytes": timing.payload_down_bytes,
             },
         )

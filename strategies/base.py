@@ -93,6 +93,19 @@ class SampledStrategy(FedAvg):
     def with_weight(self, parsed, weight: float):
         raise NotImplementedError
 
+    def round_outcomes(self, server_round: int) -> dict[int, tuple[str, str]]:
+        """What this strategy did with each reply of a round: node -> (status, reason), for
+        clients.csv: ``rejected`` (dropped: invalid, over the bound, budget spent, late),
+        ``clipped`` or ``reweighted`` (accepted, bounded). Nodes not named were accepted as sent."""
+        record = next((r for r in reversed(getattr(self, "rounds", [])) if r.server_round == server_round), None)
+        if record is None:
+            return {}
+        out = {node: ("reweighted", reason) for node, reason in record.reweighted.items()}
+        for node, reason in record.clipped.items():
+            out[node] = ("clipped", "; ".join(filter(None, (reason, record.reweighted.get(node)))))
+        out.update({node: ("rejected", reason) for node, reason in record.dropped.items()})
+        return out
+
     def declare_profiles(self, profiles: Mapping[int, Mapping]) -> None:
         """Note each node's ``num-examples`` from its device profile: the cap of its weight."""
         for node_id, profile in profiles.items():

@@ -290,3 +290,28 @@ def test_an_adapter_strategy_measures_the_change_from_the_adapter_it_sent(name, 
         if server_round == 1:
             assert not s.rounds[-1].clipped
     assert list(s.rounds[-1].clipped) == [ATTACKER]
+
+
+# --- honest counts: metrics.csv, rounds.csv and clients.csv tell the same story ---------------
+def test_the_three_tables_agree_on_accepted_clipped_rejected_and_late(flower_identity, fake_grid):
+    from measurements.aggregation import TimedStrategy
+    from measurements.grid import SentMessage
+    from measurements.tables import ACCEPTED, client_rows
+
+    s = TimedStrategy(LORA_STRATEGIES["flora"](RobustConfig()))
+    nodes = [1, 2, 3, 4, 5, 6]
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid(nodes))}
+    replies = [lora_reply(msgs[n], n, rank=RANK, alpha=8.0, scale=1e4 if n == 4 else 1.0, n=10**9 if n == 3 else 100) for n in (1, 2, 3, 4, 5)]
+    replies[4].content.metric_records[keys.METRICS][keys.LORA_RANK] = 99  # node 5: not the rank it was assigned
+    _, metrics = s.aggregate_train(1, replies)  # node 6 never replies
+    timing = s.timings[1]
+    assert timing.accepted == [1, 2, 3, 4] and timing.rejected == [5] and timing.late == [6]
+    assert timing.outcome_of("clipped") == [4] and timing.outcome_of("reweighted") == [3]
+    assert metrics["num-clients"] == len(timing.accepted)
+    assert metrics["dropped"] == len(timing.errors) + len(timing.late) + len(timing.rejected)
+
+    sent = [SentMessage(f"m{n}", n, "train", "1", 0.0, 10, received_unix_s=None if n == 6 else 1.0) for n in nodes]
+    rows = {r["node_id"]: r for r in client_rows(sent, [], outcomes={(1, n): o for n, o in timing.outcomes.items()})}
+    assert {n: r["status"] for n, r in rows.items()} == {1: "ok", 2: "ok", 3: "reweighted", 4: "clipped", 5: "rejected", 6: "late"}
+    assert "over the bound" in rows[4]["reason"] and "assigned rank" in rows[5]["reason"] and "counted as" in rows[3]["reason"]
+    assert sum(r["status"] in ACCEPTED for r in rows.values()) == metrics["num-clients"]
