@@ -54,6 +54,7 @@ class NodeSpec:
     netns: str | None = None  # run inside this network namespace (deploy/netns.py)
     cgroups: tuple[str, ...] = ()  # join these cgroup directories (CPU quota, memory limit) before starting
     dial_host: str | None = None  # where this node reaches the SuperLink and collector (e.g. a local delay proxy)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of this node's processes
 
     def node_config(self) -> str:
         items: dict[str, object] = {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
@@ -201,7 +202,7 @@ class LocalDeployment:
         }
 
     def _spawn(
-        self, name: str, cmd: list[str], home: Path, *, netns: str | None = None, cgroups: tuple[str, ...] = ()
+        self, name: str, cmd: list[str], home: Path, *, netns: str | None = None, cgroups: tuple[str, ...] = (), env: dict | None = None
     ) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
         log_file = self.workdir / f"{name}.log"
@@ -215,7 +216,7 @@ class LocalDeployment:
         proc = subprocess.Popen(
             [*_in_netns(netns), *cmd],
             cwd=self.app_dir,
-            env={**self.env, "FLWR_HOME": str(home)},
+            env={**self.env, **(env or {}), "FLWR_HOME": str(home)},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: we stop it and its children together
@@ -296,6 +297,7 @@ class LocalDeployment:
             self.workdir / f"supernode-{i}",
             netns=node.netns,
             cgroups=tuple(str(c) for c in node.cgroups),
+            env=node.env,
         )
         return self._node_procs[i]
 
