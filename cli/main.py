@@ -30,10 +30,45 @@ def _names(text: str) -> list[str]:
     return [x for x in text.replace(",", " ").split() if x]
 
 
+class RunConfigError(Exception):
+    """A run config that cannot start a run: one line, naming the key."""
+
+
+def checked_run_config(items: list[str], output_flag: str | None) -> tuple[list[str], Path]:
+    """The run-config overrides, validated with Stamen's own parser against the app's
+    defaults before any process starts, and the output directory: ``--output``, else the
+    run config's ``output.dir``, else ``runs``. Raises RunConfigError naming the problem."""
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    from deploy.local import PROJECT_ROOT
+    from stamen.config import ConfigError, StamenConfig
+
+    merged: dict = {}
+    for item in items:
+        try:
+            merged.update(parse_config_args([item]))
+        except FileNotFoundError as err:
+            raise RunConfigError(f"--run-config: no such file: {err.filename}") from None
+        except Exception as err:  # Flower's parser: click's exception for a bad 'k=v' string, a TOML error for a file
+            detail = getattr(err, "message", None) or str(err)
+            if item.endswith(".toml") and Path(item).is_file():
+                raise RunConfigError(f"--run-config {item}: the TOML file does not parse ({detail})") from None
+            raise RunConfigError(f"--run-config {item!r}: not 'key=value ...' pairs with values bool, int, float or \"string\" ({detail})") from None
+    defaults = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    output = Path(output_flag or merged.get("output.dir") or "runs").resolve()
+    try:
+        StamenConfig.from_run_config({**defaults, **merged, "output.dir": str(output)})
+    except ConfigError as err:
+        raise RunConfigError(str(err)) from None
+    return items, output
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from deploy.local import SUPERNODES, LocalDeployment, heterogeneous_nodes, merge_overrides
 
-    output = Path(args.output).resolve()
+    items, output = checked_run_config(args.run_config, args.output)
     workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
     kinds = _names(args.supernode)
     if not kinds or any(k not in SUPERNODES for k in kinds):
@@ -45,7 +80,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     supernode = "/".join(SUPERNODES[k] for k in dict.fromkeys(kinds))
     runtime, grid_poll = _runtime_options(args)
     overrides = merge_overrides(
-        [f"strategy.poll-interval={grid_poll}", *args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}']
+        [f"strategy.poll-interval={grid_poll}", *items, f'output.dir="{output}" strategy.min-nodes={args.nodes}']
     )
     print(f"[stamen] starting flower-superlink and {args.nodes} {supernode} processes on 127.0.0.1", flush=True)
     for i, node in enumerate(nodes):
@@ -71,9 +106,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from deploy.local import merge_overrides
     from deploy.simulation import SimulationDeployment
 
-    output = Path(args.output).resolve()
+    items, output = checked_run_config(args.run_config, args.output)
     workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
-    overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
+    overrides = merge_overrides([*items, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
     print(f"[stamen] starting flower-superlink --simulation with {args.nodes} virtual SuperNodes", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
     deployment = SimulationDeployment(args.nodes, workdir=workdir, client_cpus=args.client_cpus)
@@ -98,7 +133,9 @@ def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float
     run_dir = output / str(run_id)
     print(f"[stamen] run {run_id} finished ({status}) in {time.monotonic() - t0:.0f} s; all processes stopped", flush=True)
     if "failed" in status.lower():
-        print(f"[stamen] error: the run failed; the ServerApp's error is above and in {workdir}/flwr-run.log", file=sys.stderr)
+        cause = last_exception(workdir / "flwr-run.log")
+        print(f"[stamen] error: the run failed{': ' + cause if cause else ''}", file=sys.stderr)
+        print(f"[stamen] the ServerApp's log is above and in {workdir}/flwr-run.log", file=sys.stderr)
         return 1, run_dir
     if not (run_dir / "metrics.csv").is_file():
         print(f"[stamen] error: {run_dir}/metrics.csv was not written; see {workdir}/flwr-run.log", file=sys.stderr)
@@ -113,6 +150,18 @@ def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float
 
         report([run_dir], echo=lambda line: print(f"[stamen] {line}", flush=True))
     return 0, run_dir
+
+
+def last_exception(log: Path) -> str:
+    """The last ``SomeError: message`` line of a log with Python tracebacks ('' if none)."""
+    import re
+
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    found = [line.strip() for line in lines if re.match(r"^\s*[A-Za-z_][\w.]*(Error|Exception|Exit): ", line)]
+    return found[-1] if found else ""
 
 
 def _testbed_nodes(args: argparse.Namespace, network: str | None = None):
@@ -176,7 +225,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
               "[stamen] Run it as root, or pass --loopback to run the same nodes on 127.0.0.1 without shaping or limits.",
               file=sys.stderr)
         return 2
-    output = Path(args.output).resolve()
+    items, output = checked_run_config(args.run_config, args.output)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         networks = _names(args.network) if args.action == "compare" else [None]
@@ -203,7 +252,7 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     for net, nodes in plans:
         _describe(nodes, args.loopback)
         workdir = output / "_deploy" / f"testbed-{stamp}" / (net or "run")
-        overrides = merge_overrides([*args.run_config, f'output.dir="{output}" strategy.min-nodes={len(nodes)}'])
+        overrides = merge_overrides([*items, f'output.dir="{output}" strategy.min-nodes={len(nodes)}'])
         code, run_dir = _run(_testbed_deployment(args, nodes, workdir), overrides, output, workdir, args.timeout)
         if code != 0:
             return code
@@ -282,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         help="'stamen' (stamen-supernode: transfer timing + telemetry) or 'flower' (plain flower-supernode); "
         "a list is cycled over nodes",
     )
-    local.add_argument("--output", default="runs", help="where run directories go")
+    local.add_argument("--output", default=None, help="where run directories go (default: the run config's output.dir, else runs)")
     local.add_argument(
         "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"
     )
@@ -299,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = sub.add_parser("simulate", help="run on N virtual SuperNodes in Flower's simulation engine (Ray)")
     sim.add_argument("--nodes", type=int, default=10)
     sim.add_argument("--client-cpus", type=int, default=1, help="CPUs Ray reserves per ClientApp")
-    sim.add_argument("--output", default="runs", help="where run directories go")
+    sim.add_argument("--output", default=None, help="where run directories go (default: the run config's output.dir, else runs)")
     sim.add_argument(
         "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"
     )
@@ -322,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     bed.add_argument("--transfer-concurrency", type=transfer_concurrency, default=None,
                      help="stamen-supernode --transfer-concurrency on every node (docs/transfers.md)")
     bed.add_argument("--loopback", action="store_true", help="no namespaces, shaping or limits (no root needed)")
-    bed.add_argument("--output", default="runs", help="where run directories go")
+    bed.add_argument("--output", default=None, help="where run directories go (default: the run config's output.dir, else runs)")
     bed.add_argument("--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)")
     bed.add_argument("--timeout", type=float, default=3600.0)
     bed.set_defaults(func=cmd_testbed)
@@ -340,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("local", "simulate") and args.nodes < 1 or args.command == "testbed" and args.nodes < 0:
         parser.error("--nodes must be at least 1")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RunConfigError as err:
+        print(f"[stamen] error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -483,4 +483,7 @@ class _Reader:
     def reject_unknown(self) -> None:
         unknown = sorted(set(self._raw) - self._used)
         if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}; see [tool.flwr.app.config]")
+            import difflib
+
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, sorted(self._used), n=1)) else k for k in unknown]
+            raise ConfigError(f"unknown config keys: {', '.join(hints)}; the keys are those of [tool.flwr.app.config] in pyproject.toml")
