@@ -281,7 +281,10 @@ def cmd_device(args: argparse.Namespace) -> int:
         profile = detect_profile(node_config)
         defaults = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
         lora = StamenConfig.from_run_config(defaults["tool"]["flwr"]["app"]["config"]).lora
-        profile["lora-rank"] = ranks_from_profiles({0: profile}, lora)[0]
+        ranks, left_out = ranks_from_profiles({0: profile}, lora)
+        if left_out:
+            raise ValueError(left_out[0])
+        profile["lora-rank"] = ranks[0]
         profile.pop("transport", None)  # (this command is not a SuperNode)
     except (ValueError, OSError) as err:
         print(f"stamen device: {err}", file=sys.stderr)

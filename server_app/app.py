@@ -17,7 +17,7 @@ from .early_exit import EarlyExitFamily
 from .family import Family, LoRAFamily
 from .grid import PolledGrid
 from .privacy import write_privacy
-from .profiles import query_profiles
+from .profiles import leave_out, query_profiles
 from .run_dir import RunDirectory
 
 app = ServerApp()
@@ -44,10 +44,14 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory, measurements: MeasurementSession) -> None:
-    profiles = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
+    profiles, failed = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
     measurements.profiles = profiles
-    run.write_json("profiles.json", {str(n): p for n, p in profiles.items()})
-    algorithm = family.strategy(profiles)
+    algorithm = family.strategy(profiles)  # a node whose config gives no valid rank or depth is left out
+    leave_out(algorithm, failed)
+    out = {**{str(n): dict(p) for n, p in profiles.items()}, **{str(n): {} for n in failed}}
+    for node, reason in algorithm.retired.items():
+        out.setdefault(str(node), {})["left-out"] = reason
+    run.write_json("profiles.json", out)
     algorithm.declare_profiles(profiles)  # each node's num-examples: the cap of its weight (strategies/bounds.py)
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     algorithm.attach_run(run, measurements.round_times)

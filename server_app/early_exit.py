@@ -17,7 +17,7 @@ from strategies.lora_records import from_record
 
 from .evaluation import ServerEvaluation
 from .family import Family
-from .profiles import exits_from_profiles
+from .profiles import exits_from_profiles, leave_out
 
 
 class EarlyExitFamily(Family):
@@ -34,12 +34,14 @@ class EarlyExitFamily(Family):
     def strategy(self, profiles):
         cfg, model = self.cfg, self.model
         num_exits = len(model.exit_blocks)
-        node_exits = exits_from_profiles(profiles, cfg.early_exit, num_exits)
+        node_exits, left_out = exits_from_profiles(profiles, cfg.early_exit, num_exits)
         for node, e in sorted(node_exits.items()):
             log(INFO, "node %d: %s, max exit %d (%d of %d blocks)", node, profiles[node].get("device-class"), e, model.exit_blocks[e - 1], model.num_blocks)
-        return STRATEGIES[cfg.strategy.name].from_config(
+        algorithm = STRATEGIES[cfg.strategy.name].from_config(
             cfg, node_exits=node_exits, num_exits=num_exits, required_exits=model.required_exits(), **self.common()
         )
+        leave_out(algorithm, left_out)
+        return algorithm
 
     def initial(self):
         return self.model.trainable_state()

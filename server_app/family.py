@@ -27,7 +27,7 @@ from strategies import STRATEGIES
 from strategies.lora_records import join_global
 
 from .evaluation import ServerEvaluation
-from .profiles import ranks_from_profiles
+from .profiles import leave_out, ranks_from_profiles
 
 
 class Family:
@@ -66,7 +66,8 @@ class LoRAFamily(Family):
 
     def strategy(self, profiles):
         cfg = self.cfg
-        node_ranks = ranks_from_profiles(profiles, cfg.lora)
+        dim = min(min(self.model.get_submodule(t).weight.shape) for t in self.targets)  # a LoRA rank above it is no low rank
+        node_ranks, left_out = ranks_from_profiles(profiles, cfg.lora, max_rank=dim)
         for node, rank in sorted(node_ranks.items()):
             log(INFO, "node %d: %s, LoRA rank %d", node, profiles[node].get("device-class"), rank)
         try:
@@ -80,6 +81,7 @@ class LoRAFamily(Family):
             from strategies.central_dp import CentralDP
 
             algorithm = CentralDP(algorithm, noise_multiplier=cfg.dp.noise_multiplier, clipping_norm=cfg.dp.clipping_norm, delta=cfg.dp.delta)
+        leave_out(algorithm, left_out)
         return algorithm
 
     def initial(self):

@@ -27,58 +27,82 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 def query_profiles(
     grid: Grid, *, min_nodes: int, timeout: float, on_replies: Callable[[list[Message]], None] | None = None
-) -> dict[int, dict[str, Any]]:
-    """Send a ``query`` message to every connected node; {node id: profile}."""
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Send a ``query`` message to every connected node; ({node id: profile}, {node id:
+    why it has none}). A node whose query failed (its node-config is invalid: an unknown
+    device class, say) is named in the second; one that did not answer in time in neither
+    (it gets the defaults)."""
     nodes = wait_for_nodes(grid, min_nodes, timeout)
     messages = [
         Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes
     ]
     profiles: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     if on_replies is not None:
         on_replies(replies)
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            log(WARNING, "node %d did not send a profile: %s", node, reply.error.reason)
+            failed[node] = f"its profile query failed: {reply.error.reason}"
             continue
         profiles[node] = dict(reply.content.config_records[keys.PROFILE])
-    for node in set(nodes) - set(profiles):
+    for node in set(nodes) - set(profiles) - set(failed):
         log(WARNING, "node %d sent no profile; it gets the default LoRA rank", node)
-    return profiles
+    return profiles, failed
 
 
-def ranks_from_profiles(profiles: dict[int, dict[str, Any]], lora: LoraConfig) -> dict[int, int]:
-    """node-config ``lora-rank`` wins; then ``lora.rank-by-partition``; then ``lora.rank-by-class``."""
-    ranks = {}
+def ranks_from_profiles(
+    profiles: dict[int, dict[str, Any]], lora: LoraConfig, *, max_rank: int | None = None
+) -> tuple[dict[int, int], dict[int, str]]:
+    """({node: LoRA rank}, {node: why it is left out}). node-config ``lora-rank`` wins; then
+    ``lora.rank-by-partition``; then ``lora.rank-by-class``. A rank that is not an integer
+    in 1..``max_rank`` (``lora.max-rank``, or the model's smallest adapted dimension if
+    that is smaller) leaves the node out, naming the key: one node's config does not stop
+    the run."""
+    limit = min(lora.max_rank, max_rank) if max_rank is not None else lora.max_rank
+    ranks, left_out = {}, {}
     for node, profile in profiles.items():
         override = profile.get(keys.NODE_LORA_RANK)
         if override is not None:
-            if not isinstance(override, int) or override < 1:
-                raise ValueError(f"node {node}: node-config lora-rank = {override!r} must be a positive integer")
-            ranks[node] = override
+            rank, key = override, f"node-config {keys.NODE_LORA_RANK}"
         else:
             partition = profile.get(keys.NODE_PARTITION_ID)
-            ranks[node] = lora.rank_for(
-                str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")), int(partition) if partition is not None else None
-            )
-    return ranks
+            key = "lora.rank-by-partition / lora.rank-by-class"
+            rank = lora.rank_for(str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")), int(partition) if partition is not None else None)
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+            left_out[node] = f"{key} = {rank!r}: must be an integer in 1..{limit} (lora.max-rank {lora.max_rank}, and the model's dimension)"
+            continue
+        ranks[node] = rank
+    return ranks, left_out
 
 
-def exits_from_profiles(profiles: dict[int, dict[str, Any]], early_exit: EarlyExitConfig, num_exits: int) -> dict[int, int]:
-    """The deepest exit each node trains: node-config ``max-exit`` wins; then
-    ``early-exit.exit-by-partition``; then ``early-exit.exit-by-class``; else full depth."""
-    exits = {}
+def exits_from_profiles(
+    profiles: dict[int, dict[str, Any]], early_exit: EarlyExitConfig, num_exits: int
+) -> tuple[dict[int, int], dict[int, str]]:
+    """({node: deepest exit it trains}, {node: why it is left out}). node-config
+    ``max-exit`` wins; then ``early-exit.exit-by-partition``; then
+    ``early-exit.exit-by-class``; else full depth. A max exit outside 1..num_exits leaves
+    the node out, naming the key."""
+    exits, left_out = {}, {}
     for node, profile in profiles.items():
         override = profile.get(keys.NODE_MAX_EXIT)
         if override is not None:
-            if not isinstance(override, int) or not 1 <= override <= num_exits:
-                raise ValueError(f"node {node}: node-config max-exit = {override!r} must be an integer in 1..{num_exits}")
+            if not isinstance(override, int) or isinstance(override, bool) or not 1 <= override <= num_exits:
+                left_out[node] = f"node-config {keys.NODE_MAX_EXIT} = {override!r}: must be an integer in 1..{num_exits}"
+                continue
             exits[node] = override
         else:
             partition = profile.get(keys.NODE_PARTITION_ID)
             exits[node] = early_exit.exit_for(
                 str(profile.get(keys.NODE_DEVICE_CLASS, "cpu")), int(partition) if partition is not None else None, num_exits
             )
-    return exits
+    return exits, left_out
+
+
+def leave_out(strategy, left_out: dict[int, str]) -> None:
+    """Never sample these nodes (``SampledStrategy.retired``); log each with its reason."""
+    for node, reason in sorted(left_out.items()):
+        log(WARNING, "node %d is left out of this run: %s", node, reason)
+        strategy.retired[node] = reason

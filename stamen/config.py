@@ -71,6 +71,7 @@ class LoraConfig:
     target_modules: tuple[str, ...]  # empty: the architecture's default
     rank_by_class: Mapping[str, int]
     rank_by_partition: tuple[int, ...] = ()  # cycled over partition ids; for simulation, where node-config is bare
+    max_rank: int = 64  # a node whose rank would be larger is left out of the run (server_app/profiles.py)
 
     def rank_for(self, device_class: str, partition_id: int | None = None) -> int:
         """The LoRA rank a node trains with: by partition when ``lora.rank-by-partition``
@@ -248,6 +249,7 @@ class StamenConfig:
                 target_modules=r.names("lora.target-modules"),
                 rank_by_class=r.rank_table("lora.rank-by-class"),
                 rank_by_partition=r.rank_list("lora.rank-by-partition"),
+                max_rank=r.integer("lora.max-rank", minimum=1),
             ),
             train=TrainConfig(
                 local_steps=r.integer("train.local-steps", minimum=1),
@@ -331,6 +333,8 @@ class StamenConfig:
                 f"early-exit.ree-attn-dim = {cfg.early_exit.ree_attn_dim} must be a multiple of "
                 f"early-exit.ree-heads = {cfg.early_exit.ree_heads}"
             )
+        if cfg.lora.rank > cfg.lora.max_rank:
+            raise ConfigError(f"lora.rank = {cfg.lora.rank} is above lora.max-rank = {cfg.lora.max_rank}")
         _check_dp(cfg)
         r.mark_used(k for k in run_config if k.startswith("measure."))
         r.reject_unknown()

@@ -315,3 +315,50 @@ def test_the_three_tables_agree_on_accepted_clipped_rejected_and_late(flower_ide
     assert {n: r["status"] for n, r in rows.items()} == {1: "ok", 2: "ok", 3: "reweighted", 4: "clipped", 5: "rejected", 6: "late"}
     assert "over the bound" in rows[4]["reason"] and "assigned rank" in rows[5]["reason"] and "counted as" in rows[3]["reason"]
     assert sum(r["status"] in ACCEPTED for r in rows.values()) == metrics["num-clients"]
+
+
+# --- one bad node's config leaves that node out, not the run ---------------------------------
+def test_a_node_whose_rank_is_invalid_is_left_out_naming_the_key(run_config):
+    from server_app.profiles import leave_out, ranks_from_profiles
+    from stamen.config import StamenConfig
+
+    lora = StamenConfig.from_run_config({**run_config, "lora.max-rank": 32}).lora
+    profiles = {
+        1: {"device-class": "jetson"},
+        2: {"lora-rank": -1},
+        3: {"lora-rank": 48},  # above lora.max-rank
+        4: {"lora-rank": 20},  # above the model's dimension (16 here)
+        5: {"lora-rank": "8"},
+        6: {"lora-rank": 8},
+    }
+    ranks, left_out = ranks_from_profiles(profiles, lora, max_rank=16)
+    assert ranks == {1: lora.rank_for("jetson"), 6: 8}
+    assert set(left_out) == {2, 3, 4, 5}
+    assert left_out[2].startswith("node-config lora-rank = -1: must be an integer in 1..16")
+    s = LORA_STRATEGIES["flora"](RobustConfig())
+    leave_out(s, left_out)
+    assert set(s.retired) == {2, 3, 4, 5}  # never sampled
+
+
+def test_a_node_whose_profile_query_fails_is_named_not_given_defaults(flower_identity):
+    """An unknown node-config device-class makes the node's query handler raise: its error
+    reply names the key, and the node is left out rather than trained at the default rank."""
+    from flwr.app import Error
+
+    from server_app.profiles import query_profiles
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def send_and_receive(self, messages, timeout):
+            for m in messages:
+                if m.metadata.dst_node_id == 1:
+                    yield Message(RecordDict({keys.PROFILE: ConfigRecord({"device-class": "cpu"})}), reply_to=m)
+                elif m.metadata.dst_node_id == 2:
+                    yield Message(Error(code=0, reason="ValueError: node-config device-class='toaster': accepted values: ..."), reply_to=m)
+                # node 3 never answers
+
+    profiles, failed = query_profiles(Grid(), min_nodes=1, timeout=1.0)
+    assert set(profiles) == {1} and set(failed) == {2}
+    assert "device-class='toaster'" in failed[2]

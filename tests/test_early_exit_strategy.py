@@ -92,9 +92,11 @@ def test_exits_from_profiles(run_config):
         2: {"device-class": "cpu", "partition-id": 1},
         3: {"device-class": "cpu", "partition-id": 0, "max-exit": 4},  # node-config wins
     }
-    assert exits_from_profiles(profiles, ee, 4) == {1: 1, 2: 2, 3: 4}
-    with pytest.raises(ValueError, match="max-exit = 5"):
-        exits_from_profiles({1: {"max-exit": 5}}, ee, 4)
+    assert exits_from_profiles(profiles, ee, 4) == ({1: 1, 2: 2, 3: 4}, {})
+    # a node whose max-exit is out of range is left out, with the key named; the others go on
+    exits, left_out = exits_from_profiles({**profiles, 4: {"max-exit": 5}, 5: {"max-exit": -1}}, ee, 4)
+    assert exits == {1: 1, 2: 2, 3: 4} and set(left_out) == {4, 5}
+    assert "node-config max-exit = 5: must be an integer in 1..4" in left_out[4]
 
 
 def test_the_registries_agree():
