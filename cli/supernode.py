@@ -102,6 +102,17 @@ def default_telemetry_address(argv: list[str]) -> str:
     return f"{host}:{DEFAULT_PORT}"
 
 
+def root_certificates(argv: list[str]) -> bytes | None:
+    """The CA certificates of flower-supernode's ``--root-certificates`` (the node trusts
+    the SuperLink, and so the telemetry collector that serves the SuperLink's
+    certificate, with them); None under ``--insecure``: plaintext."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--root-certificates" and i + 1 < len(argv) else (arg.split("=", 1)[1] if arg.startswith("--root-certificates=") else None)
+        if path:
+            return Path(path).expanduser().read_bytes()
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -132,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     sender = None
     if not opts.no_telemetry:
         address = opts.telemetry_address or default_telemetry_address(flower_argv)
-        sender = TelemetrySender(spool, address, node_id=lambda: tracker.node_id, interval=opts.telemetry_interval).start()
+        sender = TelemetrySender(
+            spool, address, node_id=lambda: tracker.node_id, interval=opts.telemetry_interval, root_certificates=root_certificates(flower_argv)
+        ).start()
 
     def finish() -> None:
         tracker.flush()

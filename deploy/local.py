@@ -347,6 +347,8 @@ class LocalDeployment:
         ``run_config``: overrides, each 'k=v ...' or the path of a TOML file (see conf/).
         """
         collector = f'measure.collector="{self.collector_address}"'
+        if self.tls_dir is not None:  # the collector serves the SuperLink's certificate; nodes trust it with ca.crt
+            collector += f' measure.collector-certfile="{self.tls_dir / "server.pem"}" measure.collector-keyfile="{self.tls_dir / "server.key"}"'
         app = stage_app(self.app_dir, self.workdir / "app")
         cmd = [*_in_netns(self.superlink_netns), "flwr", "run", str(app), "local-deployment", "--stream"]
         cmd += ["--run-config", merge_overrides([collector, *run_config]), *self.run_flags()]

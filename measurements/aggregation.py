@@ -79,9 +79,7 @@ def ingest_replies(replies: Iterable[Message], store: TelemetryStore) -> int:
         except (KeyError, ValueError, TypeError) as err:
             log.warning("node %s sent unreadable telemetry: %s", reply.metadata.src_node_id, err)
             continue
-        for e in events:  # the server knows who sent the reply
-            e.node_id = e.node_id or int(reply.metadata.src_node_id)
-        store.add(events, VIA_REPLY)
+        store.add(events, VIA_REPLY, sender=int(reply.metadata.src_node_id))  # the server knows who sent the reply
         count += len(events)
     return count
 
@@ -93,8 +91,10 @@ class TimedStrategy(Strategy):
         *,
         on_round: Callable[[RoundTiming], None] | None = None,
         telemetry: TelemetryStore | None = None,
+        auth=None,
     ) -> None:
         self.strategy = strategy
+        self.auth = auth  # measurements/auth.py: the nodes' telemetry keys travel in the messages
         self.on_round = on_round
         self.telemetry = telemetry if telemetry is not None else TelemetryStore()
         self.timings: dict[int, RoundTiming] = {}
@@ -102,7 +102,7 @@ class TimedStrategy(Strategy):
 
     def start(self, grid: Grid, *args, **kwargs):
         """Flower's own round loop, run on a TimingGrid around ``grid``."""
-        self.grid = grid if isinstance(grid, TimingGrid) else TimingGrid(grid)
+        self.grid = grid if isinstance(grid, TimingGrid) else TimingGrid(grid, auth=self.auth)
         return super().start(self.grid, *args, **kwargs)
 
     def configure_train(

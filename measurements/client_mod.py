@@ -78,6 +78,9 @@ def measurement_mod(msg: Message, context: Context, call_next: ClientAppCallable
         return call_next(msg, context)
     interval = settings.sample_interval
     spool = Spool.from_env()
+    auth = msg.content.config_records.get(keys.TELEMETRY_AUTH) if msg.has_content() else None
+    if spool is not None and auth is not None and keys.TELEMETRY_KEY in auth:  # the sender signs with it (measurements/auth.py)
+        spool.set_key(int(msg.metadata.run_id), str(auth[keys.TELEMETRY_KEY]))
     kind = str(msg.metadata.message_type)
     base = {"node_id": int(context.node_id), "run_id": int(msg.metadata.run_id), "message_id": str(msg.metadata.message_id)}
     labels = {"transport": transport()}

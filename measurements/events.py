@@ -34,15 +34,18 @@ class Event:
     labels: dict[str, str] = field(default_factory=dict)
     seq: int = 0  # set by the spool
     spool_id: str = ""
+    mac: str = ""  # HMAC of the other fields with the node's key, when streamed (measurements/auth.py)
 
     @property
     def end_unix_s(self) -> float:
         return self.start_unix_s + self.duration_s
 
     @property
-    def key(self) -> tuple[str, int]:
-        """Identifies an event across delivery paths (a path may deliver it twice)."""
-        return (self.spool_id, self.seq)
+    def key(self) -> tuple[int, str, int]:
+        """Identifies an event across delivery paths (a path may deliver it twice). The
+        node is part of it: another node cannot take an event's place by reusing its
+        spool id and sequence number."""
+        return (self.node_id, self.spool_id, self.seq)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -60,6 +63,7 @@ class Event:
             labels={str(k): str(v) for k, v in dict(data.get("labels", {})).items()},
             seq=int(data.get("seq", 0)),
             spool_id=str(data.get("spool_id", "")),
+            mac=str(data.get("mac", "")),
         )
 
     def to_proto(self):

@@ -18,7 +18,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
+
+from stamen import keys
 
 
 @dataclass
@@ -46,8 +48,12 @@ def payload_bytes(msg: Message) -> int:
 
 
 class TimingGrid:
-    def __init__(self, grid) -> None:
+    """``auth``: every outgoing message carries its node's telemetry key, and the
+    ``auth`` learns which message went to which node (measurements/auth.py)."""
+
+    def __init__(self, grid, auth=None) -> None:
         self._grid = grid
+        self.auth = auth
         self._lock = threading.Lock()
         self.sent: dict[str, SentMessage] = {}
 
@@ -57,8 +63,16 @@ class TimingGrid:
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         sizes = [payload_bytes(m) for m in messages]
+        if self.auth is not None:
+            for m in messages:
+                if m.has_content():
+                    m.content[keys.TELEMETRY_AUTH] = ConfigRecord({keys.TELEMETRY_KEY: self.auth.key_for(m.metadata.dst_node_id)})
         t = time.time()
         ids = list(self._grid.push_messages(messages))
+        if self.auth is not None:
+            for msg, mid in zip(messages, ids, strict=False):
+                if mid:
+                    self.auth.note_sent(mid, msg.metadata.dst_node_id)
         with self._lock:
             for msg, mid, size in zip(messages, ids, sizes, strict=False):
                 if mid:

@@ -1,6 +1,7 @@
 """The server side of the instrumentation for one run, in one object.
 
     with MeasurementSession(run_dir, run_id=context.run_id, collector="0.0.0.0:9400") as m:
+        grid = m.grid(grid)                        # timed, and carrying each node's telemetry key
         strategy = m.wrap(any_strategy)            # rounds.csv, and clients.csv as rounds end
         strategy.start(grid, ...)
         m.finish(grid, node_ids, timeout=60)       # the last uplinks; final clients.csv
@@ -21,6 +22,8 @@ from flwr.serverapp.strategy import Strategy
 from stamen import keys
 
 from .aggregation import RoundTiming, TimedStrategy, ingest_replies
+from .auth import TelemetryAuth
+from .grid import TimingGrid
 from .tables import ACCEPTED, CLIENTS_COLUMNS, RESOURCES_COLUMNS, client_rows, resource_rows
 from .telemetry import TelemetryCollector, TelemetryStore
 
@@ -28,13 +31,18 @@ log = logging.getLogger("stamen.measurements")
 
 
 class MeasurementSession:
-    def __init__(self, run_dir, *, run_id: int, collector: str = "", enabled: bool = True) -> None:
+    def __init__(
+        self, run_dir, *, run_id: int, collector: str = "", enabled: bool = True, certfile: str = "", keyfile: str = ""
+    ) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
-        self.telemetry = TelemetryStore(run_id=run_id)
+        self.auth = TelemetryAuth(run_id) if enabled else None  # keys per node; what the collector keeps
+        self.telemetry = TelemetryStore(run_id=run_id, auth=self.auth)
         self.profiles: dict[int, dict[str, Any]] = {}
         self.strategy: TimedStrategy | None = None
-        self._collector = TelemetryCollector(collector, self.telemetry) if (enabled and collector) else None
+        self._collector = (
+            TelemetryCollector(collector, self.telemetry, certfile=certfile, keyfile=keyfile) if (enabled and collector) else None
+        )
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> MeasurementSession:
@@ -47,8 +55,13 @@ class MeasurementSession:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def grid(self, grid) -> TimingGrid:
+        """The grid every message of the run goes through: timed, and carrying each node's
+        telemetry key (measurements/auth.py). Pass it to the profile query and the strategy."""
+        return grid if isinstance(grid, TimingGrid) else TimingGrid(grid, auth=self.auth)
+
     def wrap(self, strategy: Strategy) -> TimedStrategy:
-        self.strategy = TimedStrategy(strategy, on_round=self._on_round, telemetry=self.telemetry)
+        self.strategy = TimedStrategy(strategy, on_round=self._on_round, telemetry=self.telemetry, auth=self.auth)
         return self.strategy
 
     def take_replies(self, replies) -> None:

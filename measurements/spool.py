@@ -38,6 +38,8 @@ class Spool:
             "body TEXT NOT NULL, state TEXT, added REAL NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        # the telemetry key the server gave this node for a run (measurements/auth.py)
+        self._db.execute("CREATE TABLE IF NOT EXISTS run_keys (run_id TEXT PRIMARY KEY, key TEXT NOT NULL, added REAL NOT NULL)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('spool-id', ?)", (uuid.uuid4().hex[:12],))
         self.spool_id = self._db.execute("SELECT value FROM meta WHERE key = 'spool-id'").fetchone()[0]
 
@@ -92,6 +94,14 @@ class Spool:
         self._db.execute(
             "DELETE FROM events WHERE state IN (?, ?) AND added < ?", (TELEMETRY, REPLY, time.time() - _KEEP_DELIVERED_S)
         )
+
+    def set_key(self, run_id: int, key: str) -> None:
+        """Keep the telemetry key of run ``run_id`` (the ClientApp mod, from a message)."""
+        self._db.execute("INSERT OR REPLACE INTO run_keys VALUES (?, ?, ?)", (str(run_id), str(key), time.time()))
+
+    def run_keys(self) -> dict[int, str]:
+        """{run id: key} of the runs this node holds a key for, the newest last."""
+        return {int(r): k for r, k in self._db.execute("SELECT run_id, key FROM run_keys ORDER BY added")}
 
     def close(self) -> None:
         self._db.close()

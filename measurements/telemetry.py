@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
+from . import auth
 from . import events as ev
+from .auth import EVENT_BUDGET
 from .spool import SENDING, TELEMETRY, Spool
 
 log = logging.getLogger("stamen.telemetry")
@@ -63,25 +66,57 @@ def best_probe(probes: Iterable[ClockProbe]) -> ClockProbe:
 
 
 class TelemetryStore:
-    """Events of one run from all nodes, deduplicated across delivery paths."""
+    """Events of one run from all nodes, deduplicated across delivery paths.
 
-    def __init__(self, run_id: int | None = None) -> None:
+    With an ``auth`` (measurements/auth.py) an event is kept only if it is genuine: signed
+    by a node of this run for itself when it came over the telemetry service, or about
+    the node that sent the reply it came in, and about a message the server sent that
+    node. Either way at most ``budget`` events are kept per node and message (and per
+    node for events about no message): a flood costs bounded memory. Refusals are
+    counted in :attr:`refused` and logged once per node and reason."""
+
+    def __init__(self, run_id: int | None = None, *, auth=None, budget: int = EVENT_BUDGET) -> None:
         self.run_id = run_id
+        self.auth = auth
+        self.budget = budget
         self._lock = threading.Lock()
-        self._events: dict[tuple[str, int], ev.Event] = {}
-        self._via: dict[tuple[str, int], str] = {}
+        self._events: dict[tuple, ev.Event] = {}
+        self._via: dict[tuple, str] = {}
+        self._count: Counter = Counter()  # (node, message id) -> events kept
+        self.refused: Counter = Counter()  # (node, reason) -> events refused
 
-    def add(self, events: Iterable[ev.Event], via: str) -> list[int]:
+    def add(self, events: Iterable[ev.Event], via: str, *, sender: int | None = None) -> list[int]:
+        """Keep the genuine ones among ``events``; returns every sequence number read (the
+        sender need not deliver any of them again, kept or not). ``sender``: the node
+        whose reply carried them (None: the telemetry service)."""
         stored = []
         with self._lock:
             for event in events:
                 stored.append(event.seq)
-                if self.run_id is not None and event.run_id not in (self.run_id, 0):
+                if sender is not None:
+                    event.node_id = event.node_id or sender
+                    event.run_id = event.run_id or (self.run_id or 0)
+                    if event.node_id != sender:  # a reply speaks for the node that sent it only
+                        self._refuse(sender, f"events of node {event.node_id} in its reply")
+                        continue
+                if self.run_id is not None and event.run_id != self.run_id and self.auth is None:
                     continue  # a leftover of another run: accepted, not kept
+                reason = self.auth.check(event, sender=sender) if self.auth is not None else None
+                if reason is None and self._count[(event.node_id, event.message_id)] >= self.budget:
+                    reason = f"over the budget of {self.budget} events per node and message"
+                if reason is not None:
+                    self._refuse(event.node_id, reason)
+                    continue
                 if event.key not in self._events:
                     self._events[event.key] = event
                     self._via[event.key] = via
+                    self._count[(event.node_id, event.message_id)] += 1
         return stored
+
+    def _refuse(self, node_id: int, reason: str) -> None:
+        if not self.refused[(node_id, reason)]:
+            log.warning("telemetry: refusing events from node %s: %s", node_id, reason)
+        self.refused[(node_id, reason)] += 1
 
     def events(self, kind: str | None = None) -> list[tuple[ev.Event, str]]:
         with self._lock:
@@ -116,8 +151,12 @@ class TelemetryCollector:
     bound port (0 asks for a free one) and None when binding failed: the run goes on and
     the nodes' events come in replies instead."""
 
-    def __init__(self, address: str, store: TelemetryStore) -> None:
+    def __init__(self, address: str, store: TelemetryStore, *, certfile: str = "", keyfile: str = "") -> None:
+        """``certfile`` / ``keyfile``: serve TLS with that certificate (the SuperLink's)."""
+        if bool(certfile) != bool(keyfile):
+            raise ValueError("the telemetry collector's TLS needs both measure.collector-certfile and measure.collector-keyfile")
         self.address, self.store = address, store
+        self.certfile, self.keyfile = certfile, keyfile
         self.port: int | None = None
         self._server: grpc.Server | None = None
 
@@ -127,7 +166,12 @@ class TelemetryCollector:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="stamen-collector"))
         telemetry_pb2_grpc.add_TelemetryServicer_to_server(_Servicer(self.store), server)
         try:
-            port = server.add_insecure_port(self.address)
+            if self.certfile:
+                with open(self.keyfile, "rb") as key, open(self.certfile, "rb") as cert:
+                    credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+                port = server.add_secure_port(self.address, credentials)
+            else:
+                port = server.add_insecure_port(self.address)
         except RuntimeError as err:
             port = 0
             log.warning("telemetry collector: cannot bind %s (%s)", self.address, err)
@@ -205,12 +249,9 @@ class TelemetrySender:
         if now - self._last_sync >= self.resync_s:
             if self.sync_clock():
                 self._last_sync = now
-        events = self.spool.claim(SENDING, limit=1000)
+        events = self.claim_signed()
         if not events:
             return 0
-        node = self.node_id()
-        for e in events:
-            e.node_id = e.node_id or node
         try:
             ack = self._stub.Report(iter([e.to_proto() for e in events]), timeout=10.0)
         except grpc.RpcError as err:
@@ -222,6 +263,23 @@ class TelemetrySender:
         self.spool.release([e.seq for e in events if e.seq not in stored])
         self._note_reachable(True)
         return len(stored)
+
+    def claim_signed(self, limit: int = 1000) -> list[ev.Event]:
+        """Claim the events of the runs this node holds a telemetry key for, each signed
+        with its run's key; events about no run (clock probes) go with the newest run.
+        Events of a run without a key stay in the spool: they travel in a reply."""
+        run_keys = self.spool.run_keys()
+        if not run_keys:
+            return []
+        node, newest = self.node_id(), list(run_keys)[-1]
+        events = []
+        for run_id in (*run_keys, 0):
+            for e in self.spool.claim(SENDING, run_id=run_id, limit=limit - len(events)):
+                e.node_id = e.node_id or node
+                e.run_id = e.run_id or newest
+                auth.sign(e, run_keys[e.run_id])
+                events.append(e)
+        return events
 
     def sync_clock(self) -> bool:
         """Probe the collector's clock and spool a ``clock`` event (min-RTT filter)."""

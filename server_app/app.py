@@ -37,9 +37,10 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "run directory: %s", run.path)
     grid = PolledGrid(grid, cfg.strategy.poll_interval)
     with MeasurementSession(
-        run, run_id=context.run_id, collector=cfg.measure.collector, enabled=cfg.measure.enabled
+        run, run_id=context.run_id, collector=cfg.measure.collector, enabled=cfg.measure.enabled,
+        certfile=cfg.measure.collector_certfile, keyfile=cfg.measure.collector_keyfile
     ) as measurements:
-        _run(grid, cfg, split, family, run, measurements)
+        _run(measurements.grid(grid), cfg, split, family, run, measurements)
     log(INFO, "run directory: %s", run.path)
 
 

@@ -185,6 +185,8 @@ class MeasureConfig:
     enabled: bool = True  # off: the mod and the resource sampler step aside
     sample_interval: float = 0.5  # seconds between two resource samples
     collector: str = "0.0.0.0:9400"  # where the ServerApp's telemetry collector listens; "" = none
+    collector_certfile: str = ""  # TLS: the collector's certificate (PEM; the SuperLink's), on the SuperLink's machine
+    collector_keyfile: str = ""  # and its private key; both empty: plaintext
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], *, lenient: bool = False) -> MeasureConfig:
@@ -200,6 +202,8 @@ class MeasureConfig:
                 "measure.sample-interval", lambda k: r.number(k, low=0.0, low_open=True), defaults.sample_interval
             ),
             collector=get("measure.collector", lambda k: r.text(k, allow_empty=True), defaults.collector),
+            collector_certfile=get("measure.collector-certfile", lambda k: r.text(k, allow_empty=True), defaults.collector_certfile),
+            collector_keyfile=get("measure.collector-keyfile", lambda k: r.text(k, allow_empty=True), defaults.collector_keyfile),
         )
 
 

@@ -88,4 +88,6 @@ NODE_LINK_UP_MBIT = "link-up-mbit"
 # ConfigRecord under this key when the telemetry collector did not take them.
 TELEMETRY = "stamen.telemetry"
 TELEMETRY_EVENTS = "events"  # its one entry: a JSON list of events
+TELEMETRY_AUTH = "stamen.telemetry-auth"  # every server -> node message: that node's telemetry key (measurements/auth.py)
+TELEMETRY_KEY = "key"  # its one entry, hex
 FLUSH = "stamen.flush"  # a query's ConfigRecord: "send what you still hold", at the end of a run

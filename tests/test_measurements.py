@@ -1,5 +1,6 @@
 """The instrumentation layer's pieces on small, hand-checkable inputs."""
 
+import dataclasses
 import time
 
 import pytest
@@ -205,18 +206,24 @@ def test_spool_recover_releases_a_dead_senders_claims(tmp_path):
 
 
 def test_sender_streams_to_collector_and_falls_back_when_it_is_gone(tmp_path):
+    from measurements.auth import TelemetryAuth
+
     spool = Spool(tmp_path / "s.sqlite")
-    store = TelemetryStore(run_id=7)
+    auth = TelemetryAuth(7)
+    store = TelemetryStore(run_id=7, auth=auth)
+    spool.set_key(7, auth.key_for(5))  # as the ClientApp mod does with the key of a message
+    auth.note_sent("m1", 5)
     with TelemetryCollector("127.0.0.1:0", store) as collector:
         assert collector.port
         sender = TelemetrySender(spool, f"127.0.0.1:{collector.port}", node_id=lambda: 5, interval=3600)
         sender.start()
-        spool.add(_event(mid="m1"))
+        spool.add(dataclasses.replace(_event(mid="m1"), node_id=0))  # the sender fills in its node
         sender.send_once()
         got = {e.kind: (e, via) for e, via in store.events()}
         assert got["train"][1] == "telemetry" and got["train"][0].message_id == "m1"
         clock = store.clock()[5]  # node id filled in by the sender
         assert abs(clock.values["offset_s"]) < 0.05 and clock.values["rtt_s"] >= 0
+    assert not store.refused
     # collector stopped: nothing is lost, the events wait for a reply
     spool.add(_event(mid="m2"))
     assert sender.send_once() == 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n stamen_telemetry/telemetry.proto\x12\x13stamen.telemetry.v1\"\xe1\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08spool_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\x04\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x14\n\x0cstart_unix_s\x18\x07 \x01(\x01\x12\x12\n\nduration_s\x18\x08 \x01(\x01\x12\x36\n\x06values\x18\t \x03(\x0b\x32&.stamen.telemetry.v1.Event.ValuesEntry\x12\x36\n\x06labels\x18\n \x03(\x0b\x32&.stamen.telemetry.v1.Event.LabelsEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\tReportAck\x12\x13\n\x0bstored_seqs\x18\x01 \x03(\x04\"\'\n\x0bSyncRequest\x12\x18\n\x10node_send_unix_s\x18\x01 \x01(\x01\"`\n\tSyncReply\x12\x18\n\x10node_send_unix_s\x18\x01 \x01(\x01\x12\x1d\n\x15server_receive_unix_s\x18\x02 \x01(\x01\x12\x1a\n\x12server_send_unix_s\x18\x03 \x01(\x01\x32\x9d\x01\n\tTelemetry\x12\x46\n\x06Report\x12\x1a.stamen.telemetry.v1.Event\x1a\x1e.stamen.telemetry.v1.ReportAck(\x01\x12H\n\x04Sync\x12 .stamen.telemetry.v1.SyncRequest\x1a\x1e.stamen.telemetry.v1.SyncReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n stamen_telemetry/telemetry.proto\x12\x13stamen.telemetry.v1\"\xee\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08spool_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\x04\x12\x0e\n\x06run_id\x18\x04 \x01(\x04\x12\x12\n\nmessage_id\x18\x05 \x01(\t\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x14\n\x0cstart_unix_s\x18\x07 \x01(\x01\x12\x12\n\nduration_s\x18\x08 \x01(\x01\x12\x36\n\x06values\x18\t \x03(\x0b\x32&.stamen.telemetry.v1.Event.ValuesEntry\x12\x36\n\x06labels\x18\n \x03(\x0b\x32&.stamen.telemetry.v1.Event.LabelsEntry\x12\x0b\n\x03mac\x18\x0b \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\" \n\tReportAck\x12\x13\n\x0bstored_seqs\x18\x01 \x03(\x04\"\'\n\x0bSyncRequest\x12\x18\n\x10node_send_unix_s\x18\x01 \x01(\x01\"`\n\tSyncReply\x12\x18\n\x10node_send_unix_s\x18\x01 \x01(\x01\x12\x1d\n\x15server_receive_unix_s\x18\x02 \x01(\x01\x12\x1a\n\x12server_send_unix_s\x18\x03 \x01(\x01\x32\x9d\x01\n\tTelemetry\x12\x46\n\x06Report\x12\x1a.stamen.telemetry.v1.Event\x1a\x1e.stamen.telemetry.v1.ReportAck(\x01\x12H\n\x04Sync\x12 .stamen.telemetry.v1.SyncRequest\x1a\x1e.stamen.telemetry.v1.SyncReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_LABELSENTRY']._loaded_options = None
   _globals['_EVENT_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_EVENT']._serialized_start=58
-  _globals['_EVENT']._serialized_end=411
-  _globals['_EVENT_VALUESENTRY']._serialized_start=319
-  _globals['_EVENT_VALUESENTRY']._serialized_end=364
-  _globals['_EVENT_LABELSENTRY']._serialized_start=366
-  _globals['_EVENT_LABELSENTRY']._serialized_end=411
-  _globals['_REPORTACK']._serialized_start=413
-  _globals['_REPORTACK']._serialized_end=445
-  _globals['_SYNCREQUEST']._serialized_start=447
-  _globals['_SYNCREQUEST']._serialized_end=486
-  _globals['_SYNCREPLY']._serialized_start=488
-  _globals['_SYNCREPLY']._serialized_end=584
-  _globals['_TELEMETRY']._serialized_start=587
-  _globals['_TELEMETRY']._serialized_end=744
+  _globals['_EVENT']._serialized_end=424
+  _globals['_EVENT_VALUESENTRY']._serialized_start=332
+  _globals['_EVENT_VALUESENTRY']._serialized_end=377
+  _globals['_EVENT_LABELSENTRY']._serialized_start=379
+  _globals['_EVENT_LABELSENTRY']._serialized_end=424
+  _globals['_REPORTACK']._serialized_start=426
+  _globals['_REPORTACK']._serialized_end=458
+  _globals['_SYNCREQUEST']._serialized_start=460
+  _globals['_SYNCREQUEST']._serialized_end=499
+  _globals['_SYNCREPLY']._serialized_start=501
+  _globals['_SYNCREPLY']._serialized_end=597
+  _globals['_TELEMETRY']._serialized_start=600
+  _globals['_TELEMETRY']._serialized_end=757
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Event(_message.Message):
-    __slots__ = ("seq", "spool_id", "node_id", "run_id", "message_id", "kind", "start_unix_s", "duration_s", "values", "labels")
+    __slots__ = ("seq", "spool_id", "node_id", "run_id", "message_id", "kind", "start_unix_s", "duration_s", "values", "labels", "mac")
     class ValuesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class Event(_message.Message):
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     seq: int
     spool_id: str
     node_id: int
@@ -42,7 +43,8 @@ class Event(_message.Message):
     duration_s: float
     values: _containers.ScalarMap[str, float]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, seq: _Optional[int] = ..., spool_id: _Optional[str] = ..., node_id: _Optional[int] = ..., run_id: _Optional[int] = ..., message_id: _Optional[str] = ..., kind: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., values: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    mac: str
+    def __init__(self, seq: _Optional[int] = ..., spool_id: _Optional[str] = ..., node_id: _Optional[int] = ..., run_id: _Optional[int] = ..., message_id: _Optional[str] = ..., kind: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., values: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("stored_seqs",)

@@ -67,7 +67,8 @@ def main(grid: Grid, context: Context) -> None:
     nodes = wait_for_nodes(grid, int(c["min-nodes"]), 120)
     strategy = Transfers(load_spec(str(c["spec-path"])), bool(c["packed"]), nodes)
     grid = PolledGrid(grid, float(c["poll-interval"]))
-    with MeasurementSession(run, run_id=context.run_id, collector=str(c["measure.collector"]), enabled=bool(c["measure.enabled"])) as m:
+    with MeasurementSession(run, run_id=context.run_id, collector=str(c["measure.collector"]), enabled=bool(c["measure.enabled"]),
+                            certfile=str(c["measure.collector-certfile"]), keyfile=str(c["measure.collector-keyfile"])) as m:
         m.wrap(strategy).start(grid, ArrayRecord(), num_rounds=int(c["num-rounds"]), timeout=float(c["round-timeout"]))
         m.finish(grid, nodes, timeout=120)
     if c["result-path"]:
