@@ -146,3 +146,13 @@ def test_under_tls_the_collector_serves_the_superlinks_certificate(certs, run_au
             stream(collector.port, [e])
         stream(collector.port, [e], root_certificates=(certs / "ca.crt").read_bytes())  # a node trusting the SuperLink's CA
     assert [x.duration_s for x, _ in store.events()] == [6.0]
+
+
+def test_another_node_cannot_take_an_events_place_by_reusing_its_spool_id_and_sequence(run_auth):
+    store = TelemetryStore(run_id=RUN, auth=run_auth)
+    squatter = train_event(node=OTHER, message="m2", seq=1, spool="honest", train_s=99999.0)  # its own, genuine, about m2
+    store.add([squatter], "reply", sender=OTHER)
+    honest = train_event(seq=1, spool="honest")
+    au.sign(honest, run_auth.key_for(HONEST))
+    store.add([honest], "telemetry")
+    assert sorted((e.node_id, e.duration_s) for e, _ in store.events()) == [(HONEST, 6.0), (OTHER, 99999.0)]
