@@ -44,15 +44,31 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "run directory: %s", run.path)
 
 
+def write_profiles(run: RunDirectory, profiles: dict, failed: dict, algorithm) -> None:
+    """profiles.json: every node's profile, and why a node was left out."""
+    out = {**{str(n): dict(p) for n, p in profiles.items()}, **{str(n): {} for n in failed}}
+    for node, reason in algorithm.retired.items():
+        out.setdefault(str(node), {})["left-out"] = reason
+    run.write_json("profiles.json", out)
+
+
 def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory, measurements: MeasurementSession) -> None:
     profiles, failed = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
     measurements.profiles = profiles
     algorithm = family.strategy(profiles)  # a node whose config gives no valid rank or depth is left out
     leave_out(algorithm, failed)
-    out = {**{str(n): dict(p) for n, p in profiles.items()}, **{str(n): {} for n in failed}}
-    for node, reason in algorithm.retired.items():
-        out.setdefault(str(node), {})["left-out"] = reason
-    run.write_json("profiles.json", out)
+    write_profiles(run, profiles, failed, algorithm)
+
+    def admit(grid: Grid, nodes: list[int]) -> None:  # a node that connected mid-run: profiled like the others
+        new, new_failed = query_profiles(grid, min_nodes=0, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies, nodes=nodes)
+        profiles.update(new)
+        failed.update(new_failed)
+        family.admit(algorithm, new)
+        leave_out(algorithm, new_failed)
+        algorithm.declare_profiles(new)
+        write_profiles(run, profiles, failed, algorithm)
+
+    algorithm.admit_new_nodes(admit, known=set(profiles) | set(failed))
     algorithm.declare_profiles(profiles)  # each node's num-examples: the cap of its weight (strategies/bounds.py)
     strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     algorithm.attach_run(run, measurements.round_times)

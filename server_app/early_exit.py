@@ -43,6 +43,13 @@ class EarlyExitFamily(Family):
         leave_out(algorithm, left_out)
         return algorithm
 
+    def admit(self, algorithm, profiles):
+        exits, left_out = exits_from_profiles(profiles, self.cfg.early_exit, len(self.model.exit_blocks))
+        for node, e in sorted(exits.items()):
+            log(INFO, "node %d joined: %s, max exit %d", node, profiles[node].get("device-class"), e)
+        algorithm.node_exits.update(exits)
+        leave_out(algorithm, left_out)
+
     def initial(self):
         return self.model.trainable_state()
 

@@ -42,6 +42,10 @@ class Family:
     def initial(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def admit(self, algorithm, profiles: dict[int, dict]) -> None:
+        """Give nodes that joined mid-run their capacity (a rank, a depth) in ``algorithm``."""
+        raise NotImplementedError
+
     def evaluation(self, test, run, algorithm) -> ServerEvaluation:
         raise NotImplementedError
 
@@ -64,10 +68,20 @@ class LoRAFamily(Family):
         self.model = task.load_model().to(pick_device())
         self.targets = target_module_names(self.model, cfg.lora.target_modules)
 
+    def node_ranks(self, profiles) -> tuple[dict[int, int], dict[int, str]]:
+        dim = min(min(self.model.get_submodule(t).weight.shape) for t in self.targets)  # a LoRA rank above it is no low rank
+        return ranks_from_profiles(profiles, self.cfg.lora, max_rank=dim)
+
+    def admit(self, algorithm, profiles):
+        ranks, left_out = self.node_ranks(profiles)
+        for node, rank in sorted(ranks.items()):
+            log(INFO, "node %d joined: %s, LoRA rank %d", node, profiles[node].get("device-class"), rank)
+        algorithm.node_ranks.update(ranks)
+        leave_out(algorithm, left_out)
+
     def strategy(self, profiles):
         cfg = self.cfg
-        dim = min(min(self.model.get_submodule(t).weight.shape) for t in self.targets)  # a LoRA rank above it is no low rank
-        node_ranks, left_out = ranks_from_profiles(profiles, cfg.lora, max_rank=dim)
+        node_ranks, left_out = self.node_ranks(profiles)
         for node, rank in sorted(node_ranks.items()):
             log(INFO, "node %d: %s, LoRA rank %d", node, profiles[node].get("device-class"), rank)
         try:

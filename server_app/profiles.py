@@ -26,13 +26,18 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def query_profiles(
-    grid: Grid, *, min_nodes: int, timeout: float, on_replies: Callable[[list[Message]], None] | None = None
+    grid: Grid,
+    *,
+    min_nodes: int,
+    timeout: float,
+    on_replies: Callable[[list[Message]], None] | None = None,
+    nodes: list[int] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-    """Send a ``query`` message to every connected node; ({node id: profile}, {node id:
-    why it has none}). A node whose query failed (its node-config is invalid: an unknown
-    device class, say) is named in the second; one that did not answer in time in neither
-    (it gets the defaults)."""
-    nodes = wait_for_nodes(grid, min_nodes, timeout)
+    """Send a ``query`` message to every connected node (or to ``nodes``); ({node id:
+    profile}, {node id: why it has none}). A node whose query failed (its node-config is
+    invalid: an unknown device class, say) is named in the second; one that did not
+    answer in time in neither (it gets the defaults)."""
+    nodes = wait_for_nodes(grid, min_nodes, timeout) if nodes is None else list(nodes)
     messages = [
         Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=n, message_type=MessageType.QUERY)
         for n in nodes

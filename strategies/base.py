@@ -189,9 +189,25 @@ class SampledStrategy(FedAvg):
             out.append((node_id, self.with_weight(parsed, weights[node_id]), metrics))
         return out
 
+    # ``admit(grid, node_ids)``, set by the ServerApp: profile nodes that connected after the
+    # run began (a new device, or a SuperNode that restarted under a new id) and give each
+    # its own capacity (server_app/app.py); ``known_nodes``: the nodes already profiled
+    admit = None
+    known_nodes: set[int] | None = None
+
+    def admit_new_nodes(self, admit, known: Iterable[int]) -> None:
+        """From now on, ``admit(grid, node_ids)`` the nodes that connect and are not in ``known``."""
+        self.admit, self.known_nodes = admit, set(known)
+
     def sample(self, grid: Grid) -> list[int]:
         """This round's nodes: ``fraction_train`` of the connected ones, at least ``min_nodes``;
-        a retired node is never sampled again."""
+        a retired node is never sampled again. Nodes that are new to the run are profiled
+        first (:attr:`admit`)."""
+        if self.admit is not None and self.known_nodes is not None:
+            new = sorted(set(grid.get_node_ids()) - self.known_nodes)
+            if new:
+                self.known_nodes.update(new)
+                self.admit(grid, new)
         connected = len(list(grid.get_node_ids()))
         wanted = max(int(connected * self.fraction_train), self.min_train_nodes)
         if not self.retired:

@@ -362,3 +362,22 @@ def test_a_node_whose_profile_query_fails_is_named_not_given_defaults(flower_ide
     profiles, failed = query_profiles(Grid(), min_nodes=1, timeout=1.0)
     assert set(profiles) == {1} and set(failed) == {2}
     assert "device-class='toaster'" in failed[2]
+
+
+# --- a node that joins mid-run is profiled and gets its own rank ---------------------------------
+def test_a_node_that_joins_mid_run_is_admitted_before_it_is_sampled(flower_identity, fake_grid):
+    s = LORA_STRATEGIES["flora"](RobustConfig())
+    admitted = []
+
+    def admit(grid, nodes):  # what the ServerApp does: query the profile, set the rank
+        admitted.append(list(nodes))
+        s.node_ranks.update(dict.fromkeys(nodes, 2))
+
+    s.admit_new_nodes(admit, known=[1, 2])
+    list(s.configure_train(1, to_record(global_state()), ConfigRecord(), fake_grid([1, 2])))
+    assert admitted == []
+    msgs = {m.metadata.dst_node_id: m for m in s.configure_train(2, to_record(global_state()), ConfigRecord(), fake_grid([1, 2, 9]))}
+    assert admitted == [[9]]
+    assert msgs[9].content.config_records[keys.CONFIG][keys.LORA_RANK] == 2  # its own, not the default 4
+    list(s.configure_train(3, to_record(global_state()), ConfigRecord(), fake_grid([1, 2, 9])))
+    assert admitted == [[9]]  # once

@@ -49,6 +49,10 @@ def test_a_restarted_supernode_continues_at_its_spent_epsilon(tmp_path, flower_p
     (new_id,) = set(last) - first  # node 0 came back under a new id
     (kept_id,) = set(last) & first
 
+    # the restarted node was profiled when it came back: it has its own entry, and its depth
+    profiles = json.loads((run / "profiles.json").read_text())
+    assert profiles[new_id]["device-class"] == "raspberry-pi" and profiles[new_id]["partition-id"] == 0
+
     ledger = json.loads((tmp_path / "_deploy" / "supernode-0" / "stamen-state" / "dp-ledger" / f"run-{run_id}" / "partition-0.json").read_text())
     spent = sum(int(s) for _, _, s in ledger["history"])
     assert int(last[new_id]["steps"]) == spent >= 4  # round 1's 2 steps (and round 2's, had it trained) and round 3's
