@@ -43,8 +43,9 @@ def node_key(secret: bytes, run_id: int, node_id: int) -> str:
 
 
 def canonical(event: ev.Event) -> bytes:
-    """The bytes an event's mac covers: every field but the mac, as sorted JSON."""
-    fields = event.to_json()
+    """The bytes an event's mac covers: every field but the mac, as sorted JSON, with each
+    field in the type the proto carries (a value of 1100 arrives as 1100.0)."""
+    fields = ev.Event.from_json(event.to_json()).to_json()
     fields.pop("mac", None)
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 

@@ -53,6 +53,15 @@ def test_signatures_verify_only_with_the_nodes_own_key():
     assert not au.verify(e, au.node_key(secret, RUN, HONEST))
 
 
+def test_a_signature_survives_the_trip_through_the_proto():
+    """The transfer tracker records integer values (bytes, RPCs); the proto carries doubles."""
+    key = au.node_key(b"s" * 32, RUN, HONEST)
+    e = ev.Event("uplink", 100.0, 1, node_id=HONEST, run_id=RUN, message_id="m1", values={"bytes": 1100, "rpcs": 7},
+                 labels={"transport": "stamen-supernode"}, seq=3, spool_id="x")
+    au.sign(e, key)
+    assert au.verify(ev.Event.from_proto(e.to_proto()), key)
+
+
 def test_forged_reports_that_arrive_first_are_refused_and_the_real_one_is_kept(tmp_path, run_auth):
     """Another node of the run (it holds a key of its own) and a stranger try, before the
     honest node reports: an event in the honest node's name, with its spool id and
