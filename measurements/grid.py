@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from stamen import keys
 
@@ -65,8 +65,10 @@ class TimingGrid:
         sizes = [payload_bytes(m) for m in messages]
         if self.auth is not None:
             for m in messages:
-                if m.has_content():
-                    m.content[keys.TELEMETRY_AUTH] = ConfigRecord({keys.TELEMETRY_KEY: self.auth.key_for(m.metadata.dst_node_id)})
+                if m.has_content():  # a content of its own: Flower's strategies give every message the same RecordDict
+                    content = RecordDict(dict(m.content.items()))
+                    content[keys.TELEMETRY_AUTH] = ConfigRecord({keys.TELEMETRY_KEY: self.auth.key_for(m.metadata.dst_node_id)})
+                    m.content = content
         t = time.time()
         ids = list(self._grid.push_messages(messages))
         if self.auth is not None:

@@ -112,7 +112,8 @@ class MeasurementSession:
                 )
                 for n in nodes
             ]
-            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            grid = self.strategy.grid if self.strategy is not None and self.strategy.grid is not None else self.grid(grid)
+            replies = list(grid.send_and_receive(messages, timeout=timeout))  # through the timed grid: each node's key
             count = ingest_replies(replies, self.telemetry)
             log.info("telemetry: %d late events from %d of %d nodes", count, len(replies), len(nodes))
         self.write_tables()

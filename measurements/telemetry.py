@@ -105,7 +105,7 @@ class TelemetryStore:
                 if reason is None and self._count[(event.node_id, event.message_id)] >= self.budget:
                     reason = f"over the budget of {self.budget} events per node and message"
                 if reason is not None:
-                    self._refuse(event.node_id, reason)
+                    self._refuse(event.node_id, reason, event)
                     continue
                 if event.key not in self._events:
                     self._events[event.key] = event
@@ -113,9 +113,10 @@ class TelemetryStore:
                     self._count[(event.node_id, event.message_id)] += 1
         return stored
 
-    def _refuse(self, node_id: int, reason: str) -> None:
+    def _refuse(self, node_id: int, reason: str, event: ev.Event | None = None) -> None:
         if not self.refused[(node_id, reason)]:
-            log.warning("telemetry: refusing events from node %s: %s", node_id, reason)
+            what = f" (the first: {event.kind}, message {event.message_id[:12] or '-'})" if event is not None else ""
+            log.warning("telemetry: refusing events from node %s: %s%s", node_id, reason, what)
         self.refused[(node_id, reason)] += 1
 
     def events(self, kind: str | None = None) -> list[tuple[ev.Event, str]]:

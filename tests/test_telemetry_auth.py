@@ -124,7 +124,8 @@ def test_every_message_the_server_sends_carries_its_nodes_key(flower_identity, r
             return [f"id-{m.metadata.dst_node_id}" for m in messages]
 
     grid = TimingGrid(Grid(), auth=run_auth)
-    messages = [Message(RecordDict({keys.CONFIG: ConfigRecord()}), dst_node_id=n, message_type="query") for n in (HONEST, OTHER)]
+    shared = RecordDict({keys.CONFIG: ConfigRecord()})  # as Flower's FedAvg builds them: one content for all
+    messages = [Message(shared, dst_node_id=n, message_type="train") for n in (HONEST, OTHER)]
     grid.push_messages(messages)
     for m in messages:
         assert m.content.config_records[keys.TELEMETRY_AUTH][keys.TELEMETRY_KEY] == run_auth.key_for(m.metadata.dst_node_id)
