@@ -1,11 +1,19 @@
-"""A malicious node on loopback: a real flower-superlink and three stamen-supernodes, one of
-which runs with tests/attacks/sitecustomize.py loaded into its ClientApp processes. It
-scales its LoRA update by 1e4 and claims 10^9 examples, in its replies and in its device
-profile. The run must finish, the node must be marked in clients.csv and rounds.csv, and
-the global model must move by no more than the rounds' bounds allow."""
+"""A malicious node and a dead one on loopback: a real flower-superlink and four
+stamen-supernodes, with the default round timeout.
+
+- Node 2 runs with tests/attacks/sitecustomize.py loaded into its ClientApp processes:
+  it scales its LoRA update by 1e4 and claims 10^9 examples, in its replies and in its
+  device profile. It must be marked in clients.csv and rounds.csv, and the global model
+  must move by no more than the rounds' bounds allow.
+- Node 3 is killed (SIGKILL) as round 2 starts. Flower's SuperLink answers for it once
+  its heartbeat is overdue ("Node Unavailable", about a minute later), and that error
+  must be booked to node 3, not to the SuperLink (node 1), and counted once.
+
+The run must finish, and metrics.csv, rounds.csv and clients.csv must agree."""
 
 import csv
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +24,28 @@ pytestmark = pytest.mark.integration
 ATTACKS = Path(__file__).resolve().parent / "attacks"
 
 
-def test_a_node_that_sends_a_1e4_update_and_claims_1e9_examples_is_bounded(tmp_path, flower_programs, tiny_bert):
+def test_a_bad_node_is_bounded_and_a_dead_one_is_booked_to_itself(tmp_path, flower_programs, tiny_bert):
     from deploy.local import LocalDeployment, NodeSpec
     from ml.model import adapted_weights, load_model, target_module_names
 
-    attacker = NodeSpec(2, 3, device_class="cpu", num_threads=1,
+    attacker = NodeSpec(2, 4, device_class="cpu", num_threads=1,
                         env={"PYTHONPATH": str(ATTACKS), "STAMEN_TEST_ATTACK": "scale=1e4,num-examples=1e9,profile"})
-    nodes = [NodeSpec(0, 3, device_class="cpu", num_threads=1), NodeSpec(1, 3, device_class="cpu", num_threads=1), attacker]
+    nodes = [NodeSpec(0, 4, device_class="cpu", num_threads=1), NodeSpec(1, 4, device_class="cpu", num_threads=1), attacker,
+             NodeSpec(3, 4, device_class="cpu", num_threads=1)]
     overrides = (
         f'model.path="{tiny_bert}" model.max-seq-len=32 strategy.num-rounds=2 strategy.min-nodes=3 train.local-steps=2 '
-        f'train.batch-size=4 eval.max-examples=32 strategy.round-timeout=60.0 output.dir="{tmp_path}"'
+        f'train.batch-size=4 eval.max-examples=32 output.dir="{tmp_path}"'  # the default round timeout: 600 s
     )
     with LocalDeployment(nodes, workdir=tmp_path / "_deploy") as dep:
-        run_id = dep.run([overrides], timeout=600)
+        killed = threading.Event()
+
+        def watch(line: str) -> None:  # the ServerApp's log, streamed by `flwr run`
+            if "[ROUND 2" in line and not killed.is_set():
+                dep.stop_node(3)  # SIGKILL: no goodbye
+                killed.set()
+
+        run_id = dep.run([overrides], echo=watch, timeout=600)
+    assert killed.is_set()
     run = tmp_path / str(run_id)
 
     clients = list(csv.DictReader(open(run / "clients.csv")))
@@ -39,9 +56,13 @@ def test_a_node_that_sends_a_1e4_update_and_claims_1e9_examples_is_bounded(tmp_p
     assert len(bad) == 2 and {r["status"] for r in bad} == {"clipped"}, clients  # the attacker, in both rounds
     assert len({r["node_id"] for r in bad}) == 1
     assert all("counted as" in r["reason"] for r in bad)  # its claim of 10^9 was not its weight
-    assert all(r["status"] == "ok" for r in clients if r not in bad)
-    assert [r["nodes_clipped"] for r in rounds] == ["1", "1"] and [r["participants"] for r in rounds] == ["3", "3"]
-    assert [m["num_clients"] for m in metrics if m["round"] != "0"] == ["3", "3"]
+    dead = [r for r in clients if r["status"] == "error"]
+    assert len(dead) == 1 and dead[0]["round"] == "2" and "Node Unavailable" in dead[0]["reason"], clients
+    assert dead[0]["node_id"] != "1" and dead[0]["node_id"] in {r["node_id"] for r in clients if r["round"] == "1"}
+    assert all(r["status"] == "ok" for r in clients if r not in bad and r not in dead)
+    assert [r["nodes_clipped"] for r in rounds] == ["1", "1"] and [r["participants"] for r in rounds] == ["4", "3"]
+    assert [r["nodes_error"] for r in rounds] == ["0", "1"] and [r["nodes_late"] for r in rounds] == ["0", "0"]
+    assert [(m["num_clients"], m["dropped"]) for m in metrics if m["round"] != "0"] == [("4", "0"), ("3", "1")]
 
     # each round's update of the global model is a weighted mean of updates within that
     # round's bound, so the model moved by at most the sum of the bounds
