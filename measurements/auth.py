@@ -16,8 +16,9 @@ The scheme (docs/measurements.md, "Who can report what"):
    node id and checks the mac, that the run is this run, and that an event about a
    message names a message the server sent to that node. Events that arrive in replies
    are authenticated by the Fleet API: they count for the node that sent the reply.
-5. Per node and message (and per node for events about no message, such as clock
-   probes) at most :data:`EVENT_BUDGET` events are kept, so a flood costs bounded memory.
+5. Per node, message and kind (:func:`budget`) at most :data:`SAMPLE_BUDGET` resource
+   samples or clock probes and :data:`EVENT_BUDGET` events of any other kind are kept,
+   so a flood costs bounded memory and a long round keeps its samples and its train event.
 
 Written by hand: Flower authenticates SuperNodes to the SuperLink, not a side channel
 such as this one, and gRPC's TLS authenticates the server, not which node is speaking.
@@ -34,7 +35,16 @@ import threading
 
 from . import events as ev
 
-EVENT_BUDGET = 256  # kept per (node, message); a train message makes about 2 + rounds' samples
+# What the collector keeps per node, message and kind (an unknown kind counts as one, "other"):
+SAMPLE_BUDGET = 4096  # resource samples (34 minutes of a handler at 0.5 s) or clock probes (68 hours at one a minute)
+EVENT_BUDGET = 8  # any other kind: a message makes one train, one downlink and one uplink event
+KINDS = (*ev.HANDLERS, ev.DOWNLINK, ev.UPLINK, ev.SAMPLE, ev.CLOCK)
+
+
+def budget(event: ev.Event) -> tuple[tuple, int]:
+    """The bucket an event counts against, and how many events it holds."""
+    kind = event.kind if event.kind in KINDS else "other"
+    return (event.node_id, event.message_id, kind), (SAMPLE_BUDGET if kind in (ev.SAMPLE, ev.CLOCK) else EVENT_BUDGET)
 
 
 def node_key(secret: bytes, run_id: int, node_id: int) -> str:

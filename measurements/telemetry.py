@@ -24,7 +24,7 @@ import grpc
 
 from . import auth
 from . import events as ev
-from .auth import EVENT_BUDGET
+from .auth import budget
 from .spool import SENDING, TELEMETRY, Spool
 
 log = logging.getLogger("stamen.telemetry")
@@ -71,18 +71,17 @@ class TelemetryStore:
     With an ``auth`` (measurements/auth.py) an event is kept only if it is genuine: signed
     by a node of this run for itself when it came over the telemetry service, or about
     the node that sent the reply it came in, and about a message the server sent that
-    node. Either way at most ``budget`` events are kept per node and message (and per
-    node for events about no message): a flood costs bounded memory. Refusals are
+    node. Either way at most a budget of events is kept per node, message and kind
+    (measurements/auth.py: ``budget``): a flood costs bounded memory. Refusals are
     counted in :attr:`refused` and logged once per node and reason."""
 
-    def __init__(self, run_id: int | None = None, *, auth=None, budget: int = EVENT_BUDGET) -> None:
+    def __init__(self, run_id: int | None = None, *, auth=None) -> None:
         self.run_id = run_id
         self.auth = auth
-        self.budget = budget
         self._lock = threading.Lock()
         self._events: dict[tuple, ev.Event] = {}
         self._via: dict[tuple, str] = {}
-        self._count: Counter = Counter()  # (node, message id) -> events kept
+        self._count: Counter = Counter()  # (node, message id, kind) -> events kept
         self.refused: Counter = Counter()  # (node, reason) -> events refused
 
     def add(self, events: Iterable[ev.Event], via: str, *, sender: int | None = None) -> list[int]:
@@ -101,16 +100,18 @@ class TelemetryStore:
                         continue
                 if self.run_id is not None and event.run_id != self.run_id and self.auth is None:
                     continue  # a leftover of another run: accepted, not kept
+                if event.key in self._events:  # delivered before, by the other path
+                    continue
                 reason = self.auth.check(event, sender=sender) if self.auth is not None else None
-                if reason is None and self._count[(event.node_id, event.message_id)] >= self.budget:
-                    reason = f"over the budget of {self.budget} events per node and message"
+                bucket, limit = budget(event)
+                if reason is None and self._count[bucket] >= limit:
+                    reason = f"over the budget of {limit} {bucket[2]} events per node and message"
                 if reason is not None:
                     self._refuse(event.node_id, reason, event)
                     continue
-                if event.key not in self._events:
-                    self._events[event.key] = event
-                    self._via[event.key] = via
-                    self._count[(event.node_id, event.message_id)] += 1
+                self._events[event.key] = event
+                self._via[event.key] = via
+                self._count[bucket] += 1
         return stored
 
     def _refuse(self, node_id: int, reason: str, event: ev.Event | None = None) -> None:

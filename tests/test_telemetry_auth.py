@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from measurements import auth as au
 from measurements import events as ev
-from measurements.auth import EVENT_BUDGET, TelemetryAuth
+from measurements.auth import EVENT_BUDGET, SAMPLE_BUDGET, TelemetryAuth
 from measurements.grid import TimingGrid
 from measurements.spool import REPLY, Spool
 from measurements.telemetry import TelemetryCollector, TelemetrySender, TelemetryStore
@@ -95,19 +95,37 @@ def test_forged_reports_that_arrive_first_are_refused_and_the_real_one_is_kept(t
 
 
 def test_a_flood_costs_bounded_memory(run_auth):
-    """20,000 unsigned events keep nothing; 3,000 genuine events of one node about its own
-    message keep the budget's worth."""
+    """20,000 unsigned events keep nothing. Of one node's genuine events about its own
+    message, 5,000 samples keep the sample budget's worth, and 400 events of 50 invented
+    kinds keep one small budget between them."""
     store = TelemetryStore(run_id=RUN, auth=run_auth)
     key = run_auth.key_for(OTHER)
     junk = [train_event(node=OTHER, message="m2", seq=i, spool="junk") for i in range(20_000)]
-    signed = [ev.Event("sample", 100.0 + i, node_id=OTHER, run_id=RUN, message_id="m2", seq=i, spool_id="flood") for i in range(3_000)]
-    for e in signed:
+    samples = [ev.Event("sample", 100.0 + i, node_id=OTHER, run_id=RUN, message_id="m2", seq=i, spool_id="flood") for i in range(5_000)]
+    invented = [ev.Event(f"kind{i % 50}", 100.0, node_id=OTHER, run_id=RUN, message_id="m2", seq=i, spool_id="kinds") for i in range(400)]
+    for e in samples + invented:
         au.sign(e, key)
     with TelemetryCollector("127.0.0.1:0", store) as collector:
         stream(collector.port, junk)
-        stream(collector.port, signed)
-    assert len(store.events()) == EVENT_BUDGET
+        stream(collector.port, samples)
+        stream(collector.port, invented)
+    assert len(store.events("sample")) == SAMPLE_BUDGET
+    assert len(store.events()) == SAMPLE_BUDGET + EVENT_BUDGET
     assert store.refused[(OTHER, "its signature does not verify")] == 20_000
+
+
+def test_a_long_round_keeps_its_samples_and_its_train_event(run_auth):
+    """A handler of 10 minutes at 0.5 s per sample makes 1,200 samples; its train event comes
+    after them."""
+    store = TelemetryStore(run_id=RUN, auth=run_auth)
+    key = run_auth.key_for(HONEST)
+    events = [ev.Event("sample", 100.0 + i / 2, node_id=HONEST, run_id=RUN, message_id="m1", seq=i, spool_id="s") for i in range(1_200)]
+    events.append(train_event(train_s=600.0, seq=1_200, spool="s"))
+    for e in events:
+        au.sign(e, key)
+    store.add(events, "telemetry")
+    assert len(store.events("sample")) == 1_200 and [e.duration_s for e, _ in store.events("train")] == [600.0]
+    assert not store.refused
 
 
 def test_a_reply_speaks_only_for_the_node_that_sent_it(run_auth):
