@@ -45,6 +45,14 @@ def factors_to_arrays(factors: Factors) -> dict[str, np.ndarray]:
     return out
 
 
+def init_factors(arrays: Mapping[str, np.ndarray]) -> Factors:
+    """The adapter a downlink carries (``init.<module>.lora_A/B``), by module; empty for a
+    fresh LoRA. The server records what it sent with it, the node what it starts from."""
+    init = {k[len(keys.INIT_PREFIX):]: v for k, v in arrays.items() if k.startswith(keys.INIT_PREFIX)}
+    modules = sorted(k.removesuffix(keys.LORA_A) for k in init if k.endswith(keys.LORA_A))
+    return {m: (init[m + keys.LORA_A], init[m + keys.LORA_B]) for m in modules if m + keys.LORA_B in init}
+
+
 def split_global(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Global state -> ({module: merged weight}, {head.*: tensor})."""
     weights = {k.removesuffix(".weight"): v for k, v in arrays.items() if not k.startswith(keys.HEAD_PREFIX)}

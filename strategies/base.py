@@ -21,8 +21,8 @@ from flwr.supercore import log
 
 from stamen import keys
 
-from .bounds import Bounds, bounded_weights, norm_bound, norm_of, scale_to_bound
-from .lora_records import ClientLoRA, InvalidUpdate, from_record, parse_reply, split_global, to_record
+from .bounds import Bounds, bounded_weights, lora_change, norm_bound, norm_of, scale_to_bound
+from .lora_records import ClientLoRA, InvalidUpdate, from_record, init_factors, parse_reply, split_global, to_record
 
 
 @dataclass
@@ -357,7 +357,7 @@ class LoRAStrategy(SampledStrategy):
         for node_id in node_ids:
             rank = self.rank_of(node_id)
             down, extra = self.downlink(node_id, self._global)
-            self._sent_adapter[node_id] = sent_adapter(down)
+            self._sent_adapter[node_id] = init_factors(down)
             msg = self.instruction(node_id, server_round, down, config, **{keys.LORA_RANK: rank, keys.LORA_ALPHA: float(self.lora_alpha), **extra})
             messages.append(msg)
             record.participants.append(node_id)
@@ -389,16 +389,8 @@ class LoRAStrategy(SampledStrategy):
         """``s B A - s B0 A0`` per adapted matrix (``B0 A0``: the adapter the node was sent;
         none, a fresh LoRA: 0), and the head's change."""
         update, head = parsed
-        sent = self._sent_adapter.get(node_id, {})
         _, head_now = split_global(self._global)
-        parts = []
-        for module, (a, b) in sorted(update.factors.items()):
-            product = update.scaling * (b.astype(np.float64) @ a.astype(np.float64))
-            if module in sent:
-                a0, b0 = sent[module]
-                product = product - update.scaling * (b0.astype(np.float64) @ a0.astype(np.float64))
-            parts.append(product)
-        return parts + [head[k].astype(np.float64) - head_now[k] for k in sorted(head)]
+        return lora_change(update.factors, update.scaling, self._sent_adapter.get(node_id, {}), head, head_now)
 
     def scaled(self, node_id: int, parsed, t: float):
         """A fresh LoRA: ``t B`` (the product scales by t exactly). An adapter the node was
@@ -456,10 +448,3 @@ class LoRAStrategy(SampledStrategy):
             }
         )
         return to_record(new_global), metrics
-
-
-def sent_adapter(down: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The adapter in a downlink (``init.<module>.lora_A/B``), by module; empty for a fresh LoRA."""
-    init = {k[len(keys.INIT_PREFIX):]: v for k, v in down.items() if k.startswith(keys.INIT_PREFIX)}
-    modules = {k.removesuffix(keys.LORA_A) for k in init if k.endswith(keys.LORA_A)}
-    return {m: (init[m + keys.LORA_A], init[m + keys.LORA_B]) for m in modules if m + keys.LORA_B in init}

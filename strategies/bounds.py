@@ -52,6 +52,27 @@ Bounds = RobustConfig  # robust.* of the run config (stamen/config.py)
 OFF = RobustConfig(norm_multiple=0.0, norm_cap=0.0, over_bound="clip", max_weight_share=1.0, weights="examples")  # as sent
 
 
+def lora_change(
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    scaling: float,
+    sent: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    head: Mapping[str, np.ndarray],
+    head_now: Mapping[str, np.ndarray],
+) -> list[np.ndarray]:
+    """A LoRA reply's change, in float64: ``s B A - s B0 A0`` per adapted matrix (by
+    module name; ``B0 A0`` the adapter the node was sent, a module without one: 0), then
+    ``head - head_now`` per head tensor (by name). The bound measures it, and central DP
+    clips it (strategies/central_dp.py)."""
+    parts = []
+    for module, (a, b) in sorted(factors.items()):
+        product = scaling * (b.astype(np.float64) @ a.astype(np.float64))
+        if module in sent:
+            a0, b0 = sent[module]
+            product = product - scaling * (b0.astype(np.float64) @ a0.astype(np.float64))
+        parts.append(product)
+    return parts + [head[k].astype(np.float64) - head_now[k] for k in sorted(head_now)]
+
+
 def norm_of(parts: Sequence[np.ndarray]) -> float:
     """The Euclidean norm of all the parts as one vector (float64)."""
     return math.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts))

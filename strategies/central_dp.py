@@ -55,7 +55,8 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from stamen import keys
 
-from .lora_records import from_record, split_global, to_record
+from .bounds import lora_change, norm_of
+from .lora_records import from_record, init_factors, split_global, to_record
 
 
 def clip_factor(norm: float, clipping_norm: float) -> float:
@@ -63,11 +64,14 @@ def clip_factor(norm: float, clipping_norm: float) -> float:
     return 1.0 if norm <= clipping_norm else clipping_norm / norm
 
 
+def _factors(arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    modules = (k.removesuffix(keys.LORA_A) for k in arrays if k.endswith(keys.LORA_A))
+    return {m: (arrays[m + keys.LORA_A], arrays[m + keys.LORA_B]) for m in modules}
+
+
 def product_update(arrays: dict[str, np.ndarray], scaling: float, head_now: dict[str, np.ndarray]) -> list[np.ndarray]:
     """A product-space update: ``s B A`` per adapted matrix, and the head's change."""
-    modules = sorted(k.removesuffix(keys.LORA_A) for k in arrays if k.endswith(keys.LORA_A))
-    out = [scaling * arrays[m + keys.LORA_B] @ arrays[m + keys.LORA_A] for m in modules]
-    return out + [arrays[k] - head_now[k] for k in sorted(head_now)]
+    return lora_change(_factors(arrays), scaling, {}, arrays, head_now)
 
 
 def factor_update(arrays: dict[str, np.ndarray], sent: dict[str, np.ndarray], head_now: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -81,17 +85,7 @@ def product_change(
 ) -> list[np.ndarray]:
     """A product-change update: ``s B A - s B0 A0`` per adapted matrix (``B0, A0`` the
     adapter the node was sent; none: a fresh LoRA, product 0), and the head's change."""
-    modules = sorted(k.removesuffix(keys.LORA_A) for k in arrays if k.endswith(keys.LORA_A))
-    out = []
-    for m in modules:
-        product = scaling * arrays[m + keys.LORA_B].astype(np.float64) @ arrays[m + keys.LORA_A].astype(np.float64)
-        a0, b0 = sent.get(keys.INIT_PREFIX + m + keys.LORA_A), sent.get(keys.INIT_PREFIX + m + keys.LORA_B)
-        out.append(product if a0 is None or b0 is None else product - scaling * b0.astype(np.float64) @ a0.astype(np.float64))
-    return out + [arrays[k] - head_now[k] for k in sorted(head_now)]
-
-
-def norm_of(parts: list[np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(np.square(p, dtype=np.float64))) for p in parts)))
+    return lora_change(_factors(arrays), scaling, init_factors(sent), arrays, head_now)
 
 
 def clip_reply(

@@ -15,10 +15,10 @@ import numpy as np
 from flwr.app import RecordDict
 
 from stamen import keys
-from stamen.records import Factors, InvalidUpdate, factors_to_arrays, from_record, join_global, split_global, to_record
+from stamen.records import Factors, InvalidUpdate, factors_to_arrays, from_record, init_factors, join_global, split_global, to_record
 
 __all__ = [  # the codec, from the ground floor, for the strategies that import it from here
-    "ClientLoRA", "Factors", "InvalidUpdate", "factors_to_arrays", "from_record", "join_global", "parse_reply",
+    "ClientLoRA", "Factors", "InvalidUpdate", "factors_to_arrays", "from_record", "init_factors", "join_global", "parse_reply",
     "split_global", "to_record", "weighted_mean",
 ]
 

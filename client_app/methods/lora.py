@@ -23,7 +23,7 @@ from measurements.phases import phase
 from ml.cache import cached
 from stamen import keys
 from stamen.config import StamenConfig
-from stamen.records import factors_to_arrays, from_record, split_global, to_record
+from stamen.records import factors_to_arrays, from_record, init_factors, split_global, to_record
 
 from ..privacy import RoundPrivacy
 from ..sync import apply_downlink
@@ -188,9 +188,10 @@ def prepare(msg: Message, context: Context, cfg: StamenConfig):
 
 def initial_factors(down: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Take the adapter the server sent (``init.<module>.lora_A/B``) out of the downlink."""
-    init = {k[len(keys.INIT_PREFIX):]: down.pop(k) for k in [k for k in down if k.startswith(keys.INIT_PREFIX)]}
-    modules = {k.removesuffix(keys.LORA_A) for k in init if k.endswith(keys.LORA_A)}
-    return {m: (init[m + keys.LORA_A], init[m + keys.LORA_B]) for m in sorted(modules)}
+    start = init_factors(down)
+    for k in [k for k in down if k.startswith(keys.INIT_PREFIX)]:
+        del down[k]
+    return start
 
 
 def held_global(context: Context) -> tuple[dict[str, np.ndarray] | None, int]:
