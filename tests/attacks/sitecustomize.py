@@ -5,7 +5,9 @@ are built, as a node that sends anything would:
 
 - ``scale=<x>``: every LoRA B factor and the head multiplied by x (a huge norm);
 - ``num-examples=<n>``: the reply claims n training examples;
-- ``profile``: the device profile claims the same n (a lie the server cannot check).
+- ``profile``: the device profile claims the same n (a lie the server cannot check);
+- ``die-at-round=<r>``: on the train instruction of round r the node crashes, SuperNode
+  and all (SIGKILL to its process group, as a power cut), before it replies.
 
 For example ``STAMEN_TEST_ATTACK="scale=1e4,num-examples=1e9,profile"``. Nothing here is
 imported by the project; tests/test_attack_e2e.py starts a node with it.
@@ -14,6 +16,7 @@ imported by the project; tests/test_attack_e2e.py starts a node with it.
 import importlib.abc
 import importlib.util
 import os
+import signal
 import sys
 
 ATTACK = dict(
@@ -44,6 +47,9 @@ def _patch(module):
         run = module.LoRAMethod.run
 
         def attacked_run(self, msg, context, cfg):
+            server_round = int(msg.content.config_records[keys.CONFIG][keys.SERVER_ROUND])
+            if "die-at-round" in ATTACK and server_round == int(ATTACK["die-at-round"]):
+                os.killpg(os.getpgid(0), signal.SIGKILL)  # the SuperNode is this process group's leader
             return _alter_reply(run(self, msg, context, cfg), keys, from_record, to_record)
 
         module.LoRAMethod.run = attacked_run
