@@ -1,6 +1,6 @@
 """``stamen study DIR [DIR ...]``: the accuracy study's table and plot from run directories.
 
-Groups the finished runs under DIR (every planned round in metrics.csv) by (strategy, rank setting) from each run's config.json:
+Groups the finished runs under DIR (every planned round in metrics.csv) by (strategy, rank setting) from each run's stamen-config.json:
 "homogeneous" when every client has one rank, else "heterogeneous". For each group:
 final held-out accuracy (last round of metrics.csv) as mean and sample std over the runs
 (seeds), and the downlink bytes per round (round 1, and the mean of later rounds). Writes
@@ -93,7 +93,7 @@ def study(dirs: list[str | Path], echo=print) -> list[dict]:
             return rows
     groups = collect(lora_runs)
     if not groups:
-        raise FileNotFoundError(f"no run directories (metrics.csv + config.json) under {', '.join(map(str, dirs))}")
+        raise FileNotFoundError(f"no run directories (metrics.csv + stamen-config.json) under {', '.join(map(str, dirs))}")
     rows = table(groups)
     private = any(not math.isnan(r["epsilon_max"]) for r in rows)
     echo("| setting | strategy | seeds | rounds | final accuracy (mean +- std) | downlink round 1 | downlink later rounds |"

@@ -15,7 +15,7 @@ def _runs(dirs: list[Path]) -> list[Path]:
     found = []
     for d in dirs:
         for metrics in sorted(Path(d).rglob("metrics.csv")):
-            if (metrics.parent / "config.json").is_file():
+            if (metrics.parent / "stamen-config.json").is_file():
                 found.append(metrics.parent)
     return found
 
@@ -25,7 +25,7 @@ def finished_runs(dirs: list[Path]) -> list[tuple[Path, dict, list[dict]]]:
     finished every planned round; a run still going or failed is not a result."""
     out = []
     for run in _runs(dirs):
-        config = json.loads((run / "config.json").read_text())
+        config = json.loads((run / "stamen-config.json").read_text())
         rows = list(csv.DictReader(open(run / "metrics.csv")))
         if len(rows) >= 2 and len(rows) - 1 >= int(config.get("strategy.num-rounds", 0)):
             out.append((run, config, rows))

@@ -40,6 +40,10 @@ class MeasurementSession:
         self.telemetry = TelemetryStore(run_id=run_id, auth=self.auth)
         self.profiles: dict[int, dict[str, Any]] = {}
         self.strategy: TimedStrategy | None = None
+        self._grid: TimingGrid | None = None
+        # clients.csv / resources.csv rows of the rounds before a resume (load_state_dict)
+        self.prior_clients: list[dict[str, Any]] = []
+        self.prior_resources: list[dict[str, Any]] = []
         self._collector = (
             TelemetryCollector(collector, self.telemetry, certfile=certfile, keyfile=keyfile) if (enabled and collector) else None
         )
@@ -58,11 +62,31 @@ class MeasurementSession:
     def grid(self, grid) -> TimingGrid:
         """The grid every message of the run goes through: timed, and carrying each node's
         telemetry key (measurements/auth.py). Pass it to the profile query and the strategy."""
-        return grid if isinstance(grid, TimingGrid) else TimingGrid(grid, auth=self.auth)
+        self._grid = grid if isinstance(grid, TimingGrid) else TimingGrid(grid, auth=self.auth)
+        return self._grid
 
     def wrap(self, strategy: Strategy) -> TimedStrategy:
         self.strategy = TimedStrategy(strategy, on_round=self._on_round, telemetry=self.telemetry, auth=self.auth)
+        self.strategy.grid = self._grid  # the grid of :meth:`grid`, also where another wrapper starts the rounds
         return self.strategy
+
+    # --- checkpoints (server_app/checkpoint.py) ----------------------------------------------
+    def state_dict(self) -> dict:
+        """clients.csv's and resources.csv's rows so far: what was measured before a crash
+        is not measured again."""
+        clients, resources = self.rows()
+        return {"clients": clients, "resources": resources}
+
+    def load_state_dict(self, state, node) -> None:
+        """The rows of the run being resumed, with its nodes' ids in this run
+        (``node(old) -> new | None``; a node that did not come back keeps its old id)."""
+
+        def renamed(row: dict) -> dict:
+            new = node(row.get("node_id")) if isinstance(row.get("node_id"), int) else None
+            return {**row, "node_id": new} if new is not None else dict(row)
+
+        self.prior_clients = [renamed(r) for r in state["clients"]]
+        self.prior_resources = [renamed(r) for r in state["resources"]]
 
     def take_replies(self, replies) -> None:
         """Events that arrived in replies the strategy never saw (e.g. profile queries)."""
@@ -74,11 +98,17 @@ class MeasurementSession:
 
     def write_tables(self) -> None:
         """clients.csv and resources.csv as far as the figures go (uplinks fill in late)."""
+        clients, resources = self.rows()
+        self.run_dir.write_table("clients.csv", CLIENTS_COLUMNS, clients)
+        self.run_dir.write_table("resources.csv", RESOURCES_COLUMNS, resources)
+
+    def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """clients.csv's and resources.csv's rows: those of the run resumed, then this run's."""
         grid = self.strategy.grid if self.strategy is not None else None
         sent = grid.messages() if grid is not None else []
         events = self.telemetry.events()
-        self.run_dir.write_table("clients.csv", CLIENTS_COLUMNS, client_rows(sent, events, self.profiles, outcomes=self.outcomes()))
-        self.run_dir.write_table("resources.csv", RESOURCES_COLUMNS, resource_rows(sent, events))
+        clients = client_rows(sent, events, self.profiles, outcomes=self.outcomes())
+        return self.prior_clients + clients, self.prior_resources + resource_rows(sent, events)
 
     def outcomes(self) -> dict[tuple[int, int], tuple[str, str]]:
         """(round, node) -> (status, reason): what the strategy did with each reply."""

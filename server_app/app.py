@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -10,14 +10,17 @@ from flwr.supercore import log
 
 from measurements.session import MeasurementSession
 from ml.tasks import build_task
+from stamen import keys
 from stamen.config import ConfigError, StamenConfig
 from strategies.lora_records import from_record, to_record
 
+from . import checkpoint
 from .early_exit import EarlyExitFamily
 from .family import Family, LoRAFamily
 from .grid import PolledGrid
 from .privacy import write_privacy
 from .profiles import leave_out, query_profiles
+from .resume import RoundOffset, RunCheckpoints, check_config, flat_adapter
 from .run_dir import RunDirectory
 
 app = ServerApp()
@@ -32,16 +35,36 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as err:
         log(ERROR, "configuration error: %s", err)
         raise
-    columns = {"metrics_columns": family.metrics_columns} if family.metrics_columns else {}
-    run = RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict(), **columns)
+    run, saved = open_run(cfg, context, family)
     log(INFO, "run directory: %s", run.path)
     grid = PolledGrid(grid, cfg.strategy.poll_interval)
     with MeasurementSession(
         run, run_id=context.run_id, collector=cfg.measure.collector, enabled=cfg.measure.enabled,
         certfile=cfg.measure.collector_certfile, keyfile=cfg.measure.collector_keyfile
     ) as measurements:
-        _run(measurements.grid(grid), cfg, split, family, run, measurements)
+        _run(measurements.grid(grid), cfg, split, family, run, measurements, saved)
     log(INFO, "run directory: %s", run.path)
+
+
+def open_run(cfg: StamenConfig, context: Context, family: Family) -> tuple[RunDirectory, checkpoint.Checkpoint | None]:
+    """A new run directory, or with ``checkpoint.resume-from`` the one of the run to
+    continue, cut back to its last complete checkpoint (server_app/resume.py)."""
+    if not cfg.checkpoint.resume_from:
+        columns = {"metrics_columns": family.metrics_columns} if family.metrics_columns else {}
+        return RunDirectory.create(cfg.output.dir, context.run_id, cfg.as_flat_dict(), run_config=dict(context.run_config), **columns), None
+    try:
+        run = RunDirectory.open(cfg.checkpoint.resume_from)
+        saved = checkpoint.latest(run.path)
+        check_config(saved.state["config"], cfg.as_flat_dict())
+    except (ConfigError, checkpoint.CheckpointError) as err:
+        log(ERROR, "cannot resume: %s", err)
+        raise
+    if saved.server_round >= cfg.strategy.num_rounds:
+        raise ConfigError(f"checkpoint.resume-from: {run.path} finished its {saved.server_round} rounds; raise strategy.num-rounds to train on")
+    run.cut_tables(saved.server_round)
+    run.note_resume(context.run_id, saved.server_round)
+    log(INFO, "resuming run %s after round %d of %d (%s)", run.path.name, saved.server_round, cfg.strategy.num_rounds, saved.path)
+    return run, saved
 
 
 def write_profiles(run: RunDirectory, profiles: dict, failed: dict, algorithm) -> None:
@@ -52,7 +75,7 @@ def write_profiles(run: RunDirectory, profiles: dict, failed: dict, algorithm) -
     run.write_json("profiles.json", out)
 
 
-def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory, measurements: MeasurementSession) -> None:
+def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory, measurements: MeasurementSession, saved) -> None:
     profiles, failed = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
     measurements.profiles = profiles
     algorithm = family.strategy(profiles)  # a node whose config gives no valid rank or depth is left out
@@ -70,19 +93,62 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
 
     algorithm.admit_new_nodes(admit, known=set(profiles) | set(failed))
     algorithm.declare_profiles(profiles)  # each node's num-examples: the cap of its weight (strategies/bounds.py)
-    strategy = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
+    timed = measurements.wrap(algorithm)  # -> rounds.csv, clients.csv, resources.csv
     algorithm.attach_run(run, measurements.round_times)
     initial = family.initial()
     evaluate = family.evaluation(split.test, run, algorithm)
+    label_names = split.test.class_names
+    checkpoints = RunCheckpoints(run, keep=cfg.checkpoint.keep, config=cfg.as_flat_dict())
+    checkpoints.parts.update(strategy=algorithm, measurements=measurements, evaluation=evaluate)
+    checkpoints.nodes = {n: p.get(keys.NODE_PARTITION_ID) for n, p in profiles.items()}
+    checkpoints.evaluation, checkpoints.adapter = evaluate, algorithm.global_adapter
+    if saved is not None:  # continue a killed run (server_app/resume.py)
+        checkpoints.restore(saved, profiles)
+        initial = saved.global_arrays
+    done = saved.server_round if saved is not None else 0
+    strategy = RoundOffset(timed, offset=done)
+    after_round = checkpoints.after(evaluate)
+    if cfg.checkpoint.export_every_round:
+        after_round = export_after(after_round, family, run, checkpoints, label_names)
     result = strategy.start(
         grid,
         to_record(initial),
-        num_rounds=cfg.strategy.num_rounds,
+        num_rounds=cfg.strategy.num_rounds - done,
         timeout=cfg.strategy.round_timeout,
-        evaluate_fn=evaluate,
+        evaluate_fn=strategy.evaluation(after_round),
     )
-    run.save_arrays("global_model.npz", from_record(result.arrays) if len(result.arrays) else initial)
+    final = from_record(result.arrays) if len(result.arrays) else initial
+    run.save_arrays("global_model.npz", final)
+    write_exports(family, run, final, checkpoints, label_names)
     write_privacy(run, algorithm)
     measurements.finish(grid, sorted(profiles), timeout=cfg.strategy.query_timeout)
     algorithm.finish()  # after the last uplinks are in: e.g. the bandits' last rewards
     log(INFO, "done: %s", evaluate.summary())
+
+
+def write_exports(family: Family, run: RunDirectory, final: dict, checkpoints: RunCheckpoints, label_names) -> None:
+    """final/ and best/: the last round's model and the best round's, as Hugging Face
+    directories (ml/export.py). The best round's arrays come from its checkpoint, which
+    pruning keeps; round 0 (no training helped) has none, and best/ is not written."""
+    adapter = flat_adapter(checkpoints.adapter())
+    for path in family.export(final, adapter, run.path / "final", label_names=label_names):
+        log(INFO, "final model: %s", path)
+    best = checkpoints.evaluation.best_round
+    if best:
+        saved = checkpoint.latest(run.path, best)
+        for path in family.export(saved.global_arrays, saved.adapter, run.path / "best", label_names=label_names):
+            log(INFO, "best model (round %d): %s", best, path)
+    else:
+        log(WARNING, "best model: the model before training scored best; no best/ directory")
+
+
+def export_after(evaluate, family: Family, run: RunDirectory, checkpoints: RunCheckpoints, label_names):
+    """``checkpoint.export-every-round``: rounds/<N>/ after every round's checkpoint."""
+
+    def evaluate_and_export(server_round: int, arrays):
+        metrics = evaluate(server_round, arrays)
+        if server_round > 0:
+            family.export(from_record(arrays), flat_adapter(checkpoints.adapter()), run.path / "rounds" / str(server_round), label_names=label_names)
+        return metrics
+
+    return evaluate_and_export

@@ -5,6 +5,7 @@ every exit after every round (server_app/family.py says what a family is)."""
 from __future__ import annotations
 
 from logging import INFO
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
@@ -55,6 +56,21 @@ class EarlyExitFamily(Family):
 
     def evaluation(self, test, run, algorithm):
         return ExitEvaluation(self.cfg, self.task, self.model, test, run, algorithm)
+
+    def export(self, global_arrays, adapter, out, *, label_names):
+        """``early-exit/``: the model's weights and early-exit.json (ml/export.py: load_early_exit)."""
+        from ml.export import export_early_exit
+
+        cfg, ee = self.cfg, self.cfg.early_exit
+        self.model.load_trainable_state(global_arrays)
+        structure = {
+            "task": cfg.model.task, "model_path": self.task.model_path, "max_seq_len": cfg.model.max_seq_len,
+            "exit_kind": self.model.exit_kind, "exit_blocks": list(self.model.exit_blocks), "tuning": ee.tuning,
+            "lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "ree_heads": ee.ree_heads,
+            "ree_attn_dim": ee.ree_attn_dim, "ree_mlp_ratio": ee.ree_mlp_ratio, "seed": cfg.train.seed,
+        }
+        return [export_early_exit(self.model, Path(out) / "early-exit", structure=structure, label_names=label_names,
+                                  thresholds=ee.thresholds)]
 
 
 def metrics_columns(cfg: StamenConfig, model) -> tuple[str, ...]:

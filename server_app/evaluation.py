@@ -30,6 +30,8 @@ class ServerEvaluation:
         self.test = test.subset(keep)
         self.t0 = time.monotonic()
         self.last: dict[str, float] = {}
+        self.best_round: int | None = None  # the round whose model scored best on the task's metric
+        self.best_value: float | None = None
 
     # --- hooks ------------------------------------------------------------------------------
     def measure(self, arrays: ArrayRecord) -> dict[str, float]:
@@ -72,6 +74,7 @@ class ServerEvaluation:
             )
         self.run.append_metrics(row)
         self.last = {"round": server_round, **self.summary_metrics(metrics)}
+        self.note_best(server_round, metrics.get(self.task.metric))
         log(
             INFO,
             "round %d/%d: %s | %s, %.0f s elapsed",
@@ -82,6 +85,23 @@ class ServerEvaluation:
             row["elapsed_s"],
         )
         return MetricRecord(metrics)
+
+    def note_best(self, server_round: int, value: float | None) -> None:
+        """The best round so far: highest accuracy, lowest perplexity (round 0 counts)."""
+        if value is None:
+            return
+        lower = self.task.metric == "perplexity"
+        if self.best_value is None or (value < self.best_value if lower else value > self.best_value):
+            self.best_round, self.best_value = server_round, float(value)
+
+    # --- checkpoints (server_app/checkpoint.py) ------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"elapsed_s": time.monotonic() - self.t0, "best_round": self.best_round, "best_value": self.best_value, "last": self.last}
+
+    def load_state_dict(self, state, node) -> None:
+        """elapsed_s goes on from where the run stopped (the time it was down is not counted)."""
+        self.t0 = time.monotonic() - float(state["elapsed_s"])
+        self.best_round, self.best_value, self.last = state["best_round"], state["best_value"], dict(state["last"])
 
     def summary(self) -> str:
         return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.last.items())

@@ -17,6 +17,7 @@ family, the one place it tells them apart.
 from __future__ import annotations
 
 from logging import ERROR, INFO
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +48,11 @@ class Family:
         raise NotImplementedError
 
     def evaluation(self, test, run, algorithm) -> ServerEvaluation:
+        raise NotImplementedError
+
+    def export(self, global_arrays: dict[str, np.ndarray], adapter: dict[str, np.ndarray], out, *, label_names) -> list:
+        """Write the model of ``global_arrays`` under ``out`` as Hugging Face directories
+        (ml/export.py); the directories written."""
         raise NotImplementedError
 
     def common(self) -> dict:
@@ -105,3 +111,12 @@ class LoRAFamily(Family):
 
     def evaluation(self, test, run, algorithm):
         return ServerEvaluation(self.cfg, self.task, self.model, test, run, algorithm)
+
+    def export(self, global_arrays, adapter, out, *, label_names):
+        """``model/`` (merged), and ``adapter/`` (+ ``base/``) where the strategy keeps a global adapter."""
+        from ml.export import export_adapter, export_merged
+
+        written = [export_merged(self.task, global_arrays, Path(out) / "model", label_names=label_names)]
+        if adapter:
+            written.append(export_adapter(self.task, global_arrays, adapter, Path(out), label_names=label_names) )
+        return written

@@ -1,26 +1,36 @@
 """``runs/<run-id>/``: everything a run leaves behind.
 
-config.json (resolved configuration), versions.json (packages, Python, git commit),
+stamen-config.json (resolved configuration; not ``config.json``, the name of a Hugging
+Face model's config, so that no one mistakes a run directory for a model),
+run-config.toml (the run config as Flower passed it: ``flwr run --run-config`` takes it
+again, e.g. to resume), versions.json (packages, Python, git commit),
 profiles.json (device profiles of the nodes), metrics.csv (one row per round: model
 quality), rounds.csv (one row per round: server-side phase timings), clients.csv (one
 row per round x node: every phase), resources.csv (resource samples over time), and
-global_model.npz (the final adapted weights and head). Schemas: docs/measurements.md.
+global_model.npz (the final adapted weights and head), checkpoints/ (per round,
+server_app/checkpoint.py), final/ and best/ (Hugging Face directories, server_app/export.py),
+resumes.json (the Flower runs that continued this one). Schemas: docs/measurements.md;
+checkpoints and exports: docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+CONFIG_FILE = "stamen-config.json"
+RUN_CONFIG_FILE = "run-config.toml"
 METRICS_COLUMNS = (
     "round",
     "eval_loss",
@@ -70,14 +80,18 @@ class RunDirectory:
 
     @classmethod
     def create(
-        cls, root: str, run_id: int | str, config: dict[str, Any], *, metrics_columns: tuple[str, ...] = METRICS_COLUMNS
+        cls, root: str, run_id: int | str, config: dict[str, Any], *, metrics_columns: tuple[str, ...] = METRICS_COLUMNS,
+        run_config: dict[str, Any] | None = None,
     ) -> RunDirectory:
         """``metrics_columns``: the header of metrics.csv (the early-exit strategies add a
-        column per exit and threshold, see server_app/early_exit.py)."""
+        column per exit and threshold, see server_app/early_exit.py); ``run_config``:
+        Flower's run config, for run-config.toml."""
         path = Path(root).expanduser().resolve() / str(run_id)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
-        run.write_json("config.json", config)
+        run.write_json(CONFIG_FILE, config)
+        if run_config is not None:
+            (path / RUN_CONFIG_FILE).write_text(toml_table(run_config))
         versions = {"python": sys.version.split()[0], "platform": platform.platform(), "git-commit": git_commit()}
         for name in _PACKAGES:
             try:
@@ -89,6 +103,38 @@ class RunDirectory:
             with open(table, "w", newline="") as f:
                 csv.writer(f).writerow(columns)
         return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDirectory:
+        """An existing run directory, to continue (a resumed run); ConfigError if it is not one."""
+        from stamen.config import ConfigError
+
+        run = cls(Path(path).expanduser().resolve())
+        if not (run.path / CONFIG_FILE).is_file():
+            raise ConfigError(f"checkpoint.resume-from = {str(path)!r}: not a run directory (no {CONFIG_FILE} in {run.path})")
+        return run
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / CONFIG_FILE).read_text())
+
+    def cut_tables(self, last_round: int) -> None:
+        """metrics.csv and rounds.csv without the rows after ``last_round`` (a resumed run
+        repeats the round the crash interrupted)."""
+        for table in (self.metrics_csv, self.rounds_csv):
+            with open(table, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= last_round]
+            tmp = table.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            tmp.replace(table)
+
+    def note_resume(self, run_id: int | str, from_round: int) -> None:
+        """resumes.json: one entry per Flower run that continued this directory."""
+        target = self.path / "resumes.json"
+        entries = json.loads(target.read_text()) if target.is_file() else []
+        entries.append({"flower-run-id": str(run_id), "after-round": from_round, "unix-s": round(time.time(), 3)})
+        self.write_json("resumes.json", entries)
 
     def write_json(self, name: str, data: Any) -> None:
         (self.path / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -136,6 +182,21 @@ class RunDirectory:
         target = self.path / name
         np.savez(target, **arrays)
         return target
+
+
+def toml_table(flat: dict[str, Any]) -> str:
+    """A flat {"section.key": scalar} mapping as TOML with quoted keys, as pyproject's
+    [tool.flwr.app.config] writes it."""
+    lines = ["# the run config of this run, as Flower passed it to the ServerApp; `flwr run --run-config` takes this file"]
+    for key, value in sorted(flat.items()):
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        else:
+            text = json.dumps(str(value))
+        lines.append(f"{json.dumps(key)} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def _append(path: Path, columns: tuple[str, ...], row: dict[str, Any]) -> None:

@@ -178,6 +178,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Per-round checkpoints, resume and Hugging Face exports (docs/checkpoints.md)."""
+
+    keep: int = 2  # the last K round checkpoints are kept (and the best round's)
+    resume_from: str = ""  # a run directory: continue that run from its last complete round
+    export_every_round: bool = False  # also write rounds/<N>/model (and adapter) after every round
+
+
+@dataclass(frozen=True)
 class MeasureConfig:
     """The instrumentation layer (measurements/). Also read on its own by the ClientApp
     mod, which serves any app: there a missing key takes the default below."""
@@ -222,6 +231,7 @@ class StamenConfig:
     fedspine: FedSpineConfig
     dp: DPConfig
     robust: RobustConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @property
     def is_early_exit(self) -> bool:
@@ -316,6 +326,11 @@ class StamenConfig:
                 over_bound=r.choice("robust.over-bound", ("clip", "drop")),
                 max_weight_share=r.number("robust.max-weight-share", low=0.0, high=1.0, low_open=True),
                 weights=r.choice("robust.weights", ("examples", "equal")),
+            ),
+            checkpoint=CheckpointConfig(
+                keep=r.integer("checkpoint.keep", minimum=1),
+                resume_from=r.text("checkpoint.resume-from", allow_empty=True),
+                export_every_round=r.boolean("checkpoint.export-every-round"),
             ),
         )
         if cfg.strategy.name == "fedspine" and not (cfg.fedspine.ratios and cfg.fedspine.ranks):

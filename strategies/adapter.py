@@ -85,6 +85,14 @@ class AdapterStrategy(LoRAStrategy):
     def forget_node(self, node_id: int) -> None:
         self._synced.discard(node_id)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "base": self.base}
+
+    def load_state_dict(self, state, node) -> None:
+        """W0 comes back; no node holds it in a new run (its first downlink is dense)."""
+        super().load_state_dict(state, node)
+        self.base, self._synced = state["base"], set()
+
     def zero_update(self, node_id: int) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
         """A node that changes nothing sends back the adapter it started from."""
         zero, head = super().zero_update(node_id)

@@ -41,6 +41,18 @@ class RoundRecord:
     global_rank: int = 0
 
 
+def by_node(mapping: Mapping[int, object], node) -> dict[int, object]:
+    """``mapping`` keyed by each node's id in this run; nodes that are gone are left out."""
+    return {node(old): value for old, value in mapping.items() if node(old) is not None}
+
+
+def renamed_row(row: Mapping, node) -> dict:
+    """A log row (privacy.csv, arms.csv) with its ``node_id`` this run's, where the node is here."""
+    old = row.get("node_id")
+    new = node(old) if isinstance(old, int) else None
+    return {**row, "node_id": new} if new is not None else dict(row)
+
+
 class SampledStrategy(FedAvg):
     """What every strategy of the project takes from Flower's FedAvg and adds to it:
     node sampling, a message TTL, evaluation on the server only (a held-out split), and
@@ -72,6 +84,28 @@ class SampledStrategy(FedAvg):
 
     def forget_node(self, node_id: int) -> None:
         """Called when a node failed or went silent: its local state is unknown."""
+
+    def global_adapter(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """The global model as an adapter on the frozen base weights, its scaling folded
+        into B (``B @ A`` is the delta), for ``stamen export --format adapter``; None
+        where the strategy keeps none (FLoRA and FedSpine merge into the weights, the
+        early-exit strategies train whole modules)."""
+        return None
+
+    # --- checkpoints (server_app/checkpoint.py) ---------------------------------------------
+    def state_dict(self) -> dict:
+        """What this strategy needs to continue a run from the round just ended: plain data
+        and numpy arrays. What the nodes hold is not in it: a resumed run is a new Flower
+        run, every node starts it with an empty state, so its first downlink is dense.
+        A subclass with state of its own adds it here and in :meth:`load_state_dict`."""
+        return {"retired": dict(self.retired), "privacy_log": list(self.privacy_log)}
+
+    def load_state_dict(self, state: Mapping, node) -> None:
+        """Continue from ``state`` (a :meth:`state_dict`). ``node(old_id)`` is the id the
+        node of that id has in this run, or None where it is gone: after a SuperLink
+        restart without ``--database`` the nodes register again under new ids."""
+        self.retired.update(by_node(state["retired"], node))
+        self.privacy_log = [renamed_row(row, node) for row in state["privacy_log"]]
 
     def observe_reply(self, node_id: int, metrics) -> None:
         """Called with the metrics of every accepted reply (e.g. a bandit's reward)."""
@@ -341,6 +375,13 @@ class LoRAStrategy(SampledStrategy):
     # --- Flower Strategy ---------------------------------------------------------------
     def rank_of(self, node_id: int) -> int:
         return self.node_ranks.get(node_id, self.default_rank)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "node_ranks": dict(self.node_ranks)}
+
+    def load_state_dict(self, state, node) -> None:
+        super().load_state_dict(state, node)
+        self.node_ranks.update(by_node(state["node_ranks"], node))  # e.g. HetLoRA's self-pruned ranks
 
     def summary(self) -> None:
         super().summary()

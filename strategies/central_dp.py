@@ -151,6 +151,15 @@ class CentralDP(Strategy):
             raise AttributeError(name)
         return getattr(self.strategy, name)
 
+    def state_dict(self) -> dict:
+        """The wrapped strategy's state and the accountant's: the releases so far. Not the
+        noise generator's: a resumed run draws its noise from the OS's entropy again."""
+        return {"strategy": self.strategy.state_dict(), "releases": self.releases}
+
+    def load_state_dict(self, state, node) -> None:
+        self.strategy.load_state_dict(state["strategy"], node)
+        self.releases = int(state["releases"])  # epsilon continues from what was released
+
     def summary(self) -> None:
         log(INFO, "\t├──> central DP (%s space): noise multiplier %s, clipping norm %s", self.space, self.noise_multiplier, self.clipping_norm)
         self.strategy.summary()

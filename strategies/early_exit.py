@@ -22,7 +22,7 @@ from flwr.supercore import log
 
 from stamen import keys
 
-from .base import SampledStrategy
+from .base import SampledStrategy, by_node
 from .bounds import Bounds
 from .lora_records import InvalidUpdate, from_record, to_record
 
@@ -133,6 +133,13 @@ class EarlyExitStrategy(SampledStrategy):
         return self.distill_weight * min(1.0, server_round / self.distill_rampup_rounds)
 
     # --- Flower Strategy ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "node_exits": dict(self.node_exits)}
+
+    def load_state_dict(self, state, node) -> None:
+        super().load_state_dict(state, node)
+        self.node_exits.update(by_node(state["node_exits"], node))
+
     def exit_of(self, node_id: int) -> int:
         return self.node_exits.get(node_id, self.num_exits)
 

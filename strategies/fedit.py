@@ -78,6 +78,17 @@ class FedIT(AdapterStrategy):
     def delta(self) -> dict[str, np.ndarray]:
         return product(self.adapter or {}, self.lora_alpha / self.rank)
 
+    def global_adapter(self):
+        s = self.lora_alpha / self.rank
+        return {m: (a, s * b) for m, (a, b) in self.adapter.items()} if self.adapter else None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "adapter": self.adapter}
+
+    def load_state_dict(self, state, node) -> None:
+        super().load_state_dict(state, node)
+        self.adapter = state["adapter"]
+
     central_dp_space = "factors"  # the global adapter is the mean of the nodes' factors
 
     def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ from flwr.supercore import log
 from stamen import keys
 
 from .bandit import Arm, DiscountedUCB, arm_grid, reward
-from .base import LoRAStrategy
+from .base import LoRAStrategy, by_node, renamed_row
 from .lora_records import ClientLoRA, join_global, split_global, weighted_mean
 from .pruned_lora import PrunedUpdate, masked_average
 
@@ -96,12 +96,8 @@ class FedSpine(LoRAStrategy):
         """Reward every node's last reply with the round times known now."""
         by_round: dict[int, dict[int, float]] = {}
         for node_id, seen in sorted(self._pending.items()):
+            own, median = self._times(node_id, seen, by_round)
             rnd = seen["round"]
-            if rnd not in by_round:
-                by_round[rnd] = dict(self.round_times(rnd)) if self.round_times is not None else {}
-            times = by_round[rnd]
-            own = times.get(node_id)
-            median = statistics.median(times.values()) if times else None
             if own is None or not median:
                 own = median = 1.0  # no timing: the reward is the loss improvement alone
                 log(WARNING, "fedspine: no round time for node %d in round %d; reward from its loss alone", node_id, rnd)
@@ -118,6 +114,17 @@ class FedSpine(LoRAStrategy):
                     break
         self._pending.clear()
         self.save()
+
+    def _times(self, node_id: int, seen: dict, by_round: dict[int, dict[int, float]]) -> tuple[float | None, float | None]:
+        """(its round time, the round's median) of a pending reply: as measured now, or as
+        a checkpoint stored them (the measurements of a round before a restart are gone)."""
+        if "own" in seen:
+            return seen["own"], seen["median"]
+        rnd = seen["round"]
+        if rnd not in by_round:
+            by_round[rnd] = dict(self.round_times(rnd)) if self.round_times is not None else {}
+        times = by_round[rnd]
+        return times.get(node_id), (statistics.median(times.values()) if times else None)
 
     # --- LoRAStrategy hooks -------------------------------------------------------------
     def configure_train(self, server_round, arrays, config, grid):
@@ -184,6 +191,24 @@ class FedSpine(LoRAStrategy):
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
         tmp.replace(self.state_path)
+
+    def state_dict(self) -> dict:
+        """The bandits, the choices so far, the round, and the replies still to reward with
+        their round times as measured now (a resumed run has no measurements of them)."""
+        by_round: dict[int, dict[int, float]] = {}
+        pending = {}
+        for node_id, seen in self._pending.items():
+            own, median = self._times(node_id, seen, by_round)
+            pending[node_id] = {**seen, "own": own, "median": median}
+        bandits = {n: b.to_dict() for n, b in self.bandits.items()}
+        return {**super().state_dict(), "bandits": bandits, "choices": list(self.choices), "pending": pending, "round": self._round}
+
+    def load_state_dict(self, state, node) -> None:
+        super().load_state_dict(state, node)
+        self.bandits = {n: DiscountedUCB.from_dict(b) for n, b in by_node(state["bandits"], node).items()}
+        self.choices = [renamed_row(c, node) for c in state["choices"]]
+        self._pending = by_node(state["pending"], node)
+        self._round = int(state["round"])
 
     def _load(self, path: Path) -> None:
         state = json.loads(path.read_text())

@@ -138,6 +138,20 @@ def factors_from_svd(
     return a, b
 
 
+def exact_factors(delta: Mapping[str, np.ndarray], dtype=np.float32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Factors with ``B @ A = delta`` per module, of one rank for all modules: the largest
+    numerical rank among them (a module of lower rank gets zero components). The global
+    model as an adapter on W0, for ``stamen export --format adapter``."""
+    svds = {m: np.linalg.svd(d.astype(np.float64), full_matrices=False) for m, d in delta.items()}
+    eps = np.finfo(np.float64).eps
+    rank = max((int(np.sum(s > s.max() * max(u.shape[0], vt.shape[1]) * eps)) for u, s, vt in svds.values() if s.size and s.max() > 0), default=1)
+    out = {}
+    for m, (u, s, vt) in svds.items():
+        root = np.sqrt(s[:rank])
+        out[m] = ((root[:, None] * vt[:rank]).astype(dtype), (u[:, :rank] * root[None, :]).astype(dtype))
+    return out
+
+
 class FlexLoRA(AdapterStrategy):
     """Aggregate the full delta; each node starts from its rank's SVD truncation of it."""
 
@@ -194,6 +208,18 @@ class FlexLoRA(AdapterStrategy):
 
     def delta(self) -> dict[str, np.ndarray]:
         return self.global_delta
+
+    def global_adapter(self):
+        return exact_factors(self.global_delta) if self.global_delta else None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "global_delta": self.global_delta, "svd": self._svd, "combined": self._combined}
+
+    def load_state_dict(self, state, node) -> None:
+        """The SVD comes back as taken (recomputing it could flip its vectors' signs, and
+        with them the factors every node starts from)."""
+        super().load_state_dict(state, node)
+        self.global_delta, self._svd, self._combined = state["global_delta"], state["svd"], int(state["combined"])
 
     def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:
         """Noise the dense delta before its SVD (every truncation sent next round is then

@@ -100,6 +100,14 @@ class FLoRA(LoRAStrategy):
     def forget_node(self, node_id: int) -> None:
         self._node_version.pop(node_id, None)
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "version": self.version}
+
+    def load_state_dict(self, state, node) -> None:
+        """No node holds a version of a new run: every node's next downlink is dense."""
+        super().load_state_dict(state, node)
+        self.version, self._last_stack, self._node_version = int(state["version"]), None, {}
+
     central_dp_space = "product"  # the merge adds the mean of the nodes' s_k B_k A_k
 
     def noise_release(self, new_global: dict[str, np.ndarray], noise) -> dict[str, np.ndarray]:

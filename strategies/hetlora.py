@@ -151,3 +151,14 @@ class HetLoRA(AdapterStrategy):
     def delta(self) -> dict[str, np.ndarray]:
         s = self.lora_alpha / self.r_max
         return {m: s * (b @ a) for m, (a, b) in (self.adapter or {}).items()}
+
+    def global_adapter(self):
+        s = self.lora_alpha / self.r_max
+        return {m: (a, s * b) for m, (a, b) in self.adapter.items()} if self.adapter else None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "adapter": self.adapter}
+
+    def load_state_dict(self, state, node) -> None:
+        super().load_state_dict(state, node)  # the ranks the nodes pruned to come back with it
+        self.adapter = state["adapter"]

@@ -54,7 +54,7 @@ def test_global_model_changed(finished_run):
 
 
 def test_run_directory_holds_config_versions_and_profiles(finished_run):
-    config = json.loads((finished_run / "config.json").read_text())
+    config = json.loads((finished_run / "stamen-config.json").read_text())
     assert config["strategy.num-rounds"] == 2 and config["strategy.name"] == "flora"
     versions = json.loads((finished_run / "versions.json").read_text())
     assert versions["flwr"] == "1.39.0" and versions["torch"].startswith("2.13.0")

@@ -12,7 +12,7 @@ def _run(root, name, strategy, ranks, seed, accuracy, downlink):
     d = root / name
     d.mkdir(parents=True)
     config = {"strategy.name": strategy, "lora.rank-by-partition": ranks, "train.seed": seed, "strategy.num-rounds": 2}
-    (d / "config.json").write_text(json.dumps(config))
+    (d / "stamen-config.json").write_text(json.dumps(config))
     lines = ["round,eval_accuracy,downlink_bytes"] + [
         f"{i},{a},{downlink[i - 1] if i else ''}" for i, a in enumerate(accuracy)
     ]
@@ -48,7 +48,7 @@ def _exit_run(root, name, strategy, seed, means, exits, ensemble, epsilons=None)
     if epsilons:  # a local-DP run with a target epsilon, and the privacy.csv its nodes filled
         config.update({"dp.mode": "local", "dp.epsilon": 8.0, "dp.noise-multiplier": 0.0})
         (d / "privacy.csv").write_text("round,node_id,epsilon\n" + "".join(f"1,{i},{e}\n" for i, e in enumerate(epsilons)))
-    (d / "config.json").write_text(json.dumps(config))
+    (d / "stamen-config.json").write_text(json.dumps(config))
     header = "round,eval_accuracy_exit1,eval_accuracy_exit2,eval_accuracy_mean,eval_accuracy_ensemble,eval_accuracy_at_0.9,eval_blocks_at_0.9"
     lines = [header] + [f"{i},{exits[0]},{exits[1]},{m},{ensemble},{exits[1]},0.75" for i, m in enumerate(means)]
     (d / "metrics.csv").write_text("\n".join(lines) + "\n")
