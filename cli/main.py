@@ -4,6 +4,8 @@
     stamen simulate run the app on N virtual SuperNodes in Flower's simulation engine (Ray)
     stamen testbed  the emulated testbed: namespaces, shaped links, delay, CPU/memory limits
     stamen report   summary and plots of where each round's time went
+    stamen resume   continue a killed run from its last checkpoint (docs/checkpoints.md)
+    stamen export   a run's model as a Hugging Face directory
     stamen device   the device profile this machine reports (class, rank, memory, CUDA)
     stamen study    the accuracy studies' tables and plots (docs/lora-baselines.md, docs/early-exit.md)
 """
@@ -115,7 +117,73 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _run(deployment, overrides, output, workdir, args.timeout)[0]
 
 
-def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float) -> tuple[int, Path | None]:
+def resume_plan(run_dir: Path, threads: int | None) -> tuple[list, dict]:
+    """The SuperNodes and run config that continue ``run_dir`` on loopback: one node per
+    profiled node of the run (its partition, device class, rank, network), and the run's
+    own run-config.toml with ``checkpoint.resume-from`` set. RunConfigError if the
+    directory cannot be resumed (no run, no checkpoint)."""
+    import tomllib
+
+    from deploy.local import NodeSpec
+    from server_app import checkpoint
+    from server_app.run_dir import RUN_CONFIG_FILE
+
+    if not (run_dir / RUN_CONFIG_FILE).is_file() or not (run_dir / "profiles.json").is_file():
+        raise RunConfigError(f"{run_dir}: not a run directory of this version of Stamen (no {RUN_CONFIG_FILE} or profiles.json)")
+    try:
+        saved = checkpoint.latest(run_dir)
+    except checkpoint.CheckpointError as err:
+        raise RunConfigError(str(err)) from None
+    config = tomllib.loads((run_dir / RUN_CONFIG_FILE).read_text())
+    config = {k: v for k, v in config.items() if not k.startswith(("measure.collector", "output.dir"))}  # this deployment's
+    config["checkpoint.resume-from"] = str(run_dir)
+    profiles = json.loads((run_dir / "profiles.json").read_text())
+    nodes = []
+    for profile in profiles.values():
+        if "partition-id" not in profile:
+            continue  # a node whose profile query failed: it was left out of the run
+        extra = {k: profile[k] for k in ("network", "max-exit") if k in profile}
+        nodes.append(NodeSpec(int(profile["partition-id"]), int(profile.get("num-partitions", len(profiles))),
+                              device_class=profile.get("device-class"), lora_rank=profile.get("lora-rank"),
+                              num_threads=threads, extra=extra))
+    if not nodes:
+        raise RunConfigError(f"{run_dir}/profiles.json names no node with a partition-id to start again")
+    print(f"[stamen] resuming {run_dir.name} after round {saved.server_round} ({saved.path})", flush=True)
+    return sorted(nodes, key=lambda n: n.partition_id), config
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from deploy.local import LocalDeployment, merge_overrides
+
+    run_dir = Path(args.run_dir).resolve()
+    try:
+        nodes, config = resume_plan(run_dir, args.threads)
+        items, _ = checked_run_config([" ".join(f"{k}={json.dumps(v)}" for k, v in config.items()), *args.run_config], str(run_dir.parent))
+    except RunConfigError as err:
+        print(f"[stamen] error: {err}", file=sys.stderr)
+        return 2
+    overrides = merge_overrides([*items, f'output.dir="{run_dir.parent}" strategy.min-nodes={len(nodes)}'])
+    workdir = run_dir.parent / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
+    print(f"[stamen] starting flower-superlink and {len(nodes)} stamen-supernode processes on 127.0.0.1; process logs: {workdir}", flush=True)
+    deployment = LocalDeployment(nodes, workdir=workdir)
+    return _run(deployment, overrides, run_dir.parent, workdir, args.timeout, run_dir=run_dir)[0]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``stamen export RUN_DIR [--round N] --format merged|adapter --out DIR``."""
+    from server_app.export import ExportError, export_run
+
+    try:
+        written = export_run(Path(args.run_dir), server_round=args.round, fmt=args.format, out=Path(args.out))
+    except ExportError as err:
+        print(f"[stamen] error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"[stamen] wrote {path}", flush=True)
+    return 0
+
+
+def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float, *, run_dir: Path | None = None) -> tuple[int, Path | None]:
     """Run the app on a deployment, check Flower's verdict, print the last round and the report."""
 
     def on_sigterm(signum, frame):  # turn SIGTERM into the same clean shutdown as Ctrl-C
@@ -130,7 +198,7 @@ def _run(deployment, overrides: str, output: Path, workdir: Path, timeout: float
     except KeyboardInterrupt:
         print("\n[stamen] interrupted: all processes stopped", file=sys.stderr)
         return 130, None
-    run_dir = output / str(run_id)
+    run_dir = run_dir or output / str(run_id)
     print(f"[stamen] run {run_id} finished ({status}) in {time.monotonic() - t0:.0f} s; all processes stopped", flush=True)
     if "failed" in status.lower():
         cause = last_exception(workdir / "flwr-run.log")
@@ -378,6 +446,18 @@ def main(argv: list[str] | None = None) -> int:
     bed.add_argument("--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)")
     bed.add_argument("--timeout", type=float, default=3600.0)
     bed.set_defaults(func=cmd_testbed)
+    res = sub.add_parser("resume", help="continue a killed `stamen local` run from its last checkpoint, on new loopback processes")
+    res.add_argument("run_dir", help="runs/<run-id>")
+    res.add_argument("--threads", type=int, default=1, help="torch threads per node (node-config num-threads)")
+    res.add_argument("--run-config", action="append", default=[], help="overrides, e.g. 'strategy.num-rounds=10' to train on")
+    res.add_argument("--timeout", type=float, default=3600.0)
+    res.set_defaults(func=cmd_resume)
+    exp = sub.add_parser("export", help="a run's model as a Hugging Face directory (from_pretrained / PeftModel.from_pretrained)")
+    exp.add_argument("run_dir", help="runs/<run-id>")
+    exp.add_argument("--round", type=int, default=None, help="a round with a checkpoint (default: the last)")
+    exp.add_argument("--format", choices=("merged", "adapter"), default="merged")
+    exp.add_argument("--out", required=True, help="the directory to write")
+    exp.set_defaults(func=cmd_export)
     dev = sub.add_parser("device", help="print the device profile a SuperNode on this machine reports")
     dev.add_argument("--node-config", default="", help="the same string you pass to stamen-supernode --node-config")
     dev.set_defaults(func=cmd_device)

@@ -19,15 +19,20 @@ from strategies.lora_records import from_record, split_global
 from .run_dir import RunDirectory
 
 
+def evaluated_split(cfg: StamenConfig, test):
+    """The examples of the held-out split the server evaluates on: ``eval.max-examples``
+    of them (all for 0), drawn with ``data.seed``, in their split's order."""
+    n = cfg.eval.max_examples or len(test)
+    return test.subset(np.sort(np.random.default_rng(cfg.data.seed).permutation(len(test))[: min(n, len(test))]))
+
+
 class ServerEvaluation:
     """Evaluates the global model on the held-out split after every round and writes
     the round's row of metrics.csv (Strategy.start calls it with round 0 first)."""
 
     def __init__(self, cfg: StamenConfig, task, model, test, run: RunDirectory, strategy) -> None:
         self.cfg, self.task, self.model, self.run, self.strategy = cfg, task, model, run, strategy
-        n = cfg.eval.max_examples or len(test)
-        keep = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(test))[: min(n, len(test))])
-        self.test = test.subset(keep)
+        self.test = evaluated_split(cfg, test)
         self.t0 = time.monotonic()
         self.last: dict[str, float] = {}
         self.best_round: int | None = None  # the round whose model scored best on the task's metric
