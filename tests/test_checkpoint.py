@@ -15,7 +15,7 @@ from server_app import checkpoint
 from server_app.resume import RoundOffset, check_config, match_nodes
 from stamen import keys
 from stamen.config import ConfigError
-from strategies import FedSpine, FLoRA, FlexLoRA, HetLoRA
+from strategies import FedSpine, FlexLoRA, FLoRA, HetLoRA
 from strategies.bandit import Arm
 from strategies.central_dp import CentralDP
 from strategies.lora_records import ClientLoRA, to_record
