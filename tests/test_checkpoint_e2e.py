@@ -103,9 +103,10 @@ def test_resumed_run_ends_at_the_uninterrupted_model(uninterrupted, resumed):
     whole, cont = np.load(uninterrupted / "global_model.npz"), np.load(run_dir / "global_model.npz")
     assert set(whole.files) == set(cont.files)
     worst = max(float(np.max(np.abs(whole[k] - cont[k]))) for k in whole.files)
-    # measured: 0 (the resumed run's first downlink is dense, the other's stacked: the
-    # same weights, summed in another order, may differ in the last float bits)
-    assert worst < 1e-5, worst
+    # measured: up to 7.2e-6 on weights of about 0.1 (the resumed run's first downlink is
+    # dense, the other's stacked, and the nodes' replies stack in another order: the same
+    # sums in another order differ in the last float bits, and two more rounds train on them)
+    assert worst < 5e-5, worst
     a, b = _rows(uninterrupted / "metrics.csv"), _rows(run_dir / "metrics.csv")
     assert [r["round"] for r in b] == ["0", "1", "2", "3", "4"]  # no round twice, none missing
     assert [r["eval_accuracy"] for r in a] == [r["eval_accuracy"] for r in b]
