@@ -5,7 +5,12 @@ before anything trains, the ledger kept across rounds, and the reply metrics
 The ledger is kept twice: in ``context.state`` (what the SuperNode holds between rounds)
 and in a file on the device's disk, keyed by run and partition (:class:`LedgerFile`). A
 restarted SuperNode starts with an empty ``context.state``; the file lets it continue at
-the epsilon it has spent instead of 0. Each round takes the longer of the two."""
+the epsilon it has spent instead of 0. Each round takes the longer of the two.
+
+A resumed run (docs/checkpoints.md) is a new Flower run with a new run id. Its
+instructions name the run it continues (``ledger-run``): the node reads that run's
+ledger file too and takes the longest, and writes both. A name can only add what was
+spent, never hide it: the node's own run's ledger is always read."""
 
 from __future__ import annotations
 
@@ -47,12 +52,26 @@ class LedgerFile:
     VERSION = 1
 
     @classmethod
-    def for_context(cls, context: Context) -> LedgerFile:
+    def for_context(cls, context: Context, run_id: int | None = None) -> LedgerFile:
+        """This node's ledger of its partition in this run (or in run ``run_id``)."""
         node = context.node_config
         root = node.get(keys.NODE_STATE_DIR) or os.path.join(os.environ.get("FLWR_HOME") or "~/.flwr", "stamen-state")
         partition = int(node.get(keys.NODE_PARTITION_ID, 0))
-        path = Path(str(root)).expanduser() / "dp-ledger" / f"run-{context.run_id}" / f"partition-{partition}.json"
-        return cls(path, int(context.run_id), partition)
+        run_id = int(context.run_id) if run_id is None else int(run_id)
+        path = Path(str(root)).expanduser() / "dp-ledger" / f"run-{run_id}" / f"partition-{partition}.json"
+        return cls(path, run_id, partition)
+
+    @classmethod
+    def all_for(cls, context: Context, ledger_run) -> tuple[LedgerFile, ...]:
+        """This run's ledger file, and that of the run it continues (``ledger-run``, if any)."""
+        files = [cls.for_context(context)]
+        try:
+            other = int(ledger_run) if ledger_run not in (None, "") else None
+        except (TypeError, ValueError):
+            other = None  # not a run id: nothing to continue
+        if other is not None and other != files[0].run_id:
+            files.append(cls.for_context(context, other))
+        return tuple(files)
 
     def read(self) -> Ledger | None:
         """The ledger on disk; None when there is none yet."""
@@ -101,14 +120,16 @@ class RoundPrivacy:
     delta: float
     budget: float  # epsilon the node may spend over the run; inf = no limit
     ledger: Ledger  # spent before this round
+    files: tuple[LedgerFile, ...] = ()  # where the ledger is kept on disk (LedgerFile.all_for)
 
     @classmethod
-    def for_round(cls, cfg: StamenConfig, context: Context, num_examples: int) -> RoundPrivacy | None:
-        """This round's plan under ``dp.mode = "local"``; None without it."""
-        return cls.plan(cfg, context, num_examples) if cfg.dp.local else None
+    def for_round(cls, cfg: StamenConfig, context: Context, num_examples: int, ledger_run=None) -> RoundPrivacy | None:
+        """This round's plan under ``dp.mode = "local"``; None without it. ``ledger_run``:
+        the instruction's ``ledger-run``."""
+        return cls.plan(cfg, context, num_examples, ledger_run) if cfg.dp.local else None
 
     @classmethod
-    def plan(cls, cfg: StamenConfig, context: Context, num_examples: int) -> RoundPrivacy:
+    def plan(cls, cfg: StamenConfig, context: Context, num_examples: int, ledger_run=None) -> RoundPrivacy:
         """The noise is ``dp.noise-multiplier``, or, with only a target ``dp.epsilon``, the
         noise that spends exactly that over ``strategy.num-rounds`` rounds of
         ``train.local-steps`` steps (a node sampled in fewer rounds spends less)."""
@@ -121,11 +142,12 @@ class RoundPrivacy:
             )
         held = context.state.array_records.get(keys.STATE_DP_LEDGER)
         in_state = Ledger.from_array(from_record(held)["history"]) if held is not None else Ledger()
-        ledger_file = LedgerFile.for_context(context)
-        on_disk = ledger_file.read() or Ledger()
-        ledger = max(in_state, on_disk, key=lambda led: led.steps)  # the longer: a restart emptied the state
-        if on_disk.steps > in_state.steps:
-            log.info("privacy ledger: %d DP-SGD steps spent in this run before a restart (from %s)", on_disk.steps, ledger_file.path)
+        files = LedgerFile.all_for(context, ledger_run)
+        on_disk = [(f, f.read() or Ledger()) for f in files]
+        ledger = max([in_state] + [led for _, led in on_disk], key=lambda led: led.steps)  # the longest: a restart emptied the state
+        for f, led in on_disk:
+            if led.steps > in_state.steps and led is ledger:
+                log.info("privacy ledger: %d DP-SGD steps spent before a restart or resume (from %s)", led.steps, f.path)
         return cls(
             noise_multiplier=noise,
             max_grad_norm=dp.max_grad_norm,
@@ -134,6 +156,7 @@ class RoundPrivacy:
             delta=dp.delta,
             budget=dp.epsilon if dp.epsilon > 0 else math.inf,
             ledger=ledger,
+            files=files,
         )
 
     def epsilon_after(self) -> float:
@@ -156,7 +179,8 @@ class RoundPrivacy:
 
     def save(self, context: Context, ledger: Ledger) -> None:
         context.state[keys.STATE_DP_LEDGER] = to_record({"history": ledger.to_array()})
-        LedgerFile.for_context(context).write(ledger)  # before the reply leaves
+        for f in self.files or (LedgerFile.for_context(context),):
+            f.write(ledger)  # before the reply leaves
 
     def spend(self, context: Context, ledger: Ledger) -> dict[str, float]:
         """After training: keep ``ledger`` (this round included) in the node state and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from logging import ERROR, INFO, WARNING
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -115,6 +115,8 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
         to_record(initial),
         num_rounds=cfg.strategy.num_rounds - done,
         timeout=cfg.strategy.round_timeout,
+        # local DP: every node continues its privacy ledger of the run directory's first run
+        train_config=ConfigRecord({keys.LEDGER_RUN: run.path.name}),
         evaluate_fn=strategy.evaluation(after_round),
     )
     final = from_record(result.arrays) if len(result.arrays) else initial

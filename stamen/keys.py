@@ -62,6 +62,7 @@ DP_NOISE = "dp-noise-multiplier"  # reply metric: this round's DP-SGD noise mult
 DP_SAMPLE_RATE = "dp-sample-rate"  # reply metric: this round's Poisson sampling rate
 DP_STEPS = "dp-steps"  # reply metric: DP-SGD steps since the start of the run
 DP_STOPPED = "dp-stopped"  # reply metric, 1: the budget is spent; the reply carries no update
+LEDGER_RUN = "ledger-run"  # instruction: the run whose privacy ledgers a node continues (a resumed run's first run id)
 DP_STATUS = "stamen.dp"  # reply ConfigRecord with "reason" when the node stopped training
 
 # node-config keys (set with `flower-supernode --node-config`)

@@ -479,6 +479,29 @@ def test_a_restarted_node_continues_at_the_ledger_on_its_disk(flwr_home):
     assert LedgerFile.for_context(elsewhere).path == flwr_home / "disk" / "dp-ledger" / "run-5" / "partition-3.json"
 
 
+def test_a_resumed_run_continues_the_ledger_of_the_run_it_resumes(flwr_home):
+    """A resumed run is a new Flower run (run id 6) whose instructions name the run it
+    continues (ledger-run 5): the node starts at what it spent in run 5, and writes the
+    new total where the next resume of run 5 reads it. A ledger-run cannot hide what the
+    node spent in its own run."""
+    from client_app.privacy import LedgerFile, RoundPrivacy
+
+    cfg = dp_config(noise_multiplier=1.0)
+    node = {"partition-id": 3}
+    spend_a_round(cfg, Context(run_id=5, node_id=7, node_config=node, state=RecordDict(), run_config={}))
+    resumed = Context(run_id=6, node_id=42, node_config=node, state=RecordDict(), run_config={})
+    assert RoundPrivacy.plan(cfg, resumed, 200).ledger.steps == 0  # without the name: a fresh ledger
+    plan = RoundPrivacy.plan(cfg, resumed, 200, ledger_run="5")
+    assert plan.ledger.steps == 10
+    plan.save(resumed, plan.ledger.after(plan.noise_multiplier, plan.rate, plan.steps))
+    again = Context(run_id=7, node_id=43, node_config=node, state=RecordDict(), run_config={})
+    assert RoundPrivacy.plan(cfg, again, 200, ledger_run=5).ledger.steps == 20  # the next resume
+    assert LedgerFile.for_context(resumed).read().steps == 20  # and its own run's file
+    # a name that is not a run, or a run where nothing was spent, adds nothing and hides nothing
+    assert RoundPrivacy.plan(cfg, resumed, 200, ledger_run="x").ledger.steps == 20
+    assert RoundPrivacy.plan(cfg, resumed, 200, ledger_run=999).ledger.steps == 20
+
+
 def test_the_longer_ledger_wins_whichever_place_holds_it(flwr_home):
     """The state may be ahead of the disk (a file lost with a wiped disk) or behind it (a
     restart): the plan starts from the one with more steps."""

@@ -54,7 +54,7 @@ class EarlyExitMethod:
             model.to(pick_device(str(context.node_config.get(keys.NODE_DEVICE, "auto"))))
             held = context.state.config_records.get(keys.STATE_EXIT_LOSS_EMA)
             ema = [float(x) for x in held["ema"]] if held is not None else []
-        privacy = RoundPrivacy.for_round(cfg, context, len(data))
+        privacy = RoundPrivacy.for_round(cfg, context, len(data), instr.get(keys.LEDGER_RUN))
         if privacy is not None and privacy.exhausted():  # DP-SGD: the budget is checked before anything trains
             return privacy.stop_reply(msg, server_round)
         with phase("loop"):

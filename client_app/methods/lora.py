@@ -107,7 +107,7 @@ class LoRAMethod:
             from ml.model import head_state
 
             task, data, model, targets = prepare(msg, context, cfg)
-        privacy = RoundPrivacy.for_round(cfg, context, len(data))
+        privacy = RoundPrivacy.for_round(cfg, context, len(data), instr.get(keys.LEDGER_RUN))
         if privacy is not None and privacy.exhausted():  # DP-SGD: the budget is checked before anything trains
             return privacy.stop_reply(msg, server_round)
         options = {
