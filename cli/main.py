@@ -79,6 +79,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     nodes = heterogeneous_nodes(
         args.nodes, _ints(args.ranks), _names(args.device_classes), args.threads, _names(args.networks), kinds
     )
+    nodes = [dataclasses.replace(n, extra={**n.extra, "state-dir": str(node_state_dir(output, n.partition_id))}) for n in nodes]
     supernode = "/".join(SUPERNODES[k] for k in dict.fromkeys(kinds))
     runtime, grid_poll = _runtime_options(args)
     overrides = merge_overrides(
@@ -117,6 +118,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _run(deployment, overrides, output, workdir, args.timeout)[0]
 
 
+def node_state_dir(output: Path, partition_id: int) -> Path:
+    """What a loopback node keeps on its "disk" (its DP ledger), by partition, under the
+    output directory: the same after a resume, as a device's disk would be."""
+    return output / "_state" / f"partition-{partition_id}"
+
+
 def resume_plan(run_dir: Path, threads: int | None) -> tuple[list, dict]:
     """The SuperNodes and run config that continue ``run_dir`` on loopback: one node per
     profiled node of the run (its partition, device class, rank, network), and the run's
@@ -143,6 +150,7 @@ def resume_plan(run_dir: Path, threads: int | None) -> tuple[list, dict]:
         if "partition-id" not in profile:
             continue  # a node whose profile query failed: it was left out of the run
         extra = {k: profile[k] for k in ("network", "max-exit") if k in profile}
+        extra["state-dir"] = str(node_state_dir(run_dir.parent, int(profile["partition-id"])))
         nodes.append(NodeSpec(int(profile["partition-id"]), int(profile.get("num-partitions", len(profiles))),
                               device_class=profile.get("device-class"), lora_rank=profile.get("lora-rank"),
                               num_threads=threads, extra=extra))

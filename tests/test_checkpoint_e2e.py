@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import pytest
 
-from cli.main import main
+from cli.main import main, node_state_dir
 from deploy.local import LocalDeployment, NodeSpec
 from ml.tasks import build_task
 from server_app.evaluation import evaluated_split
@@ -47,8 +47,8 @@ def _local(out: Path, run_config: str) -> Path:
 def _killed_after(out: Path, run_config: str, after_round: int) -> Path:
     """The same 2 nodes as _local, the ServerApp SIGKILLed once round ``after_round``'s
     checkpoint is on disk; the deployment is then torn down like a crashed machine's."""
-    nodes = [NodeSpec(0, 2, device_class="raspberry-pi", lora_rank=4, num_threads=1),
-             NodeSpec(1, 2, device_class="jetson", lora_rank=8, num_threads=1)]
+    nodes = [NodeSpec(i, 2, device_class=c, lora_rank=r, num_threads=1, extra={"state-dir": str(node_state_dir(out, i))})
+             for i, (c, r) in enumerate((("raspberry-pi", 4), ("jetson", 8)))]  # their "disks" outlive the crash, as stamen local's
     killed = []
     with LocalDeployment(nodes, workdir=out / "_deploy" / "killed") as dep:
         superlink = next(p for name, p, _ in dep.procs if name == "superlink")
@@ -84,13 +84,16 @@ def uninterrupted(tmp_path_factory, flower_programs):
     return _local(tmp_path_factory.mktemp("whole"), CONFIG)
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory, flower_programs):
-    out = tmp_path_factory.mktemp("crashed")
-    run_dir = _killed_after(out, CONFIG, after_round=2)
+def _crash_and_resume(out: Path, run_config: str, after_round: int) -> tuple[Path, list[str]]:
+    run_dir = _killed_after(out, run_config, after_round=after_round)
     crashed_rounds = [r["round"] for r in _rows(run_dir / "metrics.csv")]
     assert main(["resume", str(run_dir), "--timeout", "600"]) == 0, f"stamen resume failed; logs under {out}/_deploy"
     return run_dir, crashed_rounds
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, flower_programs):
+    return _crash_and_resume(tmp_path_factory.mktemp("crashed"), CONFIG, after_round=2)
 
 
 def test_the_crash_left_rounds_behind(resumed):
@@ -167,3 +170,47 @@ def test_adapter_of_flexlora_opens_with_peft_and_reproduces_the_accuracy(tmp_pat
     # the same through `stamen export`
     assert main(["export", str(run_dir), "--round", "2", "--format", "adapter", "--out", str(out / "exported")]) == 0
     assert _as_hf_user("adapter", out / "exported" / "adapter", heldout, batch, out)["accuracy"] == last
+
+
+SHORT = CONFIG.replace("num-rounds=4", "num-rounds=3")
+
+
+def test_fedspine_resumes_its_bandits(tmp_path_factory, flower_programs):
+    """FedSpine killed after round 1 of 3 ends where the uninterrupted run does: the same
+    arms every round and the same model. Its rewards here are the loss improvement alone
+    (time-weight 0): measured round times differ from run to run, and with them the arms."""
+    config = SHORT + ' strategy.name="fedspine" fedspine.time-weight=0.0 fedspine.ratios="0 0.25" fedspine.ranks="2 4"'
+    whole = _local(tmp_path_factory.mktemp("fedspine-whole"), config)
+    run_dir, crashed = _crash_and_resume(tmp_path_factory.mktemp("fedspine-crashed"), config, after_round=1)
+    assert "3" not in crashed
+
+    def arms(d):
+        part = {int(p["partition-id"]): n for n, p in json.loads((d / "profiles.json").read_text()).items()}
+        node_part = {n: k for k, n in part.items()}
+        return sorted((r["round"], node_part[r["node_id"]], r["ratio"], r["rank"]) for r in _rows(d / "arms.csv"))
+
+    assert arms(whole) == arms(run_dir) and len(arms(whole)) == 6  # 2 nodes x 3 rounds, the same choices
+    a, b = np.load(whole / "global_model.npz"), np.load(run_dir / "global_model.npz")
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files) < 5e-5
+
+
+def test_local_dp_epsilon_continues_after_a_resume(tmp_path_factory, flower_programs):
+    """DP-SGD on every node, killed after round 1 of 3: the resumed run's nodes continue
+    their privacy ledgers (on their disks, named by the run's first id), so their steps and
+    epsilon go on from round 1's instead of restarting, and no node is refused."""
+    from opacus.accountants import RDPAccountant
+
+    run_dir, _ = _crash_and_resume(tmp_path_factory.mktemp("dp-crashed"), SHORT + ' dp.mode="local" dp.noise-multiplier=1.0', 1)
+    rows = _rows(run_dir / "privacy.csv")
+    assert {r["status"] for r in rows} == {"trained"}
+    by_node: dict[str, list[dict]] = {}
+    for r in rows:
+        by_node.setdefault(r["node_id"], []).append(r)
+    assert len(by_node) == 2  # the nodes' rows of round 1 carry their new ids
+    for node_rows in by_node.values():
+        assert [r["round"] for r in node_rows] == ["1", "2", "3"]
+        assert [int(r["steps"]) for r in node_rows] == [2, 4, 6]  # 2 local steps a round, not restarted at round 2
+        last = node_rows[-1]
+        accountant = RDPAccountant()
+        accountant.history = [(1.0, float(last["sample_rate"]), 6)]
+        assert float(last["epsilon"]) == pytest.approx(accountant.get_epsilon(float(last["delta"])), rel=1e-6)
