@@ -43,7 +43,7 @@ run: install
 	$(VENV)/bin/stamen local $(RUN_ARGS)
 
 test: install lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 # ruff (pyproject [tool.ruff]) and the import contracts (pyproject [tool.importlinter]:
 # the floors, no device -> server imports, no circles)

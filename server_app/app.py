@@ -131,12 +131,19 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
 def write_exports(family: Family, run: RunDirectory, final: dict, checkpoints: RunCheckpoints, label_names) -> None:
     """final/ and best/: the last round's model and the best round's, as Hugging Face
     directories (ml/export.py). The best round's arrays come from its checkpoint, which
-    pruning keeps; round 0 (no training helped) has none, and best/ is not written."""
+    pruning keeps; round 0 (no training helped) has none, and best/ is not written. When
+    the last round is the best, best/ is a link to final/."""
     adapter = flat_adapter(checkpoints.adapter())
     for path in family.export(final, adapter, run.path / "final", label_names=label_names):
         log(INFO, "final model: %s", path)
     best = checkpoints.evaluation.best_round
-    if best:
+    target = run.path / "best"
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    if best and best == max(checkpoint.rounds(run.path), default=None):  # the last round is the best: one copy
+        target.symlink_to("final", target_is_directory=True)
+        log(INFO, "best model (round %d): %s -> final", best, target)
+    elif best:
         saved = checkpoint.latest(run.path, best)
         for path in family.export(saved.global_arrays, saved.adapter, run.path / "best", label_names=label_names):
             log(INFO, "best model (round %d): %s", best, path)
