@@ -111,7 +111,8 @@ def export_adapter(
     else:
         base_path, task_type, extra = task.model_path, "CAUSAL_LM", {}
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, lora_dropout=0.0, bias="none",
-                        task_type=task_type, base_model_name_or_path=base_path, **extra)  # alpha = r: scaling 1, it is in B
+                        task_type=task_type, **extra)  # alpha = r: scaling 1, it is in B
+    base.name_or_path = base_path  # what peft writes as the adapter's base_model_name_or_path
     peft_model = get_peft_model(base, config)
     inner = peft_model.base_model.model
     with torch.no_grad():
@@ -124,10 +125,6 @@ def export_adapter(
             saved.load_state_dict({k.removeprefix("head."): torch.from_numpy(np.asarray(v)) for k, v in head.items()})
     tmp = _fresh(out / "adapter")
     peft_model.save_pretrained(tmp)
-    config_path = tmp / "adapter_config.json"
-    written = json.loads(config_path.read_text())
-    written["base_model_name_or_path"] = base_path
-    config_path.write_text(json.dumps(written, indent=2))
     _save_tokenizer(task, tmp)
     return _publish(tmp, out / "adapter")
 

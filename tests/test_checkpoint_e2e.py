@@ -1,11 +1,15 @@
 """A run survives a crash, on real processes on 127.0.0.1 (docs/checkpoints.md).
 
-FLoRA, 4 rounds, 2 nodes: once uninterrupted (`stamen local`), once with its ServerApp
-killed (SIGKILL) after round 2's checkpoint and continued with `stamen resume`, which starts
-a new SuperLink without --database: the nodes come back under new ids and are matched by
-partition id. Both runs use the same seeds; the resumed one must end at the same model.
-Then the exported models are loaded as a Hugging Face user would, in a fresh process with
-transformers and peft only, and reproduce metrics.csv's accuracy exactly.
+Two loopback SuperNodes (`pair`) serve the uninterrupted runs. A crash is a SIGKILL of
+the ServerApp once a round's checkpoint is on disk, on a deployment of its own, which is
+then torn down; `stamen resume` continues the run on a new SuperLink without --database
+(the nodes come back under new ids and are matched by partition id), through the
+run-config key `flwr run` takes.
+
+FLoRA, 4 rounds, killed after round 2, resumed with `stamen resume`, ends at the model of
+the uninterrupted run under the same seeds. The exported models are loaded as a Hugging
+Face user would, in a fresh process with transformers and peft only, and reproduce
+metrics.csv's accuracy exactly. FedSpine's bandits and local DP's ledgers continue.
 """
 
 import csv
@@ -34,21 +38,44 @@ CONFIG = (
     "strategy.num-rounds=4 train.local-steps=2 train.batch-size=4 model.max-seq-len=32 "
     "eval.max-examples=32 data.test-fraction=0.1"
 )
+SHORT = CONFIG.replace("num-rounds=4", "num-rounds=3")
 
 
-def _local(out: Path, run_config: str) -> Path:
-    code = main(["local", "--nodes", "2", "--ranks", "4,8", "--device-classes", "raspberry-pi,jetson",
-                 "--output", str(out), "--run-config", run_config, "--timeout", "600"])
-    assert code == 0, f"stamen local failed; logs under {out}/_deploy"
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, flower_programs):
+    """A SuperLink and 2 stamen-supernodes, as `stamen local --nodes 2 --ranks 4,8
+    --device-classes raspberry-pi,jetson` starts them, shared by the runs of this file."""
+    home = tmp_path_factory.mktemp("pair")
+    nodes = [NodeSpec(i, 2, device_class=c, lora_rank=r, num_threads=1, extra={"state-dir": str(node_state_dir(home, i))})
+             for i, (c, r) in enumerate((("raspberry-pi", 4), ("jetson", 8)))]
+    with LocalDeployment(nodes, workdir=home / "_deploy") as dep:
+        yield dep
+
+
+def _run_dir(out: Path) -> Path:
     (run_dir,) = [p for p in out.iterdir() if not p.name.startswith("_")]  # _deploy, _state
     return run_dir
 
 
+def _run(dep, out: Path, run_config: list[str]) -> None:
+    dep.run([*run_config, f'output.dir="{out}" strategy.min-nodes=2'], echo=lambda line: None, timeout=600)
+
+
+def _whole(dep, out: Path, run_config: str) -> Path:
+    _run(dep, out, [run_config])
+    return _run_dir(out)
+
+
 def _killed_after(out: Path, run_config: str, after_round: int) -> Path:
-    """The same 2 nodes as _local, the ServerApp SIGKILLed once round ``after_round``'s
-    checkpoint is on disk; the deployment is then torn down like a crashed machine's."""
+    """A run on 2 nodes of its own, as `pair`'s, whose ServerApp is SIGKILLed once round
+    ``after_round``'s checkpoint is on disk; the deployment is then torn down like a
+    crashed machine's (the nodes' state dirs stay, as a device's disk would).
+
+    Not on `pair`: a warm node that already holds an instruction of the killed run waits
+    for that message's objects, which the SuperNode no longer fetches once the run is not
+    running, for up to Flower's pull limit (docs/checkpoints.md)."""
     nodes = [NodeSpec(i, 2, device_class=c, lora_rank=r, num_threads=1, extra={"state-dir": str(node_state_dir(out, i))})
-             for i, (c, r) in enumerate((("raspberry-pi", 4), ("jetson", 8)))]  # their "disks" outlive the crash, as stamen local's
+             for i, (c, r) in enumerate((("raspberry-pi", 4), ("jetson", 8)))]
     killed = []
     with LocalDeployment(nodes, workdir=out / "_deploy" / "killed") as dep:
         superlink = next(p for name, p, _ in dep.procs if name == "superlink")
@@ -61,18 +88,30 @@ def _killed_after(out: Path, run_config: str, after_round: int) -> Path:
                         if any("flwr-serverapp" in part for part in child.cmdline()):
                             child.kill()
                             killed.append(child.pid)
+                    if killed:  # the machine goes down with it: no waiting for Flower to notice
+                        for name, proc, _ in list(dep.procs):
+                            if name == "flwr-run":
+                                proc.kill()
                 time.sleep(0.05)
 
         watcher = threading.Thread(target=kill_when_saved, daemon=True)
         watcher.start()
         try:
-            dep.run([f'{run_config} output.dir="{out}" strategy.min-nodes=2'], echo=lambda line: None, timeout=600)
+            _run(dep, out, [run_config])
         except RuntimeError:
             pass  # flwr run reports the failed run
         watcher.join(timeout=5)
     assert killed, "the ServerApp was not found to kill"
-    (run_dir,) = [p for p in out.iterdir() if not p.name.startswith("_")]  # _deploy, _state
-    return run_dir
+    return _run_dir(out)
+
+
+def _crash_and_resume(out: Path, run_config: str, after_round: int) -> tuple[Path, list[str]]:
+    """Killed, then continued by `stamen resume` on new processes: a new SuperLink without
+    --database, so the nodes register under new ids and are matched by partition id."""
+    run_dir = _killed_after(out, run_config, after_round)
+    crashed_rounds = [r["round"] for r in _rows(run_dir / "metrics.csv")]
+    assert main(["resume", str(run_dir), "--timeout", "600"]) == 0, f"stamen resume failed; logs under {out}/_deploy"
+    return run_dir, crashed_rounds
 
 
 def _rows(path: Path) -> list[dict]:
@@ -80,19 +119,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, flower_programs):
-    return _local(tmp_path_factory.mktemp("whole"), CONFIG)
-
-
-def _crash_and_resume(out: Path, run_config: str, after_round: int) -> tuple[Path, list[str]]:
-    run_dir = _killed_after(out, run_config, after_round=after_round)
-    crashed_rounds = [r["round"] for r in _rows(run_dir / "metrics.csv")]
-    assert main(["resume", str(run_dir), "--timeout", "600"]) == 0, f"stamen resume failed; logs under {out}/_deploy"
-    return run_dir, crashed_rounds
+def uninterrupted(pair, tmp_path_factory):
+    return _whole(pair, tmp_path_factory.mktemp("whole"), CONFIG)
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, flower_programs):
+    """Killed after round 2 of 4, then `stamen resume`."""
     return _crash_and_resume(tmp_path_factory.mktemp("crashed"), CONFIG, after_round=2)
 
 
@@ -166,15 +199,13 @@ def test_final_model_opens_with_transformers_and_reproduces_the_accuracy(resumed
         assert (run_dir / "best" / "model" / "config.json").is_file() and not (run_dir / "best").is_symlink()
 
 
-SHORT = CONFIG.replace("num-rounds=4", "num-rounds=3")
 
-
-def test_fedspine_resumes_its_bandits(tmp_path_factory, flower_programs):
-    """FedSpine killed after round 1 of 3 ends where the uninterrupted run does: the same
-    arms every round and the same model. Its rewards here are the loss improvement alone
-    (time-weight 0): measured round times differ from run to run, and with them the arms."""
+def test_fedspine_resumes_its_bandits(pair, tmp_path_factory):
+    """FedSpine killed after round 1 of 3 and resumed ends where the uninterrupted run does: the same arms every round and the same model. Its rewards here
+    are the loss improvement alone (time-weight 0): measured round times differ from run
+    to run, and with them the arms."""
     config = SHORT + ' strategy.name="fedspine" fedspine.time-weight=0.0 fedspine.ratios="0 0.25" fedspine.ranks="2 4"'
-    whole = _local(tmp_path_factory.mktemp("fedspine-whole"), config)
+    whole = _whole(pair, tmp_path_factory.mktemp("fedspine-whole"), config)
     run_dir, crashed = _crash_and_resume(tmp_path_factory.mktemp("fedspine-crashed"), config, after_round=1)
     assert "3" not in crashed
 
@@ -189,10 +220,10 @@ def test_fedspine_resumes_its_bandits(tmp_path_factory, flower_programs):
 
 
 def test_local_dp_epsilon_continues_and_the_flexlora_adapter_opens_with_peft(tmp_path_factory, flower_programs):
-    """FlexLoRA with DP-SGD on every node, killed after round 1 of 3 and resumed: the
-    nodes continue their privacy ledgers (on their disks, named by the run's first id), so
-    their steps and epsilon go on from round 1's instead of restarting, and no node is
-    refused. Then its adapter, as the run wrote it and through `stamen export`, opens with
+    """FlexLoRA with DP-SGD on every node, killed after round 1 of 3 and resumed (a new
+    Flower run, so a new run id for the ledgers): the nodes continue
+    their privacy ledgers (on their disks, named by the run's first id), so their steps and
+    epsilon go on from round 1's instead of restarting, and no node is refused. Then its adapter, as the run wrote it and through `stamen export`, opens with
     peft alone and reproduces metrics.csv's accuracy."""
     from opacus.accountants import RDPAccountant
 
