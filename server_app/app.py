@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Context
@@ -60,7 +61,10 @@ def open_run(cfg: StamenConfig, context: Context, family: Family) -> tuple[RunDi
         log(ERROR, "cannot resume: %s", err)
         raise
     if saved.server_round >= cfg.strategy.num_rounds:
-        raise ConfigError(f"checkpoint.resume-from: {run.path} finished its {saved.server_round} rounds; raise strategy.num-rounds to train on")
+        raise ConfigError(
+            f"checkpoint.resume-from: {run.path} finished its {saved.server_round} rounds; raise strategy.num-rounds to train on, "
+            f"or write its model with `stamen export {run.path}`"
+        )
     run.cut_tables(saved.server_round)
     run.note_resume(context.run_id, saved.server_round)
     log(INFO, "resuming run %s after round %d of %d (%s)", run.path.name, saved.server_round, cfg.strategy.num_rounds, saved.path)
@@ -140,6 +144,8 @@ def write_exports(family: Family, run: RunDirectory, final: dict, checkpoints: R
     target = run.path / "best"
     if target.is_symlink() or target.is_file():
         target.unlink()
+    elif target.is_dir():  # a run resumed to train on: its earlier best/
+        shutil.rmtree(target)
     if best and best == max(checkpoint.rounds(run.path), default=None):  # the last round is the best: one copy
         target.symlink_to("final", target_is_directory=True)
         log(INFO, "best model (round %d): %s -> final", best, target)
