@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from stamen import keys
+from stamen.node_ids import renamed_row
 
 from .aggregation import RoundTiming, TimedStrategy, ingest_replies
 from .auth import TelemetryAuth
@@ -80,13 +81,8 @@ class MeasurementSession:
     def load_state_dict(self, state, node) -> None:
         """The rows of the run being resumed, with its nodes' ids in this run
         (``node(old) -> new | None``; a node that did not come back keeps its old id)."""
-
-        def renamed(row: dict) -> dict:
-            new = node(row.get("node_id")) if isinstance(row.get("node_id"), int) else None
-            return {**row, "node_id": new} if new is not None else dict(row)
-
-        self.prior_clients = [renamed(r) for r in state["clients"]]
-        self.prior_resources = [renamed(r) for r in state["resources"]]
+        self.prior_clients = [renamed_row(r, node) for r in state["clients"]]
+        self.prior_resources = [renamed_row(r, node) for r in state["resources"]]
 
     def take_replies(self, replies) -> None:
         """Events that arrived in replies the strategy never saw (e.g. profile queries)."""

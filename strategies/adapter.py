@@ -60,8 +60,21 @@ class AdapterStrategy(LoRAStrategy):
         raise NotImplementedError
 
     def delta(self) -> dict[str, np.ndarray]:
-        """What the global adapter adds to each base matrix ({} before the first round)."""
+        """What the global adapter adds to each base matrix ({} before the first round);
+        by default ``s B A`` of the factors in :attr:`adapter`."""
+        s = self.adapter_scaling()
+        return {m: s * (b @ a) for m, (a, b) in (self.adapter or {}).items()}
+
+    # FedIT and HetLoRA keep the global adapter as factors, with one scaling
+    adapter: Factors | None = None
+
+    def adapter_scaling(self) -> float:
+        """s of the global adapter's product ``s B A``, where the strategy keeps :attr:`adapter`."""
         raise NotImplementedError
+
+    def global_adapter(self) -> Factors | None:
+        s = self.adapter_scaling()
+        return {m: (a, s * b) for m, (a, b) in self.adapter.items()} if self.adapter else None
 
     # --- LoRAStrategy hooks ------------------------------------------------------------
     def module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -86,12 +99,12 @@ class AdapterStrategy(LoRAStrategy):
         self._synced.discard(node_id)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "base": self.base}
+        return {**super().state_dict(), "base": self.base, "adapter": self.adapter}
 
     def load_state_dict(self, state, node) -> None:
-        """W0 comes back; no node holds it in a new run (its first downlink is dense)."""
+        """W0 and the adapter come back; no node holds W0 in a new run (its first downlink is dense)."""
         super().load_state_dict(state, node)
-        self.base, self._synced = state["base"], set()
+        self.base, self.adapter, self._synced = state["base"], state["adapter"], set()
 
     def zero_update(self, node_id: int) -> tuple[ClientLoRA, dict[str, np.ndarray]]:
         """A node that changes nothing sends back the adapter it started from."""

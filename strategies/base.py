@@ -20,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from stamen import keys
+from stamen.node_ids import by_node, renamed_row
 
 from .bounds import Bounds, bounded_weights, lora_change, norm_bound, norm_of, scale_to_bound
 from .lora_records import ClientLoRA, InvalidUpdate, from_record, init_factors, parse_reply, split_global, to_record
@@ -39,18 +40,6 @@ class RoundRecord:
     sync_modes: dict[int, str] = field(default_factory=dict)
     train_loss: float = float("nan")
     global_rank: int = 0
-
-
-def by_node(mapping: Mapping[int, object], node) -> dict[int, object]:
-    """``mapping`` keyed by each node's id in this run; nodes that are gone are left out."""
-    return {node(old): value for old, value in mapping.items() if node(old) is not None}
-
-
-def renamed_row(row: Mapping, node) -> dict:
-    """A log row (privacy.csv, arms.csv) with its ``node_id`` this run's, where the node is here."""
-    old = row.get("node_id")
-    new = node(old) if isinstance(old, int) else None
-    return {**row, "node_id": new} if new is not None else dict(row)
 
 
 class SampledStrategy(FedAvg):

@@ -21,8 +21,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from stamen import keys
+from stamen.node_ids import by_node
 
-from .base import SampledStrategy, by_node
+from .base import SampledStrategy
 from .bounds import Bounds
 from .lora_records import InvalidUpdate, from_record, to_record
 

@@ -48,11 +48,6 @@ def average_factors(updates: Sequence[ClientLoRA]) -> dict[str, tuple[np.ndarray
     return out
 
 
-def product(factors: Factors, scaling: float) -> dict[str, np.ndarray]:
-    """The weight delta an adapter stands for: s B A per module."""
-    return {m: scaling * (b @ a) for m, (a, b) in factors.items()}
-
-
 class FedIT(AdapterStrategy):
     """FedAvg of A and of B; every node continues from the averaged adapter."""
 
@@ -65,7 +60,6 @@ class FedIT(AdapterStrategy):
                 "(set lora.rank and drop lora-rank/rank-by-class overrides, or use flora, hetlora or flexlora)"
             )
         self.rank = ranks[0]
-        self.adapter: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def initial_factors(self, node_id: int) -> Factors | None:
         if self.adapter is None:  # one shared start, so that round 1's averages mean something
@@ -75,19 +69,8 @@ class FedIT(AdapterStrategy):
     def combine(self, updates: list[ClientLoRA]) -> None:
         self.adapter = average_factors(updates)
 
-    def delta(self) -> dict[str, np.ndarray]:
-        return product(self.adapter or {}, self.lora_alpha / self.rank)
-
-    def global_adapter(self):
-        s = self.lora_alpha / self.rank
-        return {m: (a, s * b) for m, (a, b) in self.adapter.items()} if self.adapter else None
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "adapter": self.adapter}
-
-    def load_state_dict(self, state, node) -> None:
-        super().load_state_dict(state, node)
-        self.adapter = state["adapter"]
+    def adapter_scaling(self) -> float:
+        return self.lora_alpha / self.rank
 
     central_dp_space = "factors"  # the global adapter is the mean of the nodes' factors
 

@@ -27,9 +27,10 @@ import numpy as np
 from flwr.supercore import log
 
 from stamen import keys
+from stamen.node_ids import by_node, renamed_row
 
 from .bandit import Arm, DiscountedUCB, arm_grid, reward
-from .base import LoRAStrategy, by_node, renamed_row
+from .base import LoRAStrategy
 from .lora_records import ClientLoRA, join_global, split_global, weighted_mean
 from .pruned_lora import PrunedUpdate, masked_average
 

@@ -116,7 +116,6 @@ class HetLoRA(AdapterStrategy):
         self.tail_penalty, self.tail_fraction, self.prune_threshold = tail_penalty, tail_fraction, prune_threshold
         self.aggregation = aggregation
         self.r_max = max([self.default_rank, *self.node_ranks.values()])
-        self.adapter: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def from_config(cls, cfg, **common) -> HetLoRA:
@@ -148,17 +147,5 @@ class HetLoRA(AdapterStrategy):
             if u.node_id >= 0 and rank < self.rank_of(u.node_id):
                 self.node_ranks[u.node_id] = rank
 
-    def delta(self) -> dict[str, np.ndarray]:
-        s = self.lora_alpha / self.r_max
-        return {m: s * (b @ a) for m, (a, b) in (self.adapter or {}).items()}
-
-    def global_adapter(self):
-        s = self.lora_alpha / self.r_max
-        return {m: (a, s * b) for m, (a, b) in self.adapter.items()} if self.adapter else None
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "adapter": self.adapter}
-
-    def load_state_dict(self, state, node) -> None:
-        super().load_state_dict(state, node)  # the ranks the nodes pruned to come back with it
-        self.adapter = state["adapter"]
+    def adapter_scaling(self) -> float:
+        return self.lora_alpha / self.r_max
