@@ -21,7 +21,7 @@ from .family import Family, LoRAFamily
 from .grid import PolledGrid
 from .privacy import write_privacy
 from .profiles import leave_out, query_profiles
-from .resume import RoundOffset, RunCheckpoints, check_config, flat_adapter
+from .resume import RoundOffset, RunCheckpoints, check_config
 from .run_dir import RunDirectory
 
 app = ServerApp()
@@ -102,10 +102,8 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     initial = family.initial()
     evaluate = family.evaluation(split.test, run, algorithm)
     label_names = split.test.class_names
-    checkpoints = RunCheckpoints(run, keep=cfg.checkpoint.keep, config=cfg.as_flat_dict())
-    checkpoints.parts.update(strategy=algorithm, measurements=measurements, evaluation=evaluate)
-    checkpoints.nodes = {n: p.get(keys.NODE_PARTITION_ID) for n, p in profiles.items()}
-    checkpoints.evaluation, checkpoints.adapter = evaluate, algorithm.global_adapter
+    checkpoints = RunCheckpoints(run, keep=cfg.checkpoint.keep, config=cfg.as_flat_dict(), strategy=algorithm,
+                                 measurements=measurements, evaluation=evaluate, profiles=profiles)
     if saved is not None:  # continue a killed run (server_app/resume.py)
         checkpoints.restore(saved, profiles)
         initial = saved.global_arrays
@@ -137,10 +135,9 @@ def write_exports(family: Family, run: RunDirectory, final: dict, checkpoints: R
     directories (ml/export.py). The best round's arrays come from its checkpoint, which
     pruning keeps; round 0 (no training helped) has none, and best/ is not written. When
     the last round is the best, best/ is a link to final/."""
-    adapter = flat_adapter(checkpoints.adapter())
-    for path in family.export(final, adapter, run.path / "final", label_names=label_names):
+    for path in family.export(final, checkpoints.adapter(), run.path / "final", label_names=label_names):
         log(INFO, "final model: %s", path)
-    best = checkpoints.evaluation.best_round
+    best = checkpoints.best_round
     target = run.path / "best"
     if target.is_symlink() or target.is_file():
         target.unlink()
@@ -163,7 +160,7 @@ def export_after(evaluate, family: Family, run: RunDirectory, checkpoints: RunCh
     def evaluate_and_export(server_round: int, arrays):
         metrics = evaluate(server_round, arrays)
         if server_round > 0:
-            family.export(from_record(arrays), flat_adapter(checkpoints.adapter()), run.path / "rounds" / str(server_round), label_names=label_names)
+            family.export(from_record(arrays), checkpoints.adapter(), run.path / "rounds" / str(server_round), label_names=label_names)
         return metrics
 
     return evaluate_and_export

@@ -141,17 +141,25 @@ class RoundOffset(Strategy):
 class RunCheckpoints:
     """Saves a checkpoint after every round of one run (see the module docstring).
 
-    ``parts``: name -> an object with ``state_dict()`` and ``load_state_dict(state,
-    node)`` (the strategy, the measurement session, the evaluation); ``nodes``: this run's
-    node -> partition map, as the profiles say."""
+    ``strategy``, ``measurements``, ``evaluation``: each has ``state_dict()`` and
+    ``load_state_dict(state, node)``; ``profiles``: the run's node profiles, as they grow
+    (nodes that join mid-run are added to it), read at each save for the node ->
+    partition map."""
 
-    def __init__(self, run: RunDirectory, *, keep: int, config: Mapping[str, Any]) -> None:
+    def __init__(self, run: RunDirectory, *, keep: int, config: Mapping[str, Any], strategy, measurements, evaluation,
+                 profiles: Mapping[int, Mapping]) -> None:
         self.run, self.keep, self.config = run, keep, dict(config)
-        self.parts: dict[str, Any] = {}
-        self.nodes: dict[int, Any] = {}
-        self.evaluation = None
-        self.adapter: Callable[[], Mapping[str, tuple[np.ndarray, np.ndarray]] | None] = lambda: None
-        self.last_saved_s = 0.0
+        self.parts: dict[str, Any] = {"strategy": strategy, "measurements": measurements, "evaluation": evaluation}
+        self.profiles = profiles
+
+    @property
+    def best_round(self) -> int | None:
+        """The round whose model scored best (server_app/evaluation.py); its checkpoint is kept."""
+        return self.parts["evaluation"].best_round
+
+    def adapter(self) -> dict[str, np.ndarray]:
+        """The strategy's global adapter in checkpoint form ({} where it keeps none)."""
+        return flat_adapter(self.parts["strategy"].global_adapter())
 
     def after(self, evaluate):
         """``evaluate`` (Strategy.start's evaluate_fn) followed by this round's checkpoint."""
@@ -167,13 +175,11 @@ class RunCheckpoints:
     def save(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
         state = {name: part.state_dict() for name, part in self.parts.items()}
-        state.update(rng=rng_state(), nodes=dict(self.nodes), config=self.config)
-        flat = flat_adapter(self.adapter())
-        best = self.evaluation.best_round if self.evaluation is not None else None
-        path = checkpoint.write(self.run.path, server_round, state=state, global_arrays=global_arrays, adapter=flat,
-                                keep=self.keep, also_keep=best)
-        self.last_saved_s = time.perf_counter() - t0
-        log(INFO, "checkpoint: round %d in %s (%.1f MB, %.2f s)", server_round, path.name, checkpoint.size_bytes(path) / 1e6, self.last_saved_s)
+        nodes = {n: p.get(keys.NODE_PARTITION_ID) for n, p in self.profiles.items()}
+        state.update(rng=rng_state(), nodes=nodes, config=self.config)
+        path = checkpoint.write(self.run.path, server_round, state=state, global_arrays=global_arrays, adapter=self.adapter(),
+                                keep=self.keep, also_keep=self.best_round)
+        log(INFO, "checkpoint: round %d in %s (%.1f MB, %.2f s)", server_round, path.name, checkpoint.size_bytes(path) / 1e6, time.perf_counter() - t0)
 
     def restore(self, saved: checkpoint.Checkpoint, profiles: Mapping[int, Mapping]) -> None:
         """Load every part's state from ``saved``, with the nodes matched to this run's."""
