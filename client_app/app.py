@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from measurements.client_mod import measurement_mod
 from ml.cache import cached
 from stamen import keys
-from stamen.config import EARLY_EXIT_STRATEGIES, StamenConfig
+from stamen.config import EARLY_EXIT_STRATEGIES, ConfigError, StamenConfig
 
 from .device import detect_profile
 from .methods import method_for
@@ -27,8 +27,11 @@ def query(msg: Message, context: Context) -> Message:
     if msg.content.config_records.get(keys.CONFIG, {}).get(keys.FLUSH):
         return Message(RecordDict(), reply_to=msg)  # the mod attaches the events this node still holds
     profile = detect_profile(dict(context.node_config))
-    _, data = task_and_partition(context, StamenConfig.from_run_config(context.run_config))
-    profile[keys.NUM_EXAMPLES] = len(data)  # the server caps this node's aggregation weight by it (strategies/bounds.py)
+    try:
+        _, data = task_and_partition(context, StamenConfig.from_run_config(context.run_config))
+        profile[keys.NUM_EXAMPLES] = len(data)  # the server caps this node's aggregation weight by it (strategies/bounds.py)
+    except ConfigError as err:  # a partitioning that cannot be built: the server says so once, before round 1
+        log.warning("no data partition: %s", err)
     return Message(RecordDict({keys.PROFILE: ConfigRecord(profile)}), reply_to=msg)
 
 

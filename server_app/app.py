@@ -20,7 +20,8 @@ from .early_exit import EarlyExitFamily
 from .family import Family, LoRAFamily
 from .grid import PolledGrid
 from .privacy import write_privacy
-from .profiles import leave_out, query_profiles
+from .profiles import check_partitions, leave_out, query_profiles
+from .quorum import Quorum
 from .resume import RoundOffset, RunCheckpoints, check_config
 from .run_dir import RunDirectory
 
@@ -81,6 +82,7 @@ def write_profiles(run: RunDirectory, profiles: dict, failed: dict, algorithm) -
 
 def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory, measurements: MeasurementSession, saved) -> None:
     profiles, failed = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
+    check_partitions(cfg, split, profiles)  # one clear error, not one in every ClientApp
     measurements.profiles = profiles
     algorithm = family.strategy(profiles)  # a node whose config gives no valid rank or depth is left out
     leave_out(algorithm, failed)
@@ -108,7 +110,8 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
         checkpoints.restore(saved, profiles)
         initial = saved.global_arrays
     done = saved.server_round if saved is not None else 0
-    strategy = RoundOffset(timed, offset=done)
+    # a round too few nodes served stops the run (server_app/quorum.py)
+    strategy = RoundOffset(Quorum(timed, min_replies=cfg.strategy.min_replies), offset=done)
     after_round = checkpoints.after(evaluate)
     if cfg.checkpoint.export_every_round:
         after_round = export_after(after_round, family, run, checkpoints, label_names)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from logging import INFO, WARNING
+from collections.abc import Callable, Mapping
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from stamen import keys
-from stamen.config import EarlyExitConfig, LoraConfig
+from stamen.config import ConfigError, EarlyExitConfig, LoraConfig
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -23,6 +23,19 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         log(INFO, "waiting for nodes: %d of %d connected", len(nodes), minimum)
         time.sleep(2.0)
     return nodes
+
+
+def check_partitions(cfg, split, profiles: Mapping[int, Mapping[str, Any]]) -> None:
+    """The data partitions the profiled nodes will train on can be built (ml/data.py):
+    ConfigError naming the fix otherwise. Logs the partitions' sizes."""
+    for count in sorted({int(p[keys.NODE_NUM_PARTITIONS]) for p in profiles.values() if keys.NODE_NUM_PARTITIONS in p}):
+        try:
+            sizes = split.check_partitions(num_partitions=count, alpha=cfg.data.dirichlet_alpha, seed=cfg.data.seed,
+                                           partitioner=cfg.data.partitioner, min_size=cfg.data.min_partition_size)
+        except ConfigError as err:
+            log(ERROR, "data partitions: %s", err)
+            raise
+        log(INFO, "data: %d %s partitions of %d to %d examples", count, cfg.data.partitioner, min(sizes), max(sizes))
 
 
 def query_profiles(

@@ -46,7 +46,7 @@ from .run_dir import RunDirectory
 
 # keys a resumed run may set differently from the run it continues
 MAY_DIFFER = ("strategy.num-rounds", "checkpoint.", "output.", "measure.collector", "strategy.poll-interval",
-              "strategy.query-timeout", "strategy.round-timeout", "strategy.min-nodes")
+              "strategy.query-timeout", "strategy.round-timeout", "strategy.min-nodes", "strategy.min-replies")
 
 
 def check_config(saved: Mapping[str, Any], now: Mapping[str, Any]) -> None:

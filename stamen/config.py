@@ -34,6 +34,7 @@ class StrategyConfig:
     num_rounds: int
     fraction_train: float
     min_nodes: int
+    min_replies: int  # a round with fewer replies without an error fails the run (server_app/quorum.py)
     round_timeout: float
     query_timeout: float
     poll_interval: float  # seconds between the ServerApp's pulls for replies (Flower's: 3)
@@ -164,6 +165,8 @@ class DataConfig:
     dirichlet_alpha: float
     test_fraction: float
     seed: int
+    partitioner: str = "dirichlet"  # dirichlet | iid (flwr-datasets; ml/data.py)
+    min_partition_size: int = 10  # fewest examples a node may get (at most half a fair share)
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,7 @@ class StamenConfig:
                 num_rounds=r.integer("strategy.num-rounds", minimum=1),
                 fraction_train=r.number("strategy.fraction-train", low=0.0, high=1.0, low_open=True),
                 min_nodes=r.integer("strategy.min-nodes", minimum=1),
+                min_replies=r.integer("strategy.min-replies", minimum=1),
                 round_timeout=r.number("strategy.round-timeout", low=0.0, low_open=True),
                 query_timeout=r.number("strategy.query-timeout", low=0.0, low_open=True),
                 poll_interval=r.number("strategy.poll-interval", low=0.001, high=60.0),
@@ -277,6 +281,8 @@ class StamenConfig:
                 dirichlet_alpha=r.number("data.dirichlet-alpha", low=0.0, low_open=True),
                 test_fraction=r.number("data.test-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
                 seed=r.integer("data.seed", minimum=0),
+                partitioner=r.choice("data.partitioner", ("dirichlet", "iid")),
+                min_partition_size=r.integer("data.min-partition-size", minimum=1),
             ),
             eval=EvalConfig(
                 max_examples=r.integer("eval.max-examples", minimum=0),

@@ -9,6 +9,10 @@ ARRAYS = "arrays"  # ArrayRecord: model tensors (down: global state, up: the cli
 CONFIG = "config"  # ConfigRecord: instructions for this node and round
 METRICS = "metrics"  # MetricRecord: numbers the client reports back
 PROFILE = "profile"  # ConfigRecord: the node's device profile (reply to a query)
+# a profile entry: whether the node keeps the global weights between rounds, so that a
+# delta downlink can serve it (client_app/sync.py); False in simulation, where 1,000 copies
+# would not fit in the SuperLink's memory
+KEEPS_GLOBAL = "keeps-global"
 
 # ConfigRecord keys of a train instruction
 SERVER_ROUND = "server-round"

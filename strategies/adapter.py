@@ -89,7 +89,8 @@ class AdapterStrategy(LoRAStrategy):
             arrays, mode = dict(head), keys.SYNC_CURRENT
         else:
             arrays, mode = join_global(self.base, head), keys.SYNC_DENSE
-            self._synced.add(node_id)
+            if node_id not in self.stateless:
+                self._synced.add(node_id)
         start = self.initial_factors(node_id)
         if start is not None:
             arrays.update(init_arrays(start))

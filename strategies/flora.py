@@ -82,7 +82,7 @@ class FLoRA(LoRAStrategy):
         self._node_version: dict[int, int] = {}
 
     def downlink(self, node_id: int, global_arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
-        held = self._node_version.get(node_id, -1)
+        held = -1 if node_id in self.stateless else self._node_version.get(node_id, -1)
         weights, head = split_global(global_arrays)
         if held == self.version:
             arrays, mode = dict(head), keys.SYNC_CURRENT

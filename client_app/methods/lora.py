@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from measurements.client_mod import transport
 from measurements.phases import phase
 from ml.cache import cached
 from stamen import keys
@@ -26,7 +27,7 @@ from stamen.config import StamenConfig
 from stamen.records import factors_to_arrays, from_record, init_factors, split_global, to_record
 
 from ..privacy import RoundPrivacy
-from ..sync import apply_downlink
+from ..sync import apply_downlink, keeps_global
 from ..task import loop_seed, node_task_and_data
 from .registry import register
 
@@ -175,8 +176,9 @@ def prepare(msg: Message, context: Context, cfg: StamenConfig):
         from_version=int(instr[keys.FROM_VERSION]),
         to_version=int(instr[keys.TO_VERSION]),
     )
-    context.state[keys.STATE_GLOBAL] = to_record(weights)
-    context.state[keys.STATE_META] = ConfigRecord({"version": int(instr[keys.TO_VERSION])})
+    if keeps_global(transport()):  # for the next round's delta downlink (client_app/sync.py)
+        context.state[keys.STATE_GLOBAL] = to_record(weights)
+        context.state[keys.STATE_META] = ConfigRecord({"version": int(instr[keys.TO_VERSION])})
     load_adapted_weights(model, weights)
     load_head_state(model, split_global(down)[1])
     seed = cfg.train.seed + 1000 * server_round + partition_id
