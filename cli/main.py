@@ -4,6 +4,7 @@
     stamen simulate run the app on N virtual SuperNodes in Flower's simulation engine (Ray)
     stamen testbed  the emulated testbed: namespaces, shaped links, delay, CPU/memory limits
     stamen report   summary and plots of where each round's time went
+    stamen calibrate fit a latency model from measured runs, for simulate --latency-model (docs/scale.md)
     stamen resume   continue a killed run from its last checkpoint (docs/checkpoints.md)
     stamen export   a run's model as a Hugging Face directory
     stamen device   the device profile this machine reports (class, rank, memory, CUDA)
@@ -16,6 +17,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -40,6 +42,12 @@ def checked_run_config(items: list[str], output_flag: str | None) -> tuple[list[
     """The run-config overrides, validated with Stamen's own parser against the app's
     defaults before any process starts, and the output directory: ``--output``, else the
     run config's ``output.dir``, else ``runs``. Raises RunConfigError naming the problem."""
+    items, output, _ = checked_config(items, output_flag)
+    return items, output
+
+
+def checked_config(items: list[str], output_flag: str | None):
+    """:func:`checked_run_config`, and the resolved StamenConfig."""
     import tomllib
 
     from flwr.common.config import parse_config_args
@@ -61,10 +69,10 @@ def checked_run_config(items: list[str], output_flag: str | None) -> tuple[list[
     defaults = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     output = Path(output_flag or merged.get("output.dir") or "runs").resolve()
     try:
-        StamenConfig.from_run_config({**defaults, **merged, "output.dir": str(output)})
+        cfg = StamenConfig.from_run_config({**defaults, **merged, "output.dir": str(output)})
     except ConfigError as err:
         raise RunConfigError(str(err)) from None
-    return items, output
+    return items, output, cfg
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -109,13 +117,68 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from deploy.local import merge_overrides
     from deploy.simulation import SimulationDeployment
 
-    items, output = checked_run_config(args.run_config, args.output)
+    clock = simulated_clock_overrides(args)
+    items, output, cfg = checked_config([*args.run_config, *clock], args.output)
     workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
-    overrides = merge_overrides([*items, f'output.dir="{output}" strategy.min-nodes={args.nodes}'])
-    print(f"[stamen] starting flower-superlink --simulation with {args.nodes} virtual SuperNodes", flush=True)
+    # every virtual node is there from the start; a round samples strategy.fraction-train of them
+    sampled = min(args.nodes, max(cfg.strategy.min_nodes, math.ceil(args.nodes * cfg.strategy.fraction_train)))
+    overrides = merge_overrides([*items, f'output.dir="{output}" strategy.min-nodes={sampled}'])
+    print(f"[stamen] starting flower-superlink --simulation with {args.nodes} virtual SuperNodes, {sampled} per round", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
     deployment = SimulationDeployment(args.nodes, workdir=workdir, client_cpus=args.client_cpus)
     return _run(deployment, overrides, output, workdir, args.timeout)[0]
+
+
+def simulated_clock_overrides(args: argparse.Namespace) -> list[str]:
+    """--latency-model / --fleet as run-config overrides, checked against each other
+    before anything starts; sets --nodes to the fleet's size when it was not given."""
+    from measurements.clock import Fleet
+    from measurements.latency_model import LatencyModel, LatencyModelError
+
+    if not args.latency_model and not args.fleet:
+        if args.nodes is None:
+            args.nodes = 10
+        return []
+    if not (args.latency_model and args.fleet):
+        raise RunConfigError("--latency-model and --fleet go together: the simulated clock needs a model and a fleet")
+    path = Path(args.latency_model).resolve()
+    try:
+        model = LatencyModel.load(path)
+        fleet = Fleet.parse(args.fleet, default_network=args.network)
+        fleet.check(model)
+    except LatencyModelError as err:
+        raise RunConfigError(str(err)) from None
+    if args.nodes is None:
+        args.nodes = fleet.size
+    elif args.nodes != fleet.size:
+        raise RunConfigError(f"--nodes {args.nodes} but the fleet has {fleet.size}: leave --nodes out, or make them equal")
+    return [f'simulation.latency-model="{path}" simulation.fleet="{args.fleet}" simulation.network="{args.network}"']
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from measurements.latency_model import LatencyModelError, calibrate
+
+    try:
+        model, rows = calibrate([Path(d) for d in args.run_dirs])
+    except LatencyModelError as err:
+        print(f"[stamen] error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    model.save(out)
+    print(f"[stamen] fitted on {len(rows)} client-rounds of {len(args.run_dirs)} runs ({model.workload.get('model.path')}, "
+          f"{model.steps} local steps)")
+    for name, d in sorted(model.devices.items()):
+        print(f"[stamen]   device {name}: start-up {d.startup_s:.2f} s, step {d.step_s:.3f} s + {d.step_per_rank_s:.4f} s/rank "
+              f"{d.step_per_prune_s:+.3f} s x pruning ratio, wait {d.wait_s:.2f} s ({d.rows} rows)")
+    for name in sorted(model.down):
+        down, up = model.down[name], model.up[name]
+        print(f"[stamen]   network {name}: down {down.mbit:.1f} Mbit/s + {down.latency_s * 1e3:.0f} ms ({down.fitted}), "
+              f"up {up.mbit:.1f} Mbit/s + {up.latency_s * 1e3:.0f} ms ({up.fitted})")
+    print(f"[stamen]   server part of a round: {model.server_s:.2f} s")
+    print("[stamen] fit error (median |predicted - measured| / measured): "
+          + ", ".join(f"{k.removesuffix('_s')} {v:.1%}" for k, v in model.error.items()))
+    print(f"[stamen] wrote {out}")
+    return 0
 
 
 def node_state_dir(output: Path, partition_id: int) -> Path:
@@ -425,14 +488,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     local.set_defaults(func=cmd_local)
     sim = sub.add_parser("simulate", help="run on N virtual SuperNodes in Flower's simulation engine (Ray)")
-    sim.add_argument("--nodes", type=int, default=10)
+    sim.add_argument("--nodes", type=int, default=None, help="virtual SuperNodes (default: the fleet's size, else 10)")
     sim.add_argument("--client-cpus", type=int, default=1, help="CPUs Ray reserves per ClientApp")
     sim.add_argument("--output", default=None, help="where run directories go (default: the run config's output.dir, else runs)")
     sim.add_argument(
         "--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)"
     )
     sim.add_argument("--timeout", type=float, default=3600.0)
+    sim.add_argument("--latency-model", default="", help="a `stamen calibrate` file: run on its simulated clock (docs/scale.md)")
+    sim.add_argument("--fleet", default="", help='with it: "raspberry-pi-4=600 jetson-orin-nano@5g=300" (device[@network]=count)')
+    sim.add_argument("--network", default="wifi", help="the network of a --fleet entry without @network")
     sim.set_defaults(func=cmd_simulate)
+    cal = sub.add_parser("calibrate", help="fit a latency model from measured runs (clients.csv), for simulate --latency-model")
+    cal.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories of real or testbed runs of one workload")
+    cal.add_argument("--out", default="latency-model.json", help="the model file to write")
+    cal.set_defaults(func=cmd_calibrate)
     bed = sub.add_parser(
         "testbed",
         help="the emulated testbed (root): namespaces, shaped links, delay, CPU/memory limits per device class",
@@ -478,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--out", default=None, help="where the comparison goes (default: <first run's parent>/comparison)")
     rep.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)
-    if args.command in ("local", "simulate") and args.nodes < 1 or args.command == "testbed" and args.nodes < 0:
+    if args.command in ("local", "simulate") and args.nodes is not None and args.nodes < 1 or args.command == "testbed" and args.nodes < 0:
         parser.error("--nodes must be at least 1")
     try:
         return args.func(args)

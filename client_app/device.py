@@ -67,7 +67,7 @@ def detect_profile(node_config: dict[str, Any]) -> dict[str, Any]:
     profile["transport"] = transport()
     profile[keys.KEEPS_GLOBAL] = keeps_global(profile["transport"])
     for key in (keys.NODE_PARTITION_ID, keys.NODE_NUM_PARTITIONS, keys.NODE_LORA_RANK, keys.NODE_MAX_EXIT,
-                keys.NODE_LINK_DOWN_MBIT, keys.NODE_LINK_UP_MBIT):
+                keys.NODE_LINK_DOWN_MBIT, keys.NODE_LINK_UP_MBIT, keys.NODE_TESTBED_DEVICE):
         if key in node_config:
             profile[key] = node_config[key]
     return profile

@@ -47,6 +47,7 @@ class RoundTiming:
     payload_down_bytes: int = 0  # arrays of all train messages (before framing)
     started_at: float = 0.0  # server wall clock (time.time()) at configure_train
     started_perf: float | None = field(default=None, repr=False)  # monotonic clock, same instant
+    clock: str = "measured"  # "simulated": round_s is the simulated clock's (measurements/clock.py)
 
     @property
     def late(self) -> list[int]:

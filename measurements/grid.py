@@ -34,10 +34,23 @@ class SentMessage:
     received_unix_s: float | None = None
     reply_payload_bytes: int = 0
     error: str = ""
+    lora_rank: int | None = None  # what the instruction asked of the node (clients.csv, the latency model)
+    prune_ratio: float | None = None
 
     @property
     def e2e_s(self) -> float | None:
         return None if self.received_unix_s is None else self.received_unix_s - self.sent_unix_s
+
+
+def asked(msg: Message) -> tuple[int | None, float | None]:
+    """The LoRA rank and pruning ratio a train instruction asks for (None: not a LoRA
+    instruction); a message without a pruning ratio prunes nothing."""
+    if not msg.has_content() or keys.CONFIG not in msg.content.config_records:
+        return None, None
+    config = msg.content.config_records[keys.CONFIG]
+    if keys.LORA_RANK not in config:
+        return None, None
+    return int(config[keys.LORA_RANK]), float(config.get(keys.PRUNE_RATIO, 0.0))
 
 
 def payload_bytes(msg: Message) -> int:
@@ -78,8 +91,10 @@ class TimingGrid:
         with self._lock:
             for msg, mid, size in zip(messages, ids, sizes, strict=False):
                 if mid:
+                    rank, prune = asked(msg)
                     self.sent[mid] = SentMessage(
-                        mid, int(msg.metadata.dst_node_id), str(msg.metadata.message_type), str(msg.metadata.group_id), t, size
+                        mid, int(msg.metadata.dst_node_id), str(msg.metadata.message_type), str(msg.metadata.group_id), t, size,
+                        lora_rank=rank, prune_ratio=prune,
                     )
         return ids
 

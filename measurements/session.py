@@ -45,6 +45,7 @@ class MeasurementSession:
         # clients.csv / resources.csv rows of the rounds before a resume (load_state_dict)
         self.prior_clients: list[dict[str, Any]] = []
         self.prior_resources: list[dict[str, Any]] = []
+        self.clock = None  # a SimulatedClock (measurements/clock.py): its times replace the host's in the tables
         self._collector = (
             TelemetryCollector(collector, self.telemetry, certfile=certfile, keyfile=keyfile) if (enabled and collector) else None
         )
@@ -89,6 +90,10 @@ class MeasurementSession:
         ingest_replies(replies, self.telemetry)
 
     def _on_round(self, timing: RoundTiming) -> None:
+        if self.clock is not None:  # the fleet's round, not this host's: the server's own part stays measured
+            timing.round_s = self.clock.round_s(timing.server_round, server_s=timing.configure_s + timing.aggregation_s,
+                                                cut=bool(timing.late))
+            timing.clock = "simulated"
         self.run_dir.append_round_timing(timing)
         self.write_tables()
 
@@ -104,6 +109,8 @@ class MeasurementSession:
         sent = grid.messages() if grid is not None else []
         events = self.telemetry.events()
         clients = client_rows(sent, events, self.profiles, outcomes=self.outcomes())
+        if self.clock is not None:
+            clients = [self.clock.rewrite(row) for row in clients]
         return self.prior_clients + clients, self.prior_resources + resource_rows(sent, events)
 
     def outcomes(self) -> dict[tuple[int, int], tuple[str, str]]:
@@ -115,6 +122,8 @@ class MeasurementSession:
         """{node: seconds} of one round's training message, as measured so far: downlink +
         train + uplink where the node measured all three (stamen-supernode), else the
         server's send-to-reply time (e2e_s). Nodes without a reply are left out."""
+        if self.clock is not None:
+            return self.clock.times(server_round)
         grid = self.strategy.grid if self.strategy is not None else None
         if grid is None:
             return {}

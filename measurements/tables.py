@@ -58,6 +58,10 @@ CLIENTS_COLUMNS = (
     "clock_rtt_s",
     "transfer_via",  # telemetry | reply | unavailable | missing
     "phases_via",  # telemetry | reply | missing
+    "device",  # the testbed's device profile (deploy/profiles.toml), else the device class
+    "lora_rank",  # what the node was asked to train: its instruction's LoRA rank ...
+    "prune_ratio",  # ... and pruning ratio (FedSpine; 0 otherwise): the latency model's inputs
+    "clock",  # measured | simulated (a latency model's times: docs/scale.md)
 )
 RESOURCES_COLUMNS = (
     "round",
@@ -132,6 +136,10 @@ def client_rows(
             **_status(m, outcomes.get((_round(m.group_id), m.node_id))),
             "e2e_s": m.e2e_s,
             "payload_down_bytes": m.payload_bytes,
+            "device": profile.get("testbed-device") or profile.get("device-class") or "",
+            "lora_rank": m.lora_rank,
+            "prune_ratio": m.prune_ratio,
+            "clock": "measured",
             "link_down_mbit": profile.get("link-down-mbit"),
             "link_up_mbit": profile.get("link-up-mbit"),
             "payload_up_bytes": m.reply_payload_bytes if m.received_unix_s is not None else None,

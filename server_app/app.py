@@ -9,6 +9,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from measurements.clock import ClockedStrategy
 from measurements.session import MeasurementSession
 from ml.tasks import build_task
 from stamen import keys
@@ -16,6 +17,7 @@ from stamen.config import ConfigError, StamenConfig
 from strategies.lora_records import from_record, to_record
 
 from . import checkpoint
+from .clock import simulated_clock
 from .early_exit import EarlyExitFamily
 from .family import Family, LoRAFamily
 from .grid import PolledGrid
@@ -84,6 +86,8 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     profiles, failed = query_profiles(grid, min_nodes=cfg.strategy.min_nodes, timeout=cfg.strategy.query_timeout, on_replies=measurements.take_replies)
     check_partitions(cfg, split, profiles)  # one clear error, not one in every ClientApp
     measurements.profiles = profiles
+    clock = simulated_clock(cfg, profiles)  # a simulated fleet's clock, or None (measurements/clock.py)
+    measurements.clock = clock
     algorithm = family.strategy(profiles)  # a node whose config gives no valid rank or depth is left out
     leave_out(algorithm, failed)
     write_profiles(run, profiles, failed, algorithm)
@@ -103,6 +107,7 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     algorithm.attach_run(run, measurements.round_times)
     initial = family.initial()
     evaluate = family.evaluation(split.test, run, algorithm)
+    evaluate.clock = clock
     label_names = split.test.class_names
     checkpoints = RunCheckpoints(run, keep=cfg.checkpoint.keep, config=cfg.as_flat_dict(), strategy=algorithm,
                                  measurements=measurements, evaluation=evaluate, profiles=profiles)
@@ -110,8 +115,10 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
         checkpoints.restore(saved, profiles)
         initial = saved.global_arrays
     done = saved.server_round if saved is not None else 0
-    # a round too few nodes served stops the run (server_app/quorum.py)
-    strategy = RoundOffset(Quorum(timed, min_replies=cfg.strategy.min_replies), offset=done)
+    # a round too few nodes served stops the run (server_app/quorum.py); on a simulated
+    # clock, a reply after the deadline counts as none (measurements/clock.py)
+    served = Quorum(timed, min_replies=cfg.strategy.min_replies)
+    strategy = RoundOffset(ClockedStrategy(served, clock) if clock is not None else served, offset=done)
     after_round = checkpoints.after(evaluate)
     if cfg.checkpoint.export_every_round:
         after_round = export_after(after_round, family, run, checkpoints, label_names)

@@ -34,6 +34,7 @@ class ServerEvaluation:
         self.cfg, self.task, self.model, self.run, self.strategy = cfg, task, model, run, strategy
         self.test = evaluated_split(cfg, test)
         self.t0 = time.monotonic()
+        self.clock = None  # a simulated clock (measurements/clock.py): elapsed_s is its time, not the host's
         self.last: dict[str, float] = {}
         self.best_round: int | None = None  # the round whose model scored best on the task's metric
         self.best_value: float | None = None
@@ -67,7 +68,7 @@ class ServerEvaluation:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         metrics = self.measure(arrays)
         row = {f"eval_{k}": v for k, v in metrics.items()}
-        row.update(round=server_round, elapsed_s=time.monotonic() - self.t0)
+        row.update(round=server_round, elapsed_s=self.clock.elapsed() if self.clock is not None else time.monotonic() - self.t0)
         rec = next((r for r in self.strategy.rounds if r.server_round == server_round), None)
         if rec is not None:
             row.update(

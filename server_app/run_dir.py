@@ -58,6 +58,7 @@ ROUNDS_COLUMNS = (
     "nodes_rejected",  # replied, and the strategy refused the update (the reason is in clients.csv)
     "nodes_clipped",  # accepted with its update scaled down to the round's bound
     "payload_down_bytes",
+    "clock",  # measured | simulated (round_s from a latency model: docs/scale.md)
 )
 _PACKAGES = ("flwr", "torch", "transformers", "peft", "numpy", "flwr-datasets", "datasets", "grpcio", "protobuf", "psutil")
 
@@ -155,6 +156,7 @@ class RunDirectory:
                 "configure_s": timing.configure_s,
                 "aggregation_s": timing.aggregation_s,
                 "round_s": timing.round_s,
+                "clock": timing.clock,
                 "nodes_sent": len(timing.sent),
                 "participants": len(timing.accepted),
                 "nodes_replied": len(timing.replied),

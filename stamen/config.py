@@ -190,6 +190,15 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """The simulated clock of a simulated fleet (measurements/clock.py, docs/scale.md)."""
+
+    latency_model: str = ""  # a `stamen calibrate` file; "" = the host's wall clock
+    fleet: str = ""  # "device[@network]=count ...", by partition id
+    network: str = "wifi"  # the network of a fleet entry that names none
+
+
+@dataclass(frozen=True)
 class MeasureConfig:
     """The instrumentation layer (measurements/). Also read on its own by the ClientApp
     mod, which serves any app: there a missing key takes the default below."""
@@ -235,6 +244,7 @@ class StamenConfig:
     dp: DPConfig
     robust: RobustConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
+    simulation: SimulationConfig = SimulationConfig()
 
     @property
     def is_early_exit(self) -> bool:
@@ -338,7 +348,14 @@ class StamenConfig:
                 resume_from=r.text("checkpoint.resume-from", allow_empty=True),
                 export_every_round=r.boolean("checkpoint.export-every-round"),
             ),
+            simulation=SimulationConfig(
+                latency_model=r.text("simulation.latency-model", allow_empty=True),
+                fleet=r.text("simulation.fleet", allow_empty=True),
+                network=r.text("simulation.network"),
+            ),
         )
+        if bool(cfg.simulation.latency_model) != bool(cfg.simulation.fleet):
+            raise ConfigError("simulation.latency-model and simulation.fleet go together: the clock needs a model and a fleet to time")
         if cfg.strategy.name == "fedspine" and not (cfg.fedspine.ratios and cfg.fedspine.ranks):
             raise ConfigError("strategy.name = 'fedspine' needs fedspine.ratios and fedspine.ranks, e.g. '0 0.2 0.5' and '4 8'")
         if cfg.model.task not in DATA_TASKS[cfg.data.name]:

@@ -79,7 +79,7 @@ def test_a_round_without_participants_is_not_judged():
 
 
 def test_the_summary_groups_reasons_most_frequent_first():
-    errors = {n: "out of memory" for n in range(10, 15)} | {7: "boom"}
+    errors = dict.fromkeys(range(10, 15), "out of memory") | {7: "boom"}
     assert failure_summary(errors, silent=[99], shown=2) == (
         "5 nodes (10, 11, ...): out of memory; 1 node (7): boom; 1 node (99): no reply before the round timeout"
     )

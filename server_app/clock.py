@@ -1,0 +1,34 @@
+"""The simulated clock of a simulated fleet, from the run config (measurements/clock.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import ERROR, INFO
+
+from flwr.supercore import log
+
+from measurements.clock import Fleet, SimulatedClock
+from measurements.latency_model import LatencyModel, LatencyModelError
+from stamen.config import ConfigError, StamenConfig
+
+
+def simulated_clock(cfg: StamenConfig, profiles: Mapping[int, Mapping]) -> SimulatedClock | None:
+    """None on the host's clock (no ``simulation.latency-model``); else the clock, its
+    nodes placed in the fleet by partition id. ConfigError naming what does not fit."""
+    sim = cfg.simulation
+    if not sim.latency_model:
+        return None
+    try:
+        model = LatencyModel.load(sim.latency_model)
+        fleet = Fleet.parse(sim.fleet, default_network=sim.network)
+        fleet.check(model)
+        clock = SimulatedClock(model, fleet, steps=cfg.train.local_steps, deadline=cfg.strategy.round_timeout)
+        clock.assign(profiles)
+    except LatencyModelError as err:
+        log(ERROR, "simulation.latency-model: %s", err)
+        raise ConfigError(f"simulation.latency-model: {err}") from None
+    if len(profiles) != fleet.size:
+        raise ConfigError(f"simulation.fleet has {fleet.size} nodes, the federation {len(profiles)}: make them equal")
+    log(INFO, "simulated clock: %s, deadline %g s (model %s)",
+        ", ".join(f"{n} x {d}@{net}" for d, net, n in fleet.groups), cfg.strategy.round_timeout, sim.latency_model)
+    return clock
