@@ -1,0 +1,92 @@
+"""Fleet scale end to end: 100 virtual nodes in Flower's simulation engine on a
+simulated clock (a sampled tenth per round), and a run whose every node fails stops
+with a non-zero exit naming the error, on real processes (loopback)."""
+
+import csv
+import json
+
+import pytest
+
+from cli.main import main
+
+pytestmark = pytest.mark.integration
+
+FLEET = "pi=60 gpu@5g=40"
+
+
+@pytest.fixture(scope="module")
+def latency_model(tmp_path_factory):
+    from measurements.latency_model import DeviceModel, LatencyModel, LinkModel
+
+    model = LatencyModel(
+        devices={"pi": DeviceModel(startup_s=3.0, step_s=1.5, step_per_rank_s=0.05, wait_s=0.5),
+                 "gpu": DeviceModel(startup_s=1.0, step_s=0.05, wait_s=0.5)},
+        down={"wifi": LinkModel(latency_s=0.01, mbit=100.0), "5g": LinkModel(latency_s=0.05, mbit=265.8)},
+        up={"wifi": LinkModel(latency_s=0.01, mbit=80.0), "5g": LinkModel(latency_s=0.05, mbit=14.56)},
+        steps=2,
+    )
+    path = tmp_path_factory.mktemp("model") / "latency-model.json"
+    model.save(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory, flower_programs, tiny_bert, latency_model):
+    out = tmp_path_factory.mktemp("runs")
+    config = (f'model.path="{tiny_bert}" model.max-seq-len=32 strategy.num-rounds=2 strategy.fraction-train=0.05 '
+              'train.local-steps=2 train.batch-size=4 eval.max-examples=32 data.partitioner="iid" strategy.round-timeout=20.0')
+    code = main(["simulate", "--latency-model", str(latency_model[0]), "--fleet", FLEET, "--output", str(out),
+                 "--run-config", config, "--timeout", "600"])
+    assert code == 0, f"stamen simulate failed; logs under {out}/_deploy"
+    (run_dir,) = [p for p in out.iterdir() if p.name != "_deploy"]
+    return run_dir
+
+
+def test_a_hundred_virtual_nodes_train_a_sampled_twentieth_per_round(fleet_run):
+    profiles = json.loads((fleet_run / "profiles.json").read_text())
+    assert len(profiles) == 100 and all(p["keeps-global"] is False for p in profiles.values())
+    rounds = list(csv.DictReader(open(fleet_run / "rounds.csv")))
+    assert [r["nodes_sent"] for r in rounds] == ["5", "5"] and {r["clock"] for r in rounds} == {"simulated"}
+
+
+def test_the_clock_is_the_fleets_and_the_deadline_drops_the_slow(fleet_run, latency_model):
+    _, model = latency_model
+    rows = list(csv.DictReader(open(fleet_run / "clients.csv")))
+    assert len(rows) == 10 and {r["clock"] for r in rows} == {"simulated"}
+    for r in rows:
+        device = r["device"]
+        assert (device, r["network"]) in {("pi", "wifi"), ("gpu", "5g")}
+        expected = model.phases(device, r["network"], steps=2, rank=int(r["lora_rank"]), prune=0.0,
+                                bytes_down=int(r["payload_down_bytes"]), bytes_up=int(r["payload_up_bytes"]))
+        assert float(r["e2e_s"]) == pytest.approx(expected["e2e_s"], rel=1e-6)
+        # a Pi needs 3 + 2 x (1.5 + 0.05 x 8) = 6.8 s of training: in time; none is late at a 20 s deadline
+        assert r["status"] == "ok"
+    metrics = list(csv.DictReader(open(fleet_run / "metrics.csv")))
+    rounds = list(csv.DictReader(open(fleet_run / "rounds.csv")))
+    for r in rounds:  # the slowest participant plus the server's measured part
+        slowest = max(float(c["e2e_s"]) for c in rows if c["round"] == r["round"])
+        server = float(r["configure_s"]) + float(r["aggregation_s"])
+        assert float(r["round_s"]) == pytest.approx(slowest + server, rel=1e-6)
+    assert float(metrics[-1]["elapsed_s"]) == pytest.approx(sum(float(r["round_s"]) for r in rounds), rel=1e-6)
+
+
+def test_the_report_reads_a_simulated_run(fleet_run):
+    assert (fleet_run / "summary.json").is_file() and (fleet_run / "phases_per_round.png").stat().st_size > 0
+
+
+def test_a_round_no_node_served_fails_the_run(tmp_path, flower_programs, tiny_bert, capsys):
+    """Every node's training raises (a device misconfigured: num-threads -1): the run
+    stops after round 1 with exit 1 and the nodes' error, instead of 'completed'."""
+    from cli.main import _run
+    from deploy.local import LocalDeployment, NodeSpec, merge_overrides
+
+    nodes = [NodeSpec(i, 2, extra={"num-threads": -1}) for i in range(2)]
+    overrides = merge_overrides([f'model.path="{tiny_bert}" model.max-seq-len=32 strategy.num-rounds=3 train.local-steps=1 '
+                                 f'eval.max-examples=16 output.dir="{tmp_path}"'])
+    code, run_dir = _run(LocalDeployment(nodes, workdir=tmp_path / "_deploy"), overrides, tmp_path, tmp_path / "_deploy", 300)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "RoundFailed: round 1: 0 of 2 nodes replied without an error, fewer than strategy.min-replies = 1" in err
+    assert "2 nodes" in err and "set_num_threads expects a positive integer" in err
+    clients = list(csv.DictReader(open(run_dir / "clients.csv")))
+    assert [(r["round"], r["status"]) for r in clients] == [("1", "error"), ("1", "error")]  # booked; round 2 never ran
