@@ -326,6 +326,23 @@ def _testbed_nodes(args: argparse.Namespace, network: str | None = None):
     return nodes
 
 
+def _check_emulation(args: argparse.Namespace, nodes) -> None:
+    """--emulate-compute: the model file reads, and has every device of the testbed."""
+    from measurements.latency_model import LatencyModel, LatencyModelError
+
+    if args.loopback:
+        raise ValueError("--emulate-compute needs the namespaced testbed (its links are what stays real), not --loopback")
+    args.emulate_compute = str(Path(args.emulate_compute).resolve())
+    try:
+        model = LatencyModel.load(args.emulate_compute)
+    except LatencyModelError as err:
+        raise ValueError(str(err)) from None
+    missing = sorted({n.device.name for n in nodes} - set(model.devices))
+    if missing:
+        raise ValueError(f"--emulate-compute {args.emulate_compute}: no calibrated time for {', '.join(missing)} "
+                         f"(it has {', '.join(sorted(model.devices))}); calibrate from runs with those devices")
+
+
 def _testbed_deployment(args: argparse.Namespace, nodes, workdir: Path):
     """The namespaced testbed, or with --loopback the same node-configs on 127.0.0.1."""
     if args.loopback:
@@ -338,7 +355,7 @@ def _testbed_deployment(args: argparse.Namespace, nodes, workdir: Path):
     from deploy.testbed import Testbed
 
     flags = ["--transfer-concurrency", str(args.transfer_concurrency)] if args.transfer_concurrency else []
-    return Testbed(nodes, workdir=workdir, threads=args.threads, supernode_flags=flags)
+    return Testbed(nodes, workdir=workdir, threads=args.threads, supernode_flags=flags, emulate=args.emulate_compute)
 
 
 def _describe(nodes, loopback: bool) -> None:
@@ -369,6 +386,8 @@ def cmd_testbed(args: argparse.Namespace) -> int:
     try:
         networks = _names(args.network) if args.action == "compare" else [None]
         plans = [(net, _testbed_nodes(args, net)) for net in networks]
+        if args.emulate_compute:
+            _check_emulation(args, [n for _, nodes in plans for n in nodes])
     except ValueError as err:
         print(f"[stamen] error: {err}", file=sys.stderr)
         return 2
@@ -520,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     bed.add_argument("--transfer-concurrency", type=transfer_concurrency, default=None,
                      help="stamen-supernode --transfer-concurrency on every node (docs/transfers.md)")
     bed.add_argument("--loopback", action="store_true", help="no namespaces, shaping or limits (no root needed)")
+    bed.add_argument("--emulate-compute", default=None, metavar="LATENCY_MODEL",
+                     help="compute emulation: no CPU quotas; each node pads its training to this model's time for its device "
+                          "(more device CPU than the host has; docs/scale.md)")
     bed.add_argument("--output", default=None, help="where run directories go (default: the run config's output.dir, else runs)")
     bed.add_argument("--run-config", action="append", default=[], help="overrides: 'k=v ...' or a TOML file (repeatable)")
     bed.add_argument("--timeout", type=float, default=3600.0)

@@ -16,6 +16,7 @@ from stamen.config import EARLY_EXIT_STRATEGIES, ConfigError, StamenConfig
 
 from .device import detect_profile
 from .methods import method_for
+from .pace import emulated_train_s, paced
 from .task import task_and_partition
 
 log = logging.getLogger("stamen.client")
@@ -39,7 +40,10 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Serve a train instruction with the device-side method it names (client_app/methods/)."""
     cfg = StamenConfig.from_run_config(context.run_config)
-    return method_for(msg.content.config_records[keys.CONFIG]).run(msg, context, cfg)
+    instruction = msg.content.config_records[keys.CONFIG]
+    # compute emulation: padded to the emulated device's time for this work (client_app/pace.py)
+    with paced(emulated_train_s(context.node_config, instruction, cfg.train.local_steps)):
+        return method_for(instruction).run(msg, context, cfg)
 
 
 def preload(context: Context) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from deploy import cgroups, netns
 from deploy.local import LocalDeployment, NodeSpec
+from stamen import keys
 
 PROFILES = Path(__file__).with_name("profiles.toml")
 PREFIX = "stmtb"  # every testbed namespace and cgroup name starts with it
@@ -217,7 +218,8 @@ class Testbed:
     """
 
     def __init__(self, nodes: list[TestbedNode], *, workdir: Path, run_prefix: str | None = None,
-                 app_dir: Path | None = None, threads: int | None = None, supernode_flags: list[str] = ()) -> None:
+                 app_dir: Path | None = None, threads: int | None = None, supernode_flags: list[str] = (),
+                 emulate: Path | None = None) -> None:
         if not nodes:
             raise ValueError("a testbed needs at least one node")
         self.nodes = nodes
@@ -226,6 +228,8 @@ class Testbed:
         self.app_dir = app_dir
         self.threads = threads
         self.supernode_flags = list(supernode_flags)  # e.g. --transfer-concurrency 4
+        # compute emulation (client_app/pace.py): no CPU quota; each node trains at this latency model's pace of its device
+        self.emulate = Path(emulate).resolve() if emulate is not None else None
         self.topology = Topology(self.run_prefix, [n.network for n in nodes])
         self.limits: list[cgroups.Limits] = []
         self.proxies: list[subprocess.Popen] = []
@@ -249,16 +253,20 @@ class Testbed:
         self._stack.enter_context(self.topology)
         specs = []
         for i, node in enumerate(self.nodes):
+            cpus = host_cpus if self.emulate else min(node.device.cpus, host_cpus)
             limit = self._stack.enter_context(
-                cgroups.Limits(f"{self.run_prefix}-n{i}", cpus=min(node.device.cpus, host_cpus),
-                               memory_bytes=int(node.device.memory_gib * 2**30))
+                cgroups.Limits(f"{self.run_prefix}-n{i}", cpus=cpus, memory_bytes=int(node.device.memory_gib * 2**30))
             )
             self.limits.append(limit)
+            extra = {"network": node.network.name, "testbed-device": node.device.name,
+                     "link-down-mbit": node.network.down_mbit, "link-up-mbit": node.network.up_mbit}
+            if self.emulate:
+                extra.update({keys.NODE_EMULATE_DEVICE: node.device.name, keys.NODE_LATENCY_MODEL: str(self.emulate)})
             specs.append(NodeSpec(
                 partition_id=i, num_partitions=len(self.nodes), device_class=node.device.device_class,
-                lora_rank=node.device.lora_rank, num_threads=self.threads or max(1, math.ceil(min(node.device.cpus, host_cpus))),
-                extra={"network": node.network.name, "testbed-device": node.device.name,
-                       "link-down-mbit": node.network.down_mbit, "link-up-mbit": node.network.up_mbit},
+                lora_rank=node.device.lora_rank,
+                num_threads=self.threads or (1 if self.emulate else max(1, math.ceil(cpus))),
+                extra=extra,
                 netns=self.topology.node_ns[i], cgroups=tuple(map(str, limit.paths)), dial_host="127.0.0.1",
             ))
         kwargs = {"app_dir": self.app_dir} if self.app_dir else {}

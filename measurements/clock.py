@@ -92,11 +92,16 @@ class SimulatedClock:
     late: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, node) -> its simulated e2e
     rounds: dict[int, float] = field(default_factory=dict)  # round -> simulated round_s
 
-    def assign(self, profiles: Mapping[int, Mapping]) -> None:
-        """Give each profiled node its device and network by its partition id."""
+    def assign(self, profiles: Mapping[int, dict]) -> None:
+        """Give each profiled node its device and network by its partition id, and write
+        them into its profile as a real device would report them: its class (so
+        ``lora.rank-by-class`` gives it its rank), its network and its testbed device."""
         for node, profile in profiles.items():
             if keys.NODE_PARTITION_ID in profile:
-                self.nodes[node] = self.fleet.of(int(profile[keys.NODE_PARTITION_ID]))
+                device, network = self.nodes[node] = self.fleet.of(int(profile[keys.NODE_PARTITION_ID]))
+                profile[keys.NODE_TESTBED_DEVICE], profile[keys.NODE_NETWORK] = device, network
+                if self.model.devices[device].device_class:
+                    profile[keys.NODE_DEVICE_CLASS] = self.model.devices[device].device_class
 
     def time_round(self, server_round: int, sent: Mapping[int, tuple[int, float, int]], replies: Iterable[Message]) -> set[int]:
         """Simulate one round. ``sent``: node -> (rank, pruning ratio, payload bytes down).

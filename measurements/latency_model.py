@@ -52,6 +52,7 @@ class DeviceModel:
     step_per_prune_s: float = 0.0
     wait_s: float = 0.0
     rows: int = 0
+    device_class: str = ""  # its class (lora.rank-by-class keys): what a simulated node of this device reports
 
     def train_s(self, steps: int, rank: float, prune: float) -> float:
         return self.startup_s + steps * max(0.0, self.step_s + self.step_per_rank_s * rank + self.step_per_prune_s * prune)
@@ -154,6 +155,7 @@ def fit_device(rows: list[dict]) -> DeviceModel:
         startup_s=statistics.median(r["train_s"] - r["loop_s"] for r in rows),
         step_s=c["1"], step_per_rank_s=c["rank"], step_per_prune_s=c["prune"],
         wait_s=statistics.median(r["wait_s"] for r in rows), rows=len(rows),
+        device_class=statistics.mode(r.get("device_class", "") for r in rows),
     )
 
 
@@ -242,7 +244,8 @@ def rows_of_run(run_dir: Path) -> tuple[list[dict], dict, float | None]:
             continue  # a phase not timed (simulation, a stock SuperNode) or a non-LoRA instruction
         rows.append({
             "run": run_dir.name, "round": int(c["round"]), "node_id": c["node_id"],
-            "device": c.get("device") or c["device_class"], "network": c["network"], "steps": steps,
+            "device": c.get("device") or c["device_class"], "device_class": c["device_class"], "network": c["network"],
+            "steps": steps,
             "rank": values["lora_rank"], "prune": _number(c.get("prune_ratio", "")) or 0.0,
             **{k: values[k] for k in (*PHASES, "loop_s")},
             "bytes_down": values["payload_down_bytes"], "bytes_up": values["payload_up_bytes"],

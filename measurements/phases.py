@@ -50,3 +50,11 @@ def recording() -> Iterator[PhaseRecorder]:
         yield recorder
     finally:
         _current.reset(token)
+
+
+def note(name: str, seconds: float) -> None:
+    """Add ``seconds`` to phase ``name`` without timing a block (a figure computed, not
+    waited for); nothing without a recorder."""
+    recorder = _current.get()
+    if recorder is not None:
+        recorder.add(name, seconds)

@@ -85,6 +85,16 @@ def _round(group_id: str) -> int | str:
     return int(group_id) if group_id.isdigit() else group_id
 
 
+def _clock(train: ev.Event | None) -> str:
+    """measured, or emulated when the node padded its training to an emulated device's
+    time (client_app/pace.py); emulated-late when the host was slower than that device."""
+    if train is None:
+        return "measured"
+    if "emulated_over_s" in train.values:
+        return "emulated-late"
+    return "emulated" if "emulated_wait_s" in train.values else "measured"
+
+
 def _status(m: SentMessage, outcome: tuple[str, str] | None) -> dict[str, str]:
     if m.received_unix_s is None:
         return {"status": "late", "reason": "no reply before the round timeout"}
@@ -139,7 +149,7 @@ def client_rows(
             "device": profile.get("testbed-device") or profile.get("device-class") or "",
             "lora_rank": m.lora_rank,
             "prune_ratio": m.prune_ratio,
-            "clock": "measured",
+            "clock": _clock(train),
             "link_down_mbit": profile.get("link-down-mbit"),
             "link_up_mbit": profile.get("link-up-mbit"),
             "payload_up_bytes": m.reply_payload_bytes if m.received_unix_s is not None else None,

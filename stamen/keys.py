@@ -88,6 +88,8 @@ STATE_DP_LEDGER = "stamen.dp-ledger"  # DP: the node's accountant history (noise
 NODE_NETWORK = "network"  # a label for the node's link ("ethernet", "wifi", "5g"); reports group by it
 NODE_LINK_DOWN_MBIT = "link-down-mbit"  # the link's rate where known (the testbed sets it): reports show goodput against it
 NODE_LINK_UP_MBIT = "link-up-mbit"
+NODE_EMULATE_DEVICE = "emulate-device"  # compute emulation: train at the latency model's pace of this device (client_app/pace.py)
+NODE_LATENCY_MODEL = "latency-model"  # ... from this model file (a `stamen calibrate` file on the node)
 NODE_TESTBED_DEVICE = "testbed-device"  # the testbed's device profile a node stands for (deploy/profiles.toml)
 
 # Measurements (measurements/): device-side events travel to the server in a reply's

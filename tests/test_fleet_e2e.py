@@ -81,8 +81,9 @@ def test_a_round_no_node_served_fails_the_run(tmp_path, flower_programs, tiny_be
     from deploy.local import LocalDeployment, NodeSpec, merge_overrides
 
     nodes = [NodeSpec(i, 2, extra={"num-threads": -1}) for i in range(2)]
-    overrides = merge_overrides([f'model.path="{tiny_bert}" model.max-seq-len=32 strategy.num-rounds=3 train.local-steps=1 '
-                                 f'eval.max-examples=16 output.dir="{tmp_path}"'])
+    config = (f'model.path="{tiny_bert}" model.max-seq-len=32 strategy.num-rounds=3 train.local-steps=1 '
+              f'eval.max-examples=16 output.dir="{tmp_path}"')
+    overrides = merge_overrides([config])
     code, run_dir = _run(LocalDeployment(nodes, workdir=tmp_path / "_deploy"), overrides, tmp_path, tmp_path / "_deploy", 300)
     assert code == 1
     err = capsys.readouterr().err

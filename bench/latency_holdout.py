@@ -1,0 +1,80 @@
+"""Does the latency model predict a testbed configuration it was not fitted on?
+
+Fits a model on the ``--fit`` runs (as ``stamen calibrate`` does), then predicts every
+client-round of the ``--holdout`` run from that run's own inputs (each node's device,
+network, local steps, the rank and pruning ratio it was asked for, the payloads it got
+and sent) and each round as its slowest participant plus the model's server part.
+Prints predicted against measured: the median round time and the median of each phase,
+with the relative error, and whether the issue's bounds hold (round within 15%, each
+phase within 20%).
+
+    python bench/latency_holdout.py --fit runs/A runs/B runs/C --holdout runs/H [--out model.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from measurements.latency_model import PHASES, calibrate, rows_of_run  # noqa: E402
+
+ROUND_BOUND, PHASE_BOUND = 0.15, 0.20
+
+
+def compare(model, rows: list[dict], round_s: dict[int, float]) -> list[tuple[str, float, float]]:
+    """(figure, predicted median, measured median) for the round and each phase.
+    ``round_s``: rounds.csv's measured round times by round."""
+    predicted, measured = defaultdict(list), defaultdict(list)
+    by_round_p = defaultdict(float)
+    for r in rows:
+        p = model.phases(r["device"], r["network"], steps=r["steps"], rank=r["rank"], prune=r["prune"],
+                         bytes_down=r["bytes_down"], bytes_up=r["bytes_up"])
+        m = {k: r[k] for k in PHASES}
+        m["e2e_s"] = sum(m.values())
+        for k in (*PHASES, "e2e_s"):
+            predicted[k].append(p[k])
+            measured[k].append(m[k])
+        by_round_p[r["round"]] = max(by_round_p[r["round"]], p["e2e_s"])
+    out = [("round", statistics.median(v + model.server_s for v in by_round_p.values()),
+            statistics.median(round_s[r] for r in by_round_p))]
+    out += [(k.removesuffix("_s"), statistics.median(predicted[k]), statistics.median(measured[k])) for k in (*PHASES, "e2e_s")]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fit", nargs="+", required=True, help="run directories to fit on")
+    parser.add_argument("--holdout", required=True, help="the run directory to predict")
+    parser.add_argument("--out", default="", help="also write the fitted model here")
+    args = parser.parse_args()
+    model, fitted = calibrate([Path(d) for d in args.fit])
+    if args.out:
+        model.save(Path(args.out))
+    rows, _, server = rows_of_run(Path(args.holdout))
+    rows = [r for r in rows if r["round"] > 1] or rows  # round 1 carries the run's one-off start (GetRun, first fork)
+    print(f"fitted on {len(fitted)} client-rounds of {len(args.fit)} runs; fit error " +
+          ", ".join(f"{k} {v:.1%}" for k, v in model.error.items()))
+    print(f"holdout {args.holdout}: {len(rows)} client-rounds, devices {sorted({(r['device'], r['network']) for r in rows})}\n")
+    print(f"{'figure':<24} {'predicted s':>11} {'measured s':>10} {'error':>7} {'bound':>6}")
+    ok = True
+    round_s = {int(r["round"]): float(r["round_s"]) for r in csv.DictReader(open(Path(args.holdout) / "rounds.csv"))}
+    for name, p, m in compare(model, rows, round_s):
+        bound = ROUND_BOUND if name.startswith("round") else PHASE_BOUND
+        err = (p - m) / m if m else float("nan")
+        within = abs(err) <= bound
+        ok &= within or name == "e2e"
+        print(f"{name:<24} {p:>11.3f} {m:>10.3f} {err:>+7.1%} {'ok' if within else 'OVER':>6}")
+    if server is not None:
+        print(f"\nserver part of a round: model {model.server_s:.2f} s, holdout {server:.2f} s")
+    print("\nwithin the bounds" if ok else "\nNOT within the bounds")
+
+
+if __name__ == "__main__":
+    main()
