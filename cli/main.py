@@ -455,7 +455,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study import study
 
     try:
-        study(args.dirs)
+        study(args.dirs, target=args.target)
     except FileNotFoundError as err:
         print(f"stamen study: {err}", file=sys.stderr)
         return 2
@@ -563,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     dev.set_defaults(func=cmd_device)
     stu = sub.add_parser("study", help="final accuracy per strategy and rank setting, and accuracy per round (PNG)")
     stu.add_argument("dirs", nargs="+", help="directories holding run directories")
+    stu.add_argument("--target", type=float, default=0.8, help="fleet study (simulated clock): the accuracy to reach")
     stu.set_defaults(func=cmd_study)
     rep = sub.add_parser("report", help="summary and PNGs of a run's phase timings; several runs are compared")
     rep.add_argument("run_dirs", nargs="+", help="runs/<run-id> directories")

@@ -19,6 +19,7 @@ from pathlib import Path
 from stamen.config import EARLY_EXIT_STRATEGIES
 
 from .exit_study import exit_study
+from .fleet_study import fleet_study, is_fleet_run
 from .study_runs import epsilon_text, final_epsilon, finished_runs, plot_band, pyplot, run_label, save_figure, setting
 
 COLORS = {"flora": "#55A868", "fedit": "#C44E52", "hetlora": "#8172B2", "flexlora": "#4C72B0"}  # one per strategy, every panel
@@ -80,11 +81,15 @@ def plot(groups, target: Path) -> Path:
     return save_figure(fig, target)
 
 
-def study(dirs: list[str | Path], echo=print) -> list[dict]:
+def study(dirs: list[str | Path], echo=print, *, target: float = 0.8) -> list[dict]:
     """The LoRA study's table and plot; runs of the early-exit strategies go to
-    :func:`cli.exit_study.exit_study` (their own table and plot)."""
+    :func:`cli.exit_study.exit_study` (their own table and plot), runs on a simulated
+    clock to :func:`cli.fleet_study.fleet_study` (time to ``target`` accuracy)."""
     dirs = [Path(d) for d in dirs]
     finished = finished_runs(dirs)
+    fleet = [f for f in finished if is_fleet_run(f[1])]
+    if fleet:
+        return fleet_study(fleet, dirs[0], target=target, echo=echo)
     exit_runs = [f for f in finished if f[1].get("strategy.name") in EARLY_EXIT_STRATEGIES]
     lora_runs = [f for f in finished if f[1].get("strategy.name") not in EARLY_EXIT_STRATEGIES]
     if exit_runs:
