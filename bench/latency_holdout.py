@@ -58,7 +58,6 @@ def main() -> None:
     if args.out:
         model.save(Path(args.out))
     rows, _, server = rows_of_run(Path(args.holdout))
-    rows = [r for r in rows if r["round"] > 1] or rows  # round 1 carries the run's one-off start (GetRun, first fork)
     print(f"fitted on {len(fitted)} client-rounds of {len(args.fit)} runs; fit error " +
           ", ".join(f"{k} {v:.1%}" for k, v in model.error.items()))
     print(f"holdout {args.holdout}: {len(rows)} client-rounds, devices {sorted({(r['device'], r['network']) for r in rows})}\n")

@@ -56,3 +56,43 @@ def test_a_failed_run_names_the_serverapps_exception(tmp_path):
     )
     assert last_exception(log) == "stamen.config.ConfigError: model.path = '/nope': no such directory"
     assert last_exception(tmp_path / "missing.log") == ""
+
+
+def test_a_simulated_clock_is_checked_before_anything_starts(tmp_path, capsys):
+    from measurements.latency_model import DeviceModel, LatencyModel, LinkModel
+
+    model = tmp_path / "m.json"
+    LatencyModel(devices={"pi": DeviceModel(1.0, 0.1)}, down={"wifi": LinkModel(0.0, 10.0)}, up={"wifi": LinkModel(0.0, 10.0)},
+                 steps=1).save(model)
+    out = tmp_path / "runs"
+    cases = [
+        (["--latency-model", str(model)], "--latency-model and --fleet go together"),
+        (["--latency-model", str(model), "--fleet", "pi=3", "--nodes", "4"], "--nodes 4 but the fleet has 3"),
+        (["--latency-model", str(model), "--fleet", "pi@5g=3"], "fleet network '5g' is not in the latency model"),
+        (["--latency-model", str(tmp_path / "none.json"), "--fleet", "pi=3"], "cannot be read"),
+    ]
+    for flags, named in cases:
+        assert main(["simulate", "--output", str(out), *flags]) == 2
+        assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_stamen_calibrate_writes_the_model_and_prints_its_error(tmp_path, capsys):
+    from tests.test_latency_model import write_synthetic_run
+
+    write_synthetic_run(tmp_path)  # run 7: synthetic rows with known parameters
+    assert main(["calibrate", str(tmp_path / "7"), "--out", str(tmp_path / "model.json")]) == 0
+    text = capsys.readouterr().out
+    assert "device raspberry-pi-4: start-up 1.99 s, step 0.502 s + 0.0198 s/rank -0.400 s x pruning ratio" in text
+    assert "fit error" in text and (tmp_path / "model.json").is_file()
+    assert main(["calibrate", str(tmp_path / "nothing")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_the_fleet_study_times_the_first_round_at_the_target():
+    from cli.fleet_study import time_to
+
+    rows = [{"round": "0", "eval_accuracy": "0.2", "elapsed_s": "0"}, {"round": "1", "eval_accuracy": "0.79", "elapsed_s": "60"},
+            {"round": "2", "eval_accuracy": "0.85", "elapsed_s": "130"}, {"round": "3", "eval_accuracy": "0.9", "elapsed_s": "200"}]
+    assert time_to(rows, 0.8) == (2, 130.0)
+    assert time_to(rows, 0.95) is None

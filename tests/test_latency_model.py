@@ -102,8 +102,9 @@ def test_the_file_round_trips(tmp_path):
         LatencyModel.load(tmp_path / "bad.json")
 
 
-def test_calibrate_reads_run_directories(tmp_path):
-    """clients.csv rows as the measurement layer writes them; simulated and refused rows are not fitted."""
+def write_synthetic_run(tmp_path):
+    """Run directory 7: clients.csv rows as the measurement layer writes them (synthetic,
+    known parameters), plus a refused row and a simulated one that must not be fitted."""
     from measurements.tables import CLIENTS_COLUMNS
 
     run = tmp_path / "7"
@@ -124,8 +125,14 @@ def test_calibrate_reads_run_directories(tmp_path):
         w = csv.DictWriter(f, CLIENTS_COLUMNS, restval="")
         w.writeheader()
         w.writerows(rows)
+    return run, len(rows) - 2
+
+
+def test_calibrate_reads_run_directories(tmp_path):
+    """Refused and simulated rows are not fitted; one workload per model."""
+    run, fitted = write_synthetic_run(tmp_path)
     model, used = calibrate([run])
-    assert len(used) == len(rows) - 2
+    assert len(used) == fitted
     assert close(model.devices["raspberry-pi-4"].startup_s, 2.0) and model.workload["model.path"] == "m"
     other = tmp_path / "8"
     other.mkdir()
