@@ -17,6 +17,7 @@ from stamen.config import EARLY_EXIT_STRATEGIES, ConfigError, StamenConfig
 from .device import detect_profile
 from .methods import method_for
 from .pace import emulated_train_s, paced
+from .sync import keeps_global
 from .task import task_and_partition
 
 log = logging.getLogger("stamen.client")
@@ -28,8 +29,10 @@ def query(msg: Message, context: Context) -> Message:
     if msg.content.config_records.get(keys.CONFIG, {}).get(keys.FLUSH):
         return Message(RecordDict(), reply_to=msg)  # the mod attaches the events this node still holds
     profile = detect_profile(dict(context.node_config))
+    cfg = StamenConfig.from_run_config(context.run_config)
+    profile[keys.KEEPS_GLOBAL] = keeps_global(profile["transport"], cfg.simulation.keep_global)
     try:
-        _, data = task_and_partition(context, StamenConfig.from_run_config(context.run_config))
+        _, data = task_and_partition(context, cfg)
         profile[keys.NUM_EXAMPLES] = len(data)  # the server caps this node's aggregation weight by it (strategies/bounds.py)
     except ConfigError as err:  # a partitioning that cannot be built: the server says so once, before round 1
         log.warning("no data partition: %s", err)

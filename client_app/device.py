@@ -11,8 +11,6 @@ from measurements.client_mod import transport
 from stamen import keys
 from stamen.config import DEVICE_CLASSES
 
-from .sync import keeps_global
-
 
 def classify_device(*, device_tree_model: str, tegra_release: bool, cuda_available: bool) -> str:
     """raspberry-pi / jetson / nvidia-gpu / cpu, from what the system exposes."""
@@ -65,7 +63,6 @@ def detect_profile(node_config: dict[str, Any]) -> dict[str, Any]:
     }
     profile[keys.NODE_NETWORK] = str(node_config.get(keys.NODE_NETWORK, "unknown"))
     profile["transport"] = transport()
-    profile[keys.KEEPS_GLOBAL] = keeps_global(profile["transport"])
     for key in (keys.NODE_PARTITION_ID, keys.NODE_NUM_PARTITIONS, keys.NODE_LORA_RANK, keys.NODE_MAX_EXIT,
                 keys.NODE_LINK_DOWN_MBIT, keys.NODE_LINK_UP_MBIT, keys.NODE_TESTBED_DEVICE):
         if key in node_config:

@@ -16,13 +16,14 @@ from stamen.lora_math import merge_stacked
 from stamen.records import split_global
 
 
-def keeps_global(transport_name: str) -> bool:
+def keeps_global(transport_name: str, in_simulation: bool = False) -> bool:
     """Whether a node keeps the global weights between rounds. Not in Flower's simulation
-    engine: there the SuperLink holds every virtual node's ``context.state`` in one
-    process, and 1,000 copies of the model's adapted weights would not fit (7 MB each for
-    MiniLM). Such a node says so in its profile (``keys.KEEPS_GLOBAL``) and the server
-    sends it the dense weights every round, as it does to any node that missed a round."""
-    return transport_name != "simulation"
+    engine unless ``in_simulation`` (``simulation.keep-global``): there the SuperLink holds
+    every virtual node's ``context.state`` in one process, and 1,000 copies of the model's
+    adapted weights would not fit (7 MB each for MiniLM). Such a node says so in its
+    profile (``keys.KEEPS_GLOBAL``) and the server sends it the dense weights every round,
+    as it does to any node that missed a round."""
+    return transport_name != "simulation" or in_simulation
 
 
 class OutOfSync(RuntimeError):

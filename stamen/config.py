@@ -196,6 +196,7 @@ class SimulationConfig:
     latency_model: str = ""  # a `stamen calibrate` file; "" = the host's wall clock
     fleet: str = ""  # "device[@network]=count ...", by partition id
     network: str = "wifi"  # the network of a fleet entry that names none
+    keep_global: bool = False  # simulated nodes keep the global weights as real ones do (small fleets: their downlinks match)
 
 
 @dataclass(frozen=True)
@@ -352,6 +353,7 @@ class StamenConfig:
                 latency_model=r.text("simulation.latency-model", allow_empty=True),
                 fleet=r.text("simulation.fleet", allow_empty=True),
                 network=r.text("simulation.network"),
+                keep_global=r.boolean("simulation.keep-global"),
             ),
         )
         if bool(cfg.simulation.latency_model) != bool(cfg.simulation.fleet):

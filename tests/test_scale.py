@@ -190,4 +190,5 @@ def test_a_simulated_node_says_it_keeps_no_weights():
     from client_app.sync import keeps_global
 
     assert keeps_global("simulation") is False
+    assert keeps_global("simulation", in_simulation=True) is True  # simulation.keep-global: a small fleet, downlinks as deployed
     assert keeps_global("flower-supernode") is True and keeps_global("stamen-supernode") is True

@@ -176,7 +176,7 @@ def prepare(msg: Message, context: Context, cfg: StamenConfig):
         from_version=int(instr[keys.FROM_VERSION]),
         to_version=int(instr[keys.TO_VERSION]),
     )
-    if keeps_global(transport()):  # for the next round's delta downlink (client_app/sync.py)
+    if keeps_global(transport(), cfg.simulation.keep_global):  # for the next round's delta downlink (client_app/sync.py)
         context.state[keys.STATE_GLOBAL] = to_record(weights)
         context.state[keys.STATE_META] = ConfigRecord({"version": int(instr[keys.TO_VERSION])})
     load_adapted_weights(model, weights)
