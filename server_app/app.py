@@ -17,9 +17,9 @@ from stamen.config import ConfigError, StamenConfig
 from strategies.lora_records import from_record, to_record
 
 from . import checkpoint
-from .clock import simulated_clock
 from .early_exit import EarlyExitFamily
 from .family import Family, LoRAFamily
+from .fleet import simulated_clock
 from .grid import PolledGrid
 from .privacy import write_privacy
 from .profiles import check_partitions, leave_out, query_profiles

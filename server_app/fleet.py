@@ -1,4 +1,4 @@
-"""The simulated clock of a simulated fleet, from the run config (measurements/clock.py)."""
+"""A simulated fleet: its clock from the run config (measurements/clock.py, docs/scale.md)."""
 
 from __future__ import annotations
 
