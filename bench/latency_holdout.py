@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from measurements.latency_model import PHASES, calibrate, rows_of_run  # noqa: E402
+from measurements.latency_model import PHASES, calibrate, predicted_and_measured, rows_of_run  # noqa: E402
 
 ROUND_BOUND, PHASE_BOUND = 0.15, 0.20
 
@@ -38,10 +38,7 @@ def compare(model, rows: list[dict], round_s: dict[int, float]) -> list[tuple[st
     predicted, measured = defaultdict(list), defaultdict(list)
     by_round_p = defaultdict(float)
     for r in rows:
-        p = model.phases(r["device"], r["network"], steps=r["steps"], rank=r["rank"], prune=r["prune"],
-                         bytes_down=r["bytes_down"], bytes_up=r["bytes_up"])
-        m = {k: r[k] for k in PHASES}
-        m["e2e_s"] = sum(m.values())
+        p, m = predicted_and_measured(model, r)
         for k in (*PHASES, "e2e_s"):
             predicted[k].append(p[k])
             measured[k].append(m[k])

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from stamen import keys
+from stamen.wrapping import StrategyWrapper
 
 from . import events as ev
 from .grid import TimingGrid, payload_bytes
@@ -85,7 +86,7 @@ def ingest_replies(replies: Iterable[Message], store: TelemetryStore) -> int:
     return count
 
 
-class TimedStrategy(Strategy):
+class TimedStrategy(StrategyWrapper):
     def __init__(
         self,
         strategy: Strategy,
@@ -94,7 +95,7 @@ class TimedStrategy(Strategy):
         telemetry: TelemetryStore | None = None,
         auth=None,
     ) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.auth = auth  # measurements/auth.py: the nodes' telemetry keys travel in the messages
         self.on_round = on_round
         self.telemetry = telemetry if telemetry is not None else TelemetryStore()
@@ -140,13 +141,7 @@ class TimedStrategy(Strategy):
             self.on_round(timing)
         return result
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
     def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
         replies = list(replies)
         ingest_replies(replies, self.telemetry)
         return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

@@ -30,6 +30,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
 from stamen import keys
+from stamen.wrapping import StrategyWrapper
 
 from .grid import asked, payload_bytes
 from .latency_model import LatencyModel, LatencyModelError
@@ -154,19 +155,15 @@ class SimulatedClock:
         return out
 
 
-class ClockedStrategy(Strategy):
+class ClockedStrategy(StrategyWrapper):
     """``strategy`` on the simulated clock: after each round's replies are in, the clock
     times them and a reply later than the deadline is hidden from ``strategy`` (which
     drops the node as late). Wraps the timed strategy, so clients.csv records every reply."""
 
     def __init__(self, strategy: Strategy, clock: SimulatedClock) -> None:
-        self.strategy, self.clock = strategy, clock
+        super().__init__(strategy)
+        self.clock = clock
         self._sent: dict[int, dict[int, tuple[int, float, int]]] = {}
-
-    def __getattr__(self, name):
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
@@ -181,12 +178,3 @@ class ClockedStrategy(Strategy):
         replies = list(replies)
         late = self.clock.time_round(server_round, self._sent.pop(server_round, {}), replies)
         return self.strategy.aggregate_train(server_round, [m for m in replies if int(m.metadata.src_node_id) not in late])
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

@@ -198,14 +198,20 @@ def fit(rows: list[dict], *, server_s: float = 0.0, workload: Mapping | None = N
     return LatencyModel(**{**model.__dict__, "error": errors(model, rows)})
 
 
+def predicted_and_measured(model: LatencyModel, row: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """The model's phases for a measured row's inputs, and the row's own (with e2e_s)."""
+    predicted = model.phases(row["device"], row["network"], steps=row["steps"], rank=row["rank"], prune=row["prune"],
+                             bytes_down=row["bytes_down"], bytes_up=row["bytes_up"])
+    measured = {k: row[k] for k in PHASES}
+    measured["e2e_s"] = sum(measured.values())
+    return predicted, measured
+
+
 def errors(model: LatencyModel, rows: list[dict]) -> dict[str, float]:
     """Median absolute relative error of each phase and of e2e over ``rows``."""
     rel = defaultdict(list)
     for r in rows:
-        p = model.phases(r["device"], r["network"], steps=r["steps"], rank=r["rank"], prune=r["prune"],
-                         bytes_down=r["bytes_down"], bytes_up=r["bytes_up"])
-        measured = {k: r[k] for k in PHASES}
-        measured["e2e_s"] = sum(measured.values())
+        p, measured = predicted_and_measured(model, r)
         for k, v in measured.items():
             if v > 0:
                 rel[k].append(abs(p[k] - v) / v)

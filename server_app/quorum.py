@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
+from stamen.wrapping import StrategyWrapper
+
 
 class RoundFailed(RuntimeError):
     """Too few nodes served a round; the message names them and what they said."""
@@ -71,20 +73,16 @@ def check_quorum(server_round: int, sent: Iterable[int], replies: Iterable[Messa
     )
 
 
-class Quorum(Strategy):
+class Quorum(StrategyWrapper):
     """``strategy`` whose every training round must get ``min_replies`` replies without an
     error (see the module docstring). Everything else is handed to ``strategy``."""
 
     def __init__(self, strategy: Strategy, *, min_replies: int) -> None:
         if min_replies < 1:
             raise ValueError(f"min_replies must be at least 1, got {min_replies}")
-        self.strategy, self.min_replies = strategy, min_replies
+        super().__init__(strategy)
+        self.min_replies = min_replies
         self._sent: dict[int, list[int]] = {}
-
-    def __getattr__(self, name):
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
@@ -96,12 +94,3 @@ class Quorum(Strategy):
         result = self.strategy.aggregate_train(server_round, replies)  # books the round first
         check_quorum(server_round, self._sent.pop(server_round, []), replies, self.min_replies)
         return result
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round, replies):
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()

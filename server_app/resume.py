@@ -39,6 +39,7 @@ from flwr.supercore import log
 
 from stamen import keys
 from stamen.config import ConfigError
+from stamen.wrapping import StrategyWrapper
 from strategies.lora_records import from_record
 
 from . import checkpoint
@@ -94,19 +95,15 @@ def flat_adapter(factors: Mapping[str, tuple[np.ndarray, np.ndarray]] | None) ->
     return out
 
 
-class RoundOffset(Strategy):
+class RoundOffset(StrategyWrapper):
     """``strategy`` with every round number moved on by ``offset``: Flower's
     ``Strategy.start`` counts a run's rounds from 1, a resumed run continues at
     ``offset + 1``. Also wraps the evaluation, which skips Flower's round 0 (the
     checkpoint's round was evaluated before the crash)."""
 
     def __init__(self, strategy: Strategy, offset: int) -> None:
-        self.strategy, self.offset = strategy, offset
-
-    def __getattr__(self, name):
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
+        super().__init__(strategy)
+        self.offset = offset
 
     def start(self, grid: Grid, *args, **kwargs):
         if self.offset:
@@ -124,9 +121,6 @@ class RoundOffset(Strategy):
 
     def aggregate_evaluate(self, server_round, replies):
         return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def evaluation(self, evaluate: Callable[[int, ArrayRecord], MetricRecord | None]):
         if not self.offset:
