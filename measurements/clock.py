@@ -130,6 +130,14 @@ class SimulatedClock:
         self.rounds[server_round] = slowest + server_s
         return self.rounds[server_round]
 
+    def state_dict(self) -> dict:
+        """For a checkpoint: the simulated length of every round so far (clients.csv's rows
+        are in the measurement session's state, already on this clock)."""
+        return {"rounds": dict(self.rounds)}
+
+    def load_state_dict(self, state, node) -> None:
+        self.rounds = {int(r): float(s) for r, s in state["rounds"].items()}
+
     def elapsed(self) -> float:
         """Simulated seconds of the rounds so far."""
         return sum(self.rounds.values())

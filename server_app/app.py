@@ -110,7 +110,7 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     evaluate.clock = clock
     label_names = split.test.class_names
     checkpoints = RunCheckpoints(run, keep=cfg.checkpoint.keep, config=cfg.as_flat_dict(), strategy=algorithm,
-                                 measurements=measurements, evaluation=evaluate, profiles=profiles)
+                                 measurements=measurements, evaluation=evaluate, profiles=profiles, clock=clock)
     if saved is not None:  # continue a killed run (server_app/resume.py)
         checkpoints.restore(saved, profiles)
         initial = saved.global_arrays

@@ -141,9 +141,11 @@ class RunCheckpoints:
     partition map."""
 
     def __init__(self, run: RunDirectory, *, keep: int, config: Mapping[str, Any], strategy, measurements, evaluation,
-                 profiles: Mapping[int, Mapping]) -> None:
+                 profiles: Mapping[int, Mapping], clock=None) -> None:
         self.run, self.keep, self.config = run, keep, dict(config)
         self.parts: dict[str, Any] = {"strategy": strategy, "measurements": measurements, "evaluation": evaluation}
+        if clock is not None:  # a simulated clock (measurements/clock.py): its elapsed time goes on after a resume
+            self.parts["clock"] = clock
         self.profiles = profiles
 
     @property

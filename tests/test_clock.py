@@ -1,6 +1,8 @@
 """The simulated clock: a round lasts as long as its slowest participant, the deadline
 drops late nodes as a real run would, and the tables carry the simulated times."""
 
+import json
+
 import pytest
 from flwr.app import ConfigRecord
 
@@ -80,3 +82,16 @@ def test_the_deadline_drops_late_nodes_and_cuts_the_round(flower_identity, fake_
     assert row["train_s"] == pytest.approx(14.0) and row["load_s"] == 2.0 and row["loop_s"] == pytest.approx(12.0)
     untouched = {"round": 1, "node_id": 9, "clock": "measured"}
     assert clock.rewrite(untouched) is untouched
+
+
+def test_the_simulated_time_goes_on_after_a_resume(flower_identity, fake_grid):
+    from server_app import checkpoint
+
+    clock, strategy, _ = clocked(deadline=600.0)
+    play_round(strategy, fake_grid)
+    clock.round_s(1, server_s=0.5, cut=False)
+    again, _, _ = clocked(deadline=600.0)
+    arrays = {}
+    stored = json.loads(json.dumps(checkpoint.encode(clock.state_dict(), arrays)))  # as checkpoint.json holds it
+    again.load_state_dict(checkpoint.decode(stored, arrays), node=lambda n: n)
+    assert again.elapsed() == pytest.approx(clock.elapsed()) and again.elapsed() > 0.5
