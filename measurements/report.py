@@ -202,6 +202,7 @@ def summarize(run: Run) -> dict:
         "transfers": {name: stats for name, rows in sorted(by_network.items()) if (stats := transfer_stats(rows))},
         "no_transfer_timing": unavailable,
         "starts": dict(sorted(starts.items())),
+        "clocks": sorted({r.get("clock") or "measured" for r in run.clients}),
     }
 
 
@@ -220,7 +221,12 @@ def format_summary(summary: dict) -> str:
             lines.append(f"    {label:<15}{s['n']:>5}{med:>11}{p95:>10}{share:>9}")
         return lines
 
-    out = [f"run {summary['run']} ({summary['label']})", "  all clients:", *table(summary["overall"])]
+    out = [f"run {summary['run']} ({summary['label']})"]
+    clocks = [c for c in summary.get("clocks", []) if c != "measured"]
+    if clocks:  # the truth at a glance: these seconds were not all measured on this host
+        out.append(f"  clock: {', '.join(summary.get('clocks', []))} (docs/scale.md: simulated = every phase from the latency model; "
+                   "emulated = training padded to the emulated device's time)")
+    out += ["  all clients:", *table(summary["overall"])]
     out.append(
         "    start-up = ClientApp process start (or fork) + load; polling = Flower's polls and queueing; "
         "overhead = start-up + polling"

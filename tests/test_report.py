@@ -158,3 +158,15 @@ def test_transfers_show_goodput_against_the_link_rate_by_hand(tmp_path):
     assert lan.keys() == {"uplink"} and lan["uplink"]["goodput_mbit"] == pytest.approx(16.0) and "of_rate" not in lan["uplink"]
     text = format_summary(summarize(Run.load(d)))
     assert "0.50 of 16" in text and "(rate not known)" in text
+
+
+def test_a_report_says_when_its_seconds_were_not_measured(tmp_path):
+    from measurements.report import format_summary, summarize
+
+    for clock, shown in (("simulated", True), ("measured", False)):
+        d = tmp_path / clock
+        d.mkdir()
+        _write(d / "rounds.csv", ROUNDS_COLUMNS, [{"round": 1, "round_s": 10.0, "clock": clock}])
+        _write(d / "clients.csv", CLIENTS_COLUMNS, [{"round": 1, "node_id": 1, "status": "ok", "train_s": 3.0, "clock": clock}])
+        text = format_summary(summarize(Run.load(d)))
+        assert ("clock: simulated (docs/scale.md" in text) is shown, text
