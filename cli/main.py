@@ -169,7 +169,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"{model.steps} local steps)")
     for name, d in sorted(model.devices.items()):
         print(f"[stamen]   device {name}: start-up {d.startup_s:.2f} s, step {d.step_s:.3f} s + {d.step_per_rank_s:.4f} s/rank "
-              f"{d.step_per_prune_s:+.3f} s x pruning ratio, wait {d.wait_s:.2f} s ({d.rows} rows)")
+              f"{d.step_per_prune_s:+.3f} s x pruning ratio"
+              + "".join(f", {s} {v:+.3f} s/step" for s, v in sorted(d.step_by_strategy.items()))
+              + f", wait {d.wait_s:.2f} s ({d.rows} rows)")
     for name in sorted(model.down):
         down, up = model.down[name], model.up[name]
         print(f"[stamen]   network {name}: down {down.mbit:.1f} Mbit/s + {down.latency_s * 1e3:.0f} ms ({down.fitted}), "

@@ -45,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = StamenConfig.from_run_config(context.run_config)
     instruction = msg.content.config_records[keys.CONFIG]
     # compute emulation: padded to the emulated device's time for this work (client_app/pace.py)
-    with paced(emulated_train_s(context.node_config, instruction, cfg.train.local_steps)):
+    with paced(emulated_train_s(context.node_config, instruction, cfg.train.local_steps, cfg.strategy.name)):
         return method_for(instruction).run(msg, context, cfg)
 
 

@@ -32,7 +32,7 @@ def _model(path: str) -> LatencyModel:
     return LatencyModel.load(path)
 
 
-def emulated_train_s(node_config: Mapping, instruction: Mapping, local_steps: int) -> float | None:
+def emulated_train_s(node_config: Mapping, instruction: Mapping, local_steps: int, strategy: str = "") -> float | None:
     """The seconds the node's emulated device needs for this instruction's training, or
     None when the node emulates no device."""
     device = node_config.get(keys.NODE_EMULATE_DEVICE)
@@ -46,7 +46,7 @@ def emulated_train_s(node_config: Mapping, instruction: Mapping, local_steps: in
         raise ValueError(f"node-config {keys.NODE_EMULATE_DEVICE}={device!r}: not in {path} (it has {', '.join(sorted(model.devices))})")
     rank = float(instruction.get(keys.LORA_RANK, 0))
     prune = float(instruction.get(keys.PRUNE_RATIO, 0.0))
-    return model.devices[str(device)].train_s(local_steps, rank, prune)
+    return model.devices[str(device)].train_s(local_steps, rank, prune, strategy)
 
 
 @contextmanager

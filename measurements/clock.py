@@ -88,6 +88,7 @@ class SimulatedClock:
     fleet: Fleet
     steps: int  # train.local-steps of this run
     deadline: float  # strategy.round-timeout (seconds, simulated)
+    strategy: str = ""  # strategy.name: its device side's own cost per step, where the model has one
     nodes: dict[int, tuple[str, str]] = field(default_factory=dict)  # node -> (device, network)
     phases: dict[tuple[int, int], dict[str, float]] = field(default_factory=dict)  # (round, node) -> phases
     late: dict[tuple[int, int], float] = field(default_factory=dict)  # (round, node) -> its simulated e2e
@@ -115,7 +116,7 @@ class SimulatedClock:
             rank, prune, down = sent[node]
             device, network = self.nodes[node]
             p = self.model.phases(device, network, steps=self.steps, rank=rank, prune=prune, bytes_down=down,
-                                  bytes_up=payload_bytes(reply))
+                                  bytes_up=payload_bytes(reply), strategy=self.strategy)
             self.phases[(server_round, node)] = p
             if p["e2e_s"] > self.deadline:
                 self.late[(server_round, node)] = p["e2e_s"]

@@ -7,7 +7,10 @@ the simulated clock on it (measurements/clock.py). docs/scale.md describes the f
 A client-round is four phases, each owned by one part of the model:
 
 * **train** (per device): ``startup_s + steps * (step_s + step_per_rank_s * rank +
-  step_per_prune_s * prune_ratio)``. The step cost is fitted on the handler's training
+  step_per_prune_s * prune_ratio + step_by_strategy[strategy])``: a strategy whose
+  device side does more per step than the most common one of the runs (FedSpine scores
+  units and measures losses before and after pruning) gets its own offset, so that its
+  overhead is not read as the cost of pruning. The step cost is fitted on the handler's training
   loop (``loop_s / steps``) by least squares; start-up is the rest of the handler
   (loading, serializing), its median.
 * **downlink / uplink** (per network and direction): ``latency_s + 8 * bytes / (mbit *
@@ -53,9 +56,11 @@ class DeviceModel:
     wait_s: float = 0.0
     rows: int = 0
     device_class: str = ""  # its class (lora.rank-by-class keys): what a simulated node of this device reports
+    step_by_strategy: dict[str, float] = field(default_factory=dict)  # strategy -> extra seconds per step
 
-    def train_s(self, steps: int, rank: float, prune: float) -> float:
-        return self.startup_s + steps * max(0.0, self.step_s + self.step_per_rank_s * rank + self.step_per_prune_s * prune)
+    def train_s(self, steps: int, rank: float, prune: float, strategy: str = "") -> float:
+        per_step = self.step_s + self.step_per_rank_s * rank + self.step_per_prune_s * prune + self.step_by_strategy.get(strategy, 0.0)
+        return self.startup_s + steps * max(0.0, per_step)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class LatencyModel:
     error: dict[str, float] = field(default_factory=dict)  # phase -> median absolute relative error on the fitting rows
 
     def phases(self, device: str, network: str, *, steps: int, rank: float, prune: float, bytes_down: float,
-               bytes_up: float) -> dict[str, float]:
+               bytes_up: float, strategy: str = "") -> dict[str, float]:
         """The predicted seconds of each phase of one client-round, and ``e2e_s`` (their sum)."""
         if device not in self.devices:
             raise LatencyModelError(f"device {device!r} is not in the latency model (it knows {', '.join(sorted(self.devices))})")
@@ -90,7 +95,7 @@ class LatencyModel:
         d = self.devices[device]
         out = {
             "downlink_s": self.down[network].transfer_s(bytes_down),
-            "train_s": d.train_s(steps, rank, prune),
+            "train_s": d.train_s(steps, rank, prune, strategy),
             "uplink_s": self.up[network].transfer_s(bytes_up),
             "wait_s": d.wait_s,
         }
@@ -148,14 +153,19 @@ def least_squares(columns: Mapping[str, Iterable[float]], target: Iterable[float
 
 
 def fit_device(rows: list[dict]) -> DeviceModel:
-    """``rows``: dicts with steps, rank, prune, train_s, loop_s, wait_s."""
+    """``rows``: dicts with steps, rank, prune, strategy, train_s, loop_s, wait_s."""
     per_step = [r["loop_s"] / r["steps"] for r in rows]
-    c = least_squares({"1": [1.0] * len(rows), "rank": [r["rank"] for r in rows], "prune": [r["prune"] for r in rows]}, per_step)
+    strategies = [r.get("strategy", "") for r in rows]
+    others = sorted(set(strategies) - {statistics.mode(strategies)})  # the most common is the reference
+    columns = {"1": [1.0] * len(rows), "rank": [r["rank"] for r in rows], "prune": [r["prune"] for r in rows]}
+    columns.update({f"strategy:{s}": [float(x == s) for x in strategies] for s in others})
+    c = least_squares(columns, per_step)
     return DeviceModel(
         startup_s=statistics.median(r["train_s"] - r["loop_s"] for r in rows),
         step_s=c["1"], step_per_rank_s=c["rank"], step_per_prune_s=c["prune"],
         wait_s=statistics.median(r["wait_s"] for r in rows), rows=len(rows),
         device_class=statistics.mode(r.get("device_class", "") for r in rows),
+        step_by_strategy={s: c[f"strategy:{s}"] for s in others if c[f"strategy:{s}"] != 0.0},
     )
 
 
@@ -201,7 +211,7 @@ def fit(rows: list[dict], *, server_s: float = 0.0, workload: Mapping | None = N
 def predicted_and_measured(model: LatencyModel, row: dict) -> tuple[dict[str, float], dict[str, float]]:
     """The model's phases for a measured row's inputs, and the row's own (with e2e_s)."""
     predicted = model.phases(row["device"], row["network"], steps=row["steps"], rank=row["rank"], prune=row["prune"],
-                             bytes_down=row["bytes_down"], bytes_up=row["bytes_up"])
+                             bytes_down=row["bytes_down"], bytes_up=row["bytes_up"], strategy=row.get("strategy", ""))
     measured = {k: row[k] for k in PHASES}
     measured["e2e_s"] = sum(measured.values())
     return predicted, measured
@@ -252,7 +262,7 @@ def rows_of_run(run_dir: Path) -> tuple[list[dict], dict, float | None]:
             "run": run_dir.name, "round": int(c["round"]), "node_id": c["node_id"],
             "device": c.get("device") or c["device_class"], "device_class": c["device_class"], "network": c["network"],
             "steps": steps,
-            "rank": values["lora_rank"], "prune": _number(c.get("prune_ratio", "")) or 0.0,
+            "rank": values["lora_rank"], "prune": _number(c.get("prune_ratio", "")) or 0.0, "strategy": config.get("strategy.name", ""),
             **{k: values[k] for k in (*PHASES, "loop_s")},
             "bytes_down": values["payload_down_bytes"], "bytes_up": values["payload_up_bytes"],
             "link_down_mbit": _number(c.get("link_down_mbit", "")), "link_up_mbit": _number(c.get("link_up_mbit", "")),

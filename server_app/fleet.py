@@ -22,7 +22,8 @@ def simulated_clock(cfg: StamenConfig, profiles: Mapping[int, Mapping]) -> Simul
         model = LatencyModel.load(sim.latency_model)
         fleet = Fleet.parse(sim.fleet, default_network=sim.network)
         fleet.check(model)
-        clock = SimulatedClock(model, fleet, steps=cfg.train.local_steps, deadline=cfg.strategy.round_timeout)
+        clock = SimulatedClock(model, fleet, steps=cfg.train.local_steps, deadline=cfg.strategy.round_timeout,
+                               strategy=cfg.strategy.name)
         clock.assign(profiles)
     except LatencyModelError as err:
         log(ERROR, "simulation.latency-model: %s", err)

@@ -78,12 +78,12 @@ def test_a_simulated_clock_is_checked_before_anything_starts(tmp_path, capsys):
 
 
 def test_stamen_calibrate_writes_the_model_and_prints_its_error(tmp_path, capsys):
-    from tests.test_latency_model import write_synthetic_run
+    from tests.test_latency_model import write_synthetic_runs
 
-    write_synthetic_run(tmp_path)  # run 7: synthetic rows with known parameters
-    assert main(["calibrate", str(tmp_path / "7"), "--out", str(tmp_path / "model.json")]) == 0
+    runs, _ = write_synthetic_runs(tmp_path)  # a FLoRA run and a FedSpine run: synthetic rows with known parameters
+    assert main(["calibrate", *map(str, runs), "--out", str(tmp_path / "model.json")]) == 0
     text = capsys.readouterr().out
-    assert "device raspberry-pi-4: start-up 1.99 s, step 0.502 s + 0.0198 s/rank -0.400 s x pruning ratio" in text
+    assert "device raspberry-pi-4: start-up 1.97 s, step 0.501 s + 0.0200 s/rank -0.399 s x pruning ratio, fedspine +0.080 s/step" in text
     assert "fit error" in text and (tmp_path / "model.json").is_file()
     assert main(["calibrate", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -19,8 +19,10 @@ from measurements.latency_model import (
 )
 
 TRUE_DEVICES = {
-    "raspberry-pi-4": DeviceModel(startup_s=2.0, step_s=0.50, step_per_rank_s=0.02, step_per_prune_s=-0.40, wait_s=0.30),
-    "jetson-orin-nano": DeviceModel(startup_s=1.0, step_s=0.15, step_per_rank_s=0.005, step_per_prune_s=-0.10, wait_s=0.25),
+    "raspberry-pi-4": DeviceModel(startup_s=2.0, step_s=0.50, step_per_rank_s=0.02, step_per_prune_s=-0.40, wait_s=0.30,
+                                  step_by_strategy={"flora": 0.0, "fedspine": 0.08}),
+    "jetson-orin-nano": DeviceModel(startup_s=1.0, step_s=0.15, step_per_rank_s=0.005, step_per_prune_s=-0.10, wait_s=0.25,
+                                    step_by_strategy={"flora": 0.0, "fedspine": 0.02}),
 }
 TRUE_LINKS = {  # network -> (down, up)
     "wifi": (LinkModel(latency_s=0.05, mbit=100.0), LinkModel(latency_s=0.06, mbit=80.0)),
@@ -34,13 +36,15 @@ def synthetic_rows(noise=0.02, seed=0, steps=20):
     for device, d in TRUE_DEVICES.items():
         for network, (down, up) in TRUE_LINKS.items():
             for rank in (4, 8, 16):
-                for prune in (0.0, 0.2, 0.5):
+                # FLoRA (most rows: the reference) never prunes; FedSpine prunes 0 to 0.5 and does more per
+                # step: its overhead must not be read as pruning's
+                for strategy, prune in (("flora", 0.0),) * 4 + (("fedspine", 0.0), ("fedspine", 0.2), ("fedspine", 0.5)):
                     for bytes_down in (7.1e6, 1.2e6):  # FLoRA: dense, then stacked
                         bytes_up = rank * 60_000 * (1 - prune)
-                        loop = steps * (d.step_s + d.step_per_rank_s * rank + d.step_per_prune_s * prune)
+                        loop = steps * (d.step_s + d.step_per_rank_s * rank + d.step_per_prune_s * prune + d.step_by_strategy[strategy])
                         jitter = lambda: 1 + noise * rng.uniform(-1, 1)  # noqa: E731
                         rows.append({
-                            "device": device, "network": network, "steps": steps, "rank": rank, "prune": prune,
+                            "device": device, "network": network, "steps": steps, "rank": rank, "prune": prune, "strategy": strategy,
                             "loop_s": loop * jitter(), "train_s": (loop + d.startup_s) * jitter(), "wait_s": d.wait_s * jitter(),
                             "downlink_s": down.transfer_s(bytes_down) * jitter(), "uplink_s": up.transfer_s(bytes_up) * jitter(),
                             "bytes_down": bytes_down, "bytes_up": bytes_up, "link_down_mbit": None, "link_up_mbit": None,
@@ -58,6 +62,7 @@ def test_the_fit_recovers_known_parameters_within_5_percent():
         got = model.devices[name]
         for field in ("startup_s", "step_s", "step_per_rank_s", "step_per_prune_s", "wait_s"):
             assert close(getattr(got, field), getattr(true, field)), (name, field, getattr(got, field), getattr(true, field))
+        assert close(got.step_by_strategy["fedspine"], true.step_by_strategy["fedspine"]), (name, got.step_by_strategy)
     for network, (down, up) in TRUE_LINKS.items():
         for got, true in ((model.down[network], down), (model.up[network], up)):
             assert got.fitted == "slope"
@@ -102,41 +107,48 @@ def test_the_file_round_trips(tmp_path):
         LatencyModel.load(tmp_path / "bad.json")
 
 
-def write_synthetic_run(tmp_path):
-    """Run directory 7: clients.csv rows as the measurement layer writes them (synthetic,
-    known parameters), plus a refused row and a simulated one that must not be fitted."""
+def write_synthetic_runs(tmp_path):
+    """Run directories 7 (FLoRA's rows) and 8 (FedSpine's): clients.csv rows as the
+    measurement layer writes them (synthetic, known parameters), plus a refused row and
+    a simulated one that must not be fitted. Returns the directories and the rows to fit."""
     from measurements.tables import CLIENTS_COLUMNS
 
-    run = tmp_path / "7"
-    run.mkdir()
-    (run / "stamen-config.json").write_text(json.dumps({"train.local-steps": 20, "model.path": "m", "model.task": "t",
-                                                        "model.max-seq-len": 32, "train.batch-size": 8}))
-    rows = []
-    for i, r in enumerate(synthetic_rows()):
-        rows.append({
-            "round": 1 + i % 3, "node_id": i, "device_class": "x", "device": r["device"], "network": r["network"],
-            "status": "ok", "clock": "measured", "train_s": r["train_s"], "loop_s": r["loop_s"], "wait_s": r["wait_s"],
-            "downlink_s": r["downlink_s"], "uplink_s": r["uplink_s"], "payload_down_bytes": int(r["bytes_down"]),
-            "payload_up_bytes": int(r["bytes_up"]), "lora_rank": r["rank"], "prune_ratio": r["prune"],
-        })
-    rows.append({**rows[0], "status": "rejected", "train_s": 1e6})
-    rows.append({**rows[0], "clock": "simulated", "train_s": 1e6})
-    with open(run / "clients.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, CLIENTS_COLUMNS, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    return run, len(rows) - 2
+    runs, fitted = [], 0
+    for name, strategy in (("7", "flora"), ("8", "fedspine")):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "stamen-config.json").write_text(json.dumps({"train.local-steps": 20, "model.path": "m", "model.task": "t",
+                                                            "model.max-seq-len": 32, "train.batch-size": 8, "strategy.name": strategy}))
+        rows = []
+        for i, r in enumerate(r for r in synthetic_rows() if r["strategy"] == strategy):
+            rows.append({
+                "round": 1 + i % 3, "node_id": i, "device_class": "x", "device": r["device"], "network": r["network"],
+                "status": "ok", "clock": "measured", "train_s": r["train_s"], "loop_s": r["loop_s"], "wait_s": r["wait_s"],
+                "downlink_s": r["downlink_s"], "uplink_s": r["uplink_s"], "payload_down_bytes": int(r["bytes_down"]),
+                "payload_up_bytes": int(r["bytes_up"]), "lora_rank": r["rank"], "prune_ratio": r["prune"],
+            })
+        fitted += len(rows)
+        rows.append({**rows[0], "status": "rejected", "train_s": 1e6})
+        rows.append({**rows[0], "clock": "simulated", "train_s": 1e6})
+        with open(run / "clients.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, CLIENTS_COLUMNS, restval="")
+            w.writeheader()
+            w.writerows(rows)
+        runs.append(run)
+    return runs, fitted
 
 
 def test_calibrate_reads_run_directories(tmp_path):
-    """Refused and simulated rows are not fitted; one workload per model."""
-    run, fitted = write_synthetic_run(tmp_path)
-    model, used = calibrate([run])
+    """Refused and simulated rows are not fitted; each run's strategy comes from its config; one workload per model."""
+    runs, fitted = write_synthetic_runs(tmp_path)
+    model, used = calibrate(runs)
     assert len(used) == fitted
-    assert close(model.devices["raspberry-pi-4"].startup_s, 2.0) and model.workload["model.path"] == "m"
-    other = tmp_path / "8"
+    pi = model.devices["raspberry-pi-4"]
+    assert close(pi.startup_s, 2.0) and close(pi.step_per_prune_s, -0.40) and close(pi.step_by_strategy["fedspine"], 0.08)
+    assert model.workload["model.path"] == "m"
+    other = tmp_path / "9"
     other.mkdir()
     (other / "stamen-config.json").write_text(json.dumps({"train.local-steps": 20, "model.path": "other"}))
-    (other / "clients.csv").write_text((run / "clients.csv").read_text())
+    (other / "clients.csv").write_text((runs[0] / "clients.csv").read_text())
     with pytest.raises(LatencyModelError, match="different workloads"):
-        calibrate([run, other])
+        calibrate([*runs, other])
