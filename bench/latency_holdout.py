@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from measurements.latency_model import PHASES, calibrate, predicted_and_measured, rows_of_run  # noqa: E402
+from measurements.latency_model import PHASES, LatencyModel, calibrate, predicted_and_measured, rows_of_run  # noqa: E402
 
 ROUND_BOUND, PHASE_BOUND = 0.15, 0.20
 
@@ -74,18 +74,23 @@ def print_comparison(rows: list[tuple[str, float, float]]) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fit", nargs="+", required=True, help="run directories to fit on")
+    parser.add_argument("--fit", nargs="+", default=[], help="run directories to fit on")
+    parser.add_argument("--model", default="", help="or: a latency model file to predict with")
     parser.add_argument("--holdout", required=True, help="the run directory to predict")
     parser.add_argument("--out", default="", help="also write the fitted model here")
     parser.add_argument("--simulated", default="", help="a simulated-clock run of the holdout's configuration, to compare as well")
     args = parser.parse_args()
-    model, fitted = calibrate([Path(d) for d in args.fit])
+    if bool(args.fit) == bool(args.model):
+        parser.error("give --fit RUN... or --model FILE")
+    model, fitted = calibrate([Path(d) for d in args.fit]) if args.fit else (LatencyModel.load(args.model), [])
     if args.out:
         model.save(Path(args.out))
-    rows, _, server = rows_of_run(Path(args.holdout))
-    print(f"fitted on {len(fitted)} client-rounds of {len(args.fit)} runs; fit error " +
-          ", ".join(f"{k} {v:.1%}" for k, v in model.error.items()))
-    print(f"holdout {args.holdout}: {len(rows)} client-rounds, devices {sorted({(r['device'], r['network']) for r in rows})}\n")
+    rows, _, server = rows_of_run(Path(args.holdout), clocks=("measured", "emulated", "emulated-late"))
+    emulated = sum(1 for r in rows if r["clock"] != "measured")
+    source = f"fitted on {len(fitted)} client-rounds of {len(args.fit)} runs" if args.fit else f"{args.model} ({len(model.fitted_from)} runs)"
+    print(f"model {source}; fit error " + ", ".join(f"{k} {v:.1%}" for k, v in model.error.items()))
+    print(f"holdout {args.holdout}: {len(rows)} client-rounds ({emulated} compute-emulated), "
+          f"devices {sorted({(r['device'], r['network']) for r in rows})}\n")
     round_s = {int(r["round"]): float(r["round_s"]) for r in csv.DictReader(open(Path(args.holdout) / "rounds.csv"))}
     print("the model on the holdout's own inputs:")
     print_comparison(compare(model, rows, round_s))

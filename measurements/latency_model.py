@@ -41,6 +41,7 @@ import numpy as np
 FORMAT = "stamen-latency-model/1"
 PHASES = ("downlink_s", "train_s", "uplink_s", "wait_s")
 SPREAD = 1.2  # payload sizes whose largest is below this x the smallest cannot give a rate
+SUPPORT = 3  # a coefficient needs at least this many rows away from its input's most common value
 
 
 class LatencyModelError(ValueError):
@@ -139,12 +140,20 @@ class LatencyModel:
 # --- fitting --------------------------------------------------------------------------------------
 
 
+def supported(values: np.ndarray) -> bool:
+    """At least SUPPORT values differ from the most common one: enough to fit a slope on."""
+    _, counts = np.unique(values, return_counts=True)
+    return len(values) - counts.max() >= SUPPORT
+
+
 def least_squares(columns: Mapping[str, Iterable[float]], target: Iterable[float]) -> dict[str, float]:
-    """Coefficients of ``target ~ sum(c * column)``; a column without spread (all one value,
-    so inseparable from the intercept ``"1"``) gets 0. ``columns`` must include "1"."""
+    """Coefficients of ``target ~ sum(c * column)``. A column that (almost) never moves
+    gets 0, not a guess: all one value is inseparable from the intercept ``"1"``, and one
+    or two rows away from it would make the slope their noise (:func:`supported`).
+    ``columns`` must include "1"."""
     y = np.asarray(list(target), dtype=float)
     cols = {k: np.asarray(list(v), dtype=float) for k, v in columns.items()}
-    used = [k for k, v in cols.items() if k == "1" or np.ptp(v) > 1e-12]
+    used = [k for k, v in cols.items() if k == "1" or supported(v)]
     x = np.stack([cols[k] for k in used], axis=1)
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     out = dict.fromkeys(cols, 0.0)
@@ -240,10 +249,11 @@ def _number(value: str) -> float | None:
         return None
 
 
-def rows_of_run(run_dir: Path) -> tuple[list[dict], dict, float | None]:
+def rows_of_run(run_dir: Path, clocks: tuple[str, ...] = ("measured",)) -> tuple[list[dict], dict, float | None]:
     """(client-round rows to fit on, the run's workload, the server's median part of a
-    round) of one run directory. Rows: accepted client-rounds on the measured clock with
-    every phase timed on the device (stamen-supernode's transport timing)."""
+    round) of one run directory. Rows: accepted client-rounds on one of ``clocks`` with
+    every phase timed on the device (stamen-supernode's transport timing). Only measured
+    rows are fitted; a comparison may read emulated ones."""
     run_dir = Path(run_dir)
     try:
         config = json.loads((run_dir / "stamen-config.json").read_text())
@@ -253,13 +263,13 @@ def rows_of_run(run_dir: Path) -> tuple[list[dict], dict, float | None]:
     steps = int(config["train.local-steps"])
     rows = []
     for c in clients:
-        if c.get("status") not in ("ok", "clipped", "reweighted") or c.get("clock", "measured") != "measured":
+        if c.get("status") not in ("ok", "clipped", "reweighted") or (c.get("clock") or "measured") not in clocks:
             continue
         values = {k: _number(c.get(k, "")) for k in (*PHASES, "loop_s", "payload_down_bytes", "payload_up_bytes", "lora_rank")}
         if any(v is None for v in values.values()):
             continue  # a phase not timed (simulation, a stock SuperNode) or a non-LoRA instruction
         rows.append({
-            "run": run_dir.name, "round": int(c["round"]), "node_id": c["node_id"],
+            "run": run_dir.name, "round": int(c["round"]), "node_id": c["node_id"], "clock": c.get("clock") or "measured",
             "device": c.get("device") or c["device_class"], "device_class": c["device_class"], "network": c["network"],
             "steps": steps,
             "rank": values["lora_rank"], "prune": _number(c.get("prune_ratio", "")) or 0.0, "strategy": config.get("strategy.name", ""),

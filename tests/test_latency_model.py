@@ -93,8 +93,11 @@ def test_one_payload_size_falls_back_on_the_configured_rate():
 
 
 def test_a_column_without_spread_gets_no_coefficient():
-    c = least_squares({"1": [1, 1, 1], "rank": [8, 8, 8], "prune": [0, 0.5, 1.0]}, [1.0, 2.0, 3.0])
+    c = least_squares({"1": [1] * 4, "rank": [8] * 4, "prune": [0, 0.5, 1.0, 1.5]}, [1.0, 2.0, 3.0, 4.0])
     assert c["rank"] == 0.0 and c["1"] == pytest.approx(1.0) and c["prune"] == pytest.approx(2.0)
+    # one pruned row among many (a bandit that tried it once) is its own noise, not a slope
+    c = least_squares({"1": [1] * 6, "prune": [0, 0, 0, 0, 0, 0.1]}, [3.5, 3.6, 3.5, 3.4, 3.5, 4.6])
+    assert c["prune"] == 0.0 and c["1"] == pytest.approx(sum([3.5, 3.6, 3.5, 3.4, 3.5, 4.6]) / 6)
 
 
 def test_the_file_round_trips(tmp_path):
