@@ -33,19 +33,28 @@ ROUND_BOUND, PHASE_BOUND = 0.15, 0.20
 
 
 def compare(model, rows: list[dict], round_s: dict[int, float]) -> list[tuple[str, float, float]]:
-    """(figure, predicted median, measured median) for the round and each phase.
-    ``round_s``: rounds.csv's measured round times by round."""
+    """(figure, predicted median, measured median) for the round, then each phase per
+    (device, network) and over all client-rounds. ``round_s``: rounds.csv's measured round
+    times by round.
+
+    The per-(device, network) medians are what the bounds judge. Pooled over a mix they
+    compare dispersion as much as the model: 16 Pi 4 uplinks near 0.12 s and 8 Pi 5
+    uplinks near 0.31 s put the pooled median between the groups, where the predicted one
+    (every Pi 4 row the same 0.114 s) does not follow."""
     predicted, measured = defaultdict(list), defaultdict(list)
     by_round_p = defaultdict(float)
     for r in rows:
         p, m = predicted_and_measured(model, r)
         for k in (*PHASES, "e2e_s"):
-            predicted[k].append(p[k])
-            measured[k].append(m[k])
+            for group in ((r["device"], r["network"]), "all"):
+                predicted[(k, group)].append(p[k])
+                measured[(k, group)].append(m[k])
         by_round_p[r["round"]] = max(by_round_p[r["round"]], p["e2e_s"])
     out = [("round", statistics.median(v + model.server_s for v in by_round_p.values()),
             statistics.median(round_s[r] for r in by_round_p))]
-    out += [(k.removesuffix("_s"), statistics.median(predicted[k]), statistics.median(measured[k])) for k in (*PHASES, "e2e_s")]
+    for (k, group), values in sorted(predicted.items(), key=lambda kv: (kv[0][1] == "all", str(kv[0][1]), PHASES.index(kv[0][0]) if kv[0][0] in PHASES else 9)):
+        name = f"{k.removesuffix('_s')} {'@'.join(group) if group != 'all' else '(pooled)'}"
+        out.append((name, statistics.median(values), statistics.median(measured[(k, group)])))
     return out
 
 
@@ -66,7 +75,7 @@ def print_comparison(rows: list[tuple[str, float, float]]) -> bool:
         bound = ROUND_BOUND if name.startswith("round") else PHASE_BOUND
         err = (p - m) / m if m else float("nan")
         within = abs(err) <= bound
-        ok &= within or name == "e2e"
+        ok &= within or name.startswith("e2e") or name.endswith("(pooled)")
         print(f"{name:<24} {p:>11.3f} {m:>10.3f} {err:>+7.1%} {'ok' if within else 'OVER':>6}")
     print("within the bounds" if ok else "NOT within the bounds")
     return ok

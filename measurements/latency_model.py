@@ -13,11 +13,13 @@ A client-round is four phases, each owned by one part of the model:
   overhead is not read as the cost of pruning. The step cost is fitted on the handler's training
   loop (``loop_s / steps``) by least squares; start-up is the rest of the handler
   (loading, serializing), its median.
-* **downlink / uplink** (per network and direction): ``latency_s + 8 * bytes / (mbit *
-  1e6)`` over the ArrayRecord payload, so framing is part of the rate. Fitted by least
-  squares where the payload sizes spread (FLoRA's dense and stacked downlinks, FedSpine's
-  ranks); where they do not, the link's configured rate is used and only the latency is
-  fitted (the file says which).
+* **downlink / uplink** (per network and direction, plus the device): ``latency_s + 8 *
+  bytes / (mbit * 1e6) + device's downlink_extra_s / uplink_extra_s`` over the ArrayRecord
+  payload, so framing is part of the rate. The link is fitted by least squares where the
+  payload sizes spread (FLoRA's dense and stacked downlinks, FedSpine's ranks); where they
+  do not, the link's configured rate is used and only the latency is fitted (the file
+  says which). The device's extra is the median of what its transfers took beyond its
+  links' fit: the RPCs cost CPU, and a Pi's share of it is slower than a GPU server's.
 * **wait** (per device): Flower's polling and queueing around the message, its median.
 
 and the server's own part of a round (``server_s``: building messages, aggregating, the
@@ -32,7 +34,7 @@ import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,8 @@ class DeviceModel:
     rows: int = 0
     device_class: str = ""  # its class (lora.rank-by-class keys): what a simulated node of this device reports
     step_by_strategy: dict[str, float] = field(default_factory=dict)  # strategy -> extra seconds per step
+    downlink_extra_s: float = 0.0  # its transfers beyond the link's time (the RPCs' CPU on this device)
+    uplink_extra_s: float = 0.0
 
     def train_s(self, steps: int, rank: float, prune: float, strategy: str = "") -> float:
         per_step = self.step_s + self.step_per_rank_s * rank + self.step_per_prune_s * prune + self.step_by_strategy.get(strategy, 0.0)
@@ -95,9 +99,9 @@ class LatencyModel:
             raise LatencyModelError(f"network {network!r} is not in the latency model (it knows {', '.join(sorted(self.down))})")
         d = self.devices[device]
         out = {
-            "downlink_s": self.down[network].transfer_s(bytes_down),
+            "downlink_s": max(0.0, self.down[network].transfer_s(bytes_down) + d.downlink_extra_s),
             "train_s": d.train_s(steps, rank, prune, strategy),
-            "uplink_s": self.up[network].transfer_s(bytes_up),
+            "uplink_s": max(0.0, self.up[network].transfer_s(bytes_up) + d.uplink_extra_s),
             "wait_s": d.wait_s,
         }
         out["e2e_s"] = sum(out[p] for p in PHASES)
@@ -206,15 +210,18 @@ def fit(rows: list[dict], *, server_s: float = 0.0, workload: Mapping | None = N
     for r in rows:
         by_device[r["device"]].append(r)
         by_network[r["network"]].append(r)
-    model = LatencyModel(
-        devices={d: fit_device(rs) for d, rs in by_device.items()},
-        down={n: fit_link([r["bytes_down"] for r in rs], [r["downlink_s"] for r in rs], [r.get("link_down_mbit") for r in rs])
-              for n, rs in by_network.items()},
-        up={n: fit_link([r["bytes_up"] for r in rs], [r["uplink_s"] for r in rs], [r.get("link_up_mbit") for r in rs])
-            for n, rs in by_network.items()},
-        steps=max(steps), workload=dict(workload or {}), server_s=server_s, fitted_from=list(fitted_from),
-    )
-    return LatencyModel(**{**model.__dict__, "error": errors(model, rows)})
+    down = {n: fit_link([r["bytes_down"] for r in rs], [r["downlink_s"] for r in rs], [r.get("link_down_mbit") for r in rs])
+            for n, rs in by_network.items()}
+    up = {n: fit_link([r["bytes_up"] for r in rs], [r["uplink_s"] for r in rs], [r.get("link_up_mbit") for r in rs])
+          for n, rs in by_network.items()}
+    devices = {}
+    for d, rs in by_device.items():  # then each device: what its transfers took beyond its links' fit
+        extra_down = statistics.median(r["downlink_s"] - down[r["network"]].transfer_s(r["bytes_down"]) for r in rs)
+        extra_up = statistics.median(r["uplink_s"] - up[r["network"]].transfer_s(r["bytes_up"]) for r in rs)
+        devices[d] = replace(fit_device(rs), downlink_extra_s=extra_down, uplink_extra_s=extra_up)
+    model = LatencyModel(devices=devices, down=down, up=up, steps=max(steps), workload=dict(workload or {}), server_s=server_s,
+                         fitted_from=list(fitted_from))
+    return replace(model, error=errors(model, rows))
 
 
 def predicted_and_measured(model: LatencyModel, row: dict) -> tuple[dict[str, float], dict[str, float]]:
