@@ -173,6 +173,8 @@ def fit_device(rows: list[dict]) -> DeviceModel:
     columns = {"1": [1.0] * len(rows), "rank": [r["rank"] for r in rows], "prune": [r["prune"] for r in rows]}
     columns.update({f"strategy:{s}": [float(x == s) for x in strategies] for s in others})
     c = least_squares(columns, per_step)
+    if c["rank"] < 0:  # a higher rank never trains faster: a negative slope is the runs' noise; fit without it
+        c = least_squares({k: v for k, v in columns.items() if k != "rank"} | {"rank": [0.0] * len(rows)}, per_step)
     return DeviceModel(
         startup_s=statistics.median(r["train_s"] - r["loop_s"] for r in rows),
         step_s=c["1"], step_per_rank_s=c["rank"], step_per_prune_s=c["prune"],

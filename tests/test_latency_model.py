@@ -100,6 +100,15 @@ def test_one_payload_size_falls_back_on_the_configured_rate():
         fit_link(sizes, seconds, [None] * 5)
 
 
+def test_a_higher_rank_never_trains_faster():
+    from measurements.latency_model import fit_device
+
+    rows = [{"steps": 10, "rank": r, "prune": 0.0, "loop_s": 10 * s, "train_s": 10 * s + 1.0, "wait_s": 0.5}
+            for r, s in ((4, 2.2), (4, 2.1), (4, 2.2), (8, 2.0), (8, 2.1), (8, 2.0))]  # rank 8 ran on a quieter host
+    d = fit_device(rows)
+    assert d.step_per_rank_s == 0.0 and d.step_s == pytest.approx((2.2 + 2.1 + 2.2 + 2.0 + 2.1 + 2.0) / 6)
+
+
 def test_a_column_without_spread_gets_no_coefficient():
     c = least_squares({"1": [1] * 4, "rank": [8] * 4, "prune": [0, 0.5, 1.0, 1.5]}, [1.0, 2.0, 3.0, 4.0])
     assert c["rank"] == 0.0 and c["1"] == pytest.approx(1.0) and c["prune"] == pytest.approx(2.0)
