@@ -8,7 +8,7 @@ cannot be built, a model path missing on the devices) behind a run that looks fi
 ``Quorum(strategy, min_replies=k)`` wraps any strategy (by composition, like Flower's DP
 wrappers): after the wrapped ``aggregate_train`` has booked the round (its drops and
 clients.csv rows are written), a round whose messages got fewer than ``k`` replies
-without an error raises :class:`RoundFailed`. The message names the nodes and their
+without an error raises :class:`RoundFailedError`. The message names the nodes and their
 errors, grouped, so one line says what broke on 1,000 nodes. The ServerApp lets it
 propagate: Flower marks the run ``finished:failed`` and ``stamen`` exits non-zero.
 
@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from stamen.wrapping import StrategyWrapper
 
 
-class RoundFailed(RuntimeError):
+class RoundFailedError(RuntimeError):
     """Too few nodes served a round; the message names them and what they said."""
 
 
@@ -51,7 +51,7 @@ def failure_summary(errors: dict[int, str], *, silent: Iterable[int] = (), shown
 
 
 def check_quorum(server_round: int, sent: Iterable[int], replies: Iterable[Message], min_replies: int) -> None:
-    """Raise RoundFailed when fewer than ``min_replies`` of the nodes in ``sent`` replied
+    """Raise RoundFailedError when fewer than ``min_replies`` of the nodes in ``sent`` replied
     without an error (and at least one node was sent a message)."""
     sent = set(sent)
     if not sent:
@@ -66,7 +66,7 @@ def check_quorum(server_round: int, sent: Iterable[int], replies: Iterable[Messa
     if len(ok) >= min_replies:
         return
     silent = sent - ok - set(errors)
-    raise RoundFailed(
+    raise RoundFailedError(
         f"round {server_round}: {len(ok)} of {len(sent)} nodes replied without an error, fewer than "
         f"strategy.min-replies = {min_replies}. {failure_summary(errors, silent=silent)}. "
         "The run stops here: the nodes' logs (or the ClientApp's in simulation) have the full errors."

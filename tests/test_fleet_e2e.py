@@ -49,7 +49,7 @@ def test_a_hundred_virtual_nodes_train_a_sampled_twentieth_per_round(fleet_run):
     assert [r["nodes_sent"] for r in rounds] == ["5", "5"] and {r["clock"] for r in rounds} == {"simulated"}
 
 
-def test_the_clock_is_the_fleets_and_the_deadline_drops_the_slow(fleet_run, latency_model):
+def test_every_phase_is_the_fleets_from_the_model(fleet_run, latency_model):
     _, model = latency_model
     rows = list(csv.DictReader(open(fleet_run / "clients.csv")))
     assert len(rows) == 10 and {r["clock"] for r in rows} == {"simulated"}
@@ -59,15 +59,15 @@ def test_the_clock_is_the_fleets_and_the_deadline_drops_the_slow(fleet_run, late
         expected = model.phases(device, r["network"], steps=2, rank=int(r["lora_rank"]), prune=0.0,
                                 bytes_down=int(r["payload_down_bytes"]), bytes_up=int(r["payload_up_bytes"]))
         assert float(r["e2e_s"]) == pytest.approx(expected["e2e_s"], rel=1e-6)
-        # a Pi needs 3 + 2 x (1.5 + 0.05 x 8) = 6.8 s of training: in time; none is late at a 20 s deadline
+        # a Pi trains 3 + 2 x (1.5 + 0.05 x 8) = 6.8 s (class cpu: rank 8): in time at a 20 s deadline (unit tests drop late ones)
         assert r["status"] == "ok"
     metrics = list(csv.DictReader(open(fleet_run / "metrics.csv")))
     rounds = list(csv.DictReader(open(fleet_run / "rounds.csv")))
     for r in rounds:  # the slowest participant plus the server's measured part
         slowest = max(float(c["e2e_s"]) for c in rows if c["round"] == r["round"])
         server = float(r["configure_s"]) + float(r["aggregation_s"])
-        assert float(r["round_s"]) == pytest.approx(slowest + server, rel=1e-6)
-    assert float(metrics[-1]["elapsed_s"]) == pytest.approx(sum(float(r["round_s"]) for r in rounds), rel=1e-6)
+        assert float(r["round_s"]) == pytest.approx(slowest + server, abs=1e-3)
+    assert float(metrics[-1]["elapsed_s"]) == pytest.approx(sum(float(r["round_s"]) for r in rounds), abs=1e-3)
 
 
 def test_the_report_reads_a_simulated_run(fleet_run):
@@ -87,7 +87,7 @@ def test_a_round_no_node_served_fails_the_run(tmp_path, flower_programs, tiny_be
     code, run_dir = _run(LocalDeployment(nodes, workdir=tmp_path / "_deploy"), overrides, tmp_path, tmp_path / "_deploy", 300)
     assert code == 1
     err = capsys.readouterr().err
-    assert "RoundFailed: round 1: 0 of 2 nodes replied without an error, fewer than strategy.min-replies = 1" in err
+    assert "RoundFailedError: round 1: 0 of 2 nodes replied without an error, fewer than strategy.min-replies = 1" in err
     assert "2 nodes" in err and "set_num_threads expects a positive integer" in err
     clients = list(csv.DictReader(open(run_dir / "clients.csv")))
     assert [(r["round"], r["status"]) for r in clients] == [("1", "error"), ("1", "error")]  # booked; round 2 never ran

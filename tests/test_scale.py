@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message
 
-from server_app.quorum import Quorum, RoundFailed, check_quorum, failure_summary
+from server_app.quorum import Quorum, RoundFailedError, check_quorum, failure_summary
 from stamen import keys
 from stamen.config import ConfigError
 from strategies.fedit import FedIT
@@ -36,7 +36,7 @@ def test_a_round_whose_every_reply_is_an_error_fails_naming_the_errors(flower_id
         Message(Error(code=0, reason="Traceback ...\nConfigError: no data partition"), reply_to=msgs[1]),
         Message(Error(code=0, reason="Traceback ...\nConfigError: no data partition"), reply_to=msgs[2]),
     ]  # node 3 never answers
-    with pytest.raises(RoundFailed) as err:
+    with pytest.raises(RoundFailedError) as err:
         wrapped.aggregate_train(1, replies)
     text = str(err.value)
     assert "round 1: 0 of 3 nodes replied without an error" in text and "strategy.min-replies = 1" in text
@@ -55,7 +55,7 @@ def test_fewer_good_replies_than_the_minimum_fail_and_enough_pass(flower_identit
         ok, _ = good_reply(msgs[1], rank=2, n=10, seed=1)
         errs = [Message(Error(code=0, reason="boom"), reply_to=msgs[n]) for n in (2, 3)]
         if fails:
-            with pytest.raises(RoundFailed, match="1 of 3 nodes replied without an error, fewer than strategy.min-replies = 2"):
+            with pytest.raises(RoundFailedError, match="1 of 3 nodes replied without an error, fewer than strategy.min-replies = 2"):
                 wrapped.aggregate_train(1, [ok, *errs])
         else:
             new, metrics = wrapped.aggregate_train(1, [ok, *errs])
