@@ -122,7 +122,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     workdir = output / "_deploy" / time.strftime("%Y%m%d-%H%M%S")
     # every virtual node is there from the start; a round samples strategy.fraction-train of them
     sampled = min(args.nodes, max(cfg.strategy.min_nodes, math.ceil(args.nodes * cfg.strategy.fraction_train)))
-    overrides = merge_overrides([*items, f'output.dir="{output}" strategy.min-nodes={sampled}'])
+    # the profile query runs a ClientApp per virtual node, about 0.25 s each per Ray worker on
+    # this machine: 1,000 nodes need longer than the default 120 s (it returns when all answered)
+    query = max(cfg.strategy.query_timeout, float(args.nodes))
+    overrides = merge_overrides([*items, f'output.dir="{output}" strategy.min-nodes={sampled} strategy.query-timeout={query}'])
     print(f"[stamen] starting flower-superlink --simulation with {args.nodes} virtual SuperNodes, {sampled} per round", flush=True)
     print(f"[stamen] process logs: {workdir}", flush=True)
     deployment = SimulationDeployment(args.nodes, workdir=workdir, client_cpus=args.client_cpus)

@@ -29,7 +29,11 @@ def simulated_clock(cfg: StamenConfig, profiles: Mapping[int, Mapping]) -> Simul
         log(ERROR, "simulation.latency-model: %s", err)
         raise ConfigError(f"simulation.latency-model: {err}") from None
     if len(profiles) != fleet.size:
-        raise ConfigError(f"simulation.fleet has {fleet.size} nodes, the federation {len(profiles)}: make them equal")
+        raise ConfigError(
+            f"simulation.fleet has {fleet.size} nodes and {len(profiles)} sent a profile within strategy.query-timeout = "
+            f"{cfg.strategy.query_timeout:g} s: make the federation the fleet's size (stamen simulate --fleet does), or raise "
+            "the timeout (a simulated node answers in about 0.25 s, one at a time per Ray worker)"
+        )
     log(INFO, "simulated clock: %s, deadline %g s (model %s)",
         ", ".join(f"{n} x {d}@{net}" for d, net, n in fleet.groups), cfg.strategy.round_timeout, sim.latency_model)
     return clock
