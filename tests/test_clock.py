@@ -95,3 +95,15 @@ def test_the_simulated_time_goes_on_after_a_resume(flower_identity, fake_grid):
     stored = json.loads(json.dumps(checkpoint.encode(clock.state_dict(), arrays)))  # as checkpoint.json holds it
     again.load_state_dict(checkpoint.decode(stored, arrays), node=lambda n: n)
     assert again.elapsed() == pytest.approx(clock.elapsed()) and again.elapsed() > 0.5
+
+
+def test_strategies_that_read_measured_times_read_the_simulated_ones(flower_identity, fake_grid):
+    """FedSpine's reward takes ``round_times`` from the measurement session: on a simulated
+    clock, those are the clock's (in-time nodes only), not the host's."""
+    from measurements.session import MeasurementSession
+
+    clock, strategy, _ = clocked(deadline=5.0)
+    play_round(strategy, fake_grid)
+    session = MeasurementSession(None, run_id=1, enabled=False)
+    session.clock = clock
+    assert session.round_times(1) == clock.times(1) and set(session.round_times(1)) == {2, 3}
