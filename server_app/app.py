@@ -19,7 +19,7 @@ from strategies.lora_records import from_record, to_record
 from . import checkpoint
 from .early_exit import EarlyExitFamily
 from .family import Family, LoRAFamily
-from .fleet import simulated_clock
+from .fleet import host_wait, simulated_clock
 from .grid import PolledGrid
 from .privacy import write_privacy
 from .profiles import check_partitions, leave_out, query_profiles
@@ -89,6 +89,9 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     clock = simulated_clock(cfg, profiles)  # a simulated fleet's clock, or None (measurements/clock.py)
     measurements.clock = clock
     algorithm = family.strategy(profiles)  # a node whose config gives no valid rank or depth is left out
+    wait = cfg.strategy.round_timeout  # how long the host waits for a round's replies (and the messages' TTL)
+    if clock is not None:  # the deadline is the simulated clock's: the host's own wait must not cut a round short
+        algorithm.message_ttl = wait = host_wait(cfg)
     leave_out(algorithm, failed)
     write_profiles(run, profiles, failed, algorithm)
 
@@ -126,7 +129,7 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
         grid,
         to_record(initial),
         num_rounds=cfg.strategy.num_rounds - done,
-        timeout=cfg.strategy.round_timeout,
+        timeout=wait,
         # local DP: every node continues its privacy ledger of the run directory's first run
         train_config=ConfigRecord({keys.LEDGER_RUN: run.path.name}),
         evaluate_fn=strategy.evaluation(after_round),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from logging import ERROR, INFO
 
+from flwr.app.constants import DEFAULT_TTL
 from flwr.supercore import log
 
 from measurements.clock import Fleet, SimulatedClock
@@ -37,3 +38,11 @@ def simulated_clock(cfg: StamenConfig, profiles: Mapping[int, Mapping]) -> Simul
     log(INFO, "simulated clock: %s, deadline %g s (model %s)",
         ", ".join(f"{n} x {d}@{net}" for d, net, n in fleet.groups), cfg.strategy.round_timeout, sim.latency_model)
     return clock
+
+
+def host_wait(cfg: StamenConfig) -> float:
+    """On a simulated clock, ``strategy.round-timeout`` is the fleet's deadline in simulated
+    seconds, which have nothing to do with how long this host takes to train a round of a
+    thousand nodes. The host waits for every reply (up to Flower's default message TTL, 12
+    hours) and the clock decides who was late."""
+    return max(cfg.strategy.round_timeout, float(DEFAULT_TTL))
