@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 def test_two_rounds(tmp_path, name, ranks, flower_programs):
     overrides = (
         f'strategy.name="{name}" lora.rank-by-partition="{ranks}" strategy.num-rounds=2 train.local-steps=3 '
-        "train.batch-size=4 model.max-seq-len=32 eval.max-examples=32 data.test-fraction=0.1 measure.enabled=false"
+        "train.batch-size=4 model.max-seq-len=32 eval.max-examples=32 data.test-fraction=0.1 measure.enabled=false "
+        "simulation.keep-global=true"  # two nodes: they keep the weights, as devices do (docs/scale.md)
     )
     assert main(["simulate", "--nodes", "2", "--output", str(tmp_path), "--run-config", overrides, "--timeout", "600"]) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name != "_deploy"]
