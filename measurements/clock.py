@@ -23,7 +23,7 @@ What stays measured on this host: the server's time to build messages and aggreg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -167,11 +167,12 @@ class SimulatedClock:
 class ClockedStrategy(StrategyWrapper):
     """``strategy`` on the simulated clock: after each round's replies are in, the clock
     times them and a reply later than the deadline is hidden from ``strategy`` (which
-    drops the node as late). Wraps the timed strategy, so clients.csv records every reply."""
+    drops the node as late). ``on_hidden(replies)`` still gets those replies, so that what
+    their nodes measured (the telemetry they carry) is not lost with them."""
 
-    def __init__(self, strategy: Strategy, clock: SimulatedClock) -> None:
+    def __init__(self, strategy: Strategy, clock: SimulatedClock, *, on_hidden: Callable[[list[Message]], None] | None = None) -> None:
         super().__init__(strategy)
-        self.clock = clock
+        self.clock, self.on_hidden = clock, on_hidden
         self._sent: dict[int, dict[int, tuple[int, float, int]]] = {}
 
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -186,4 +187,6 @@ class ClockedStrategy(StrategyWrapper):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         late = self.clock.time_round(server_round, self._sent.pop(server_round, {}), replies)
+        if late and self.on_hidden is not None:
+            self.on_hidden([m for m in replies if int(m.metadata.src_node_id) in late])
         return self.strategy.aggregate_train(server_round, [m for m in replies if int(m.metadata.src_node_id) not in late])

@@ -121,7 +121,9 @@ def _run(grid: Grid, cfg: StamenConfig, split, family: Family, run: RunDirectory
     # a round too few nodes served stops the run (server_app/quorum.py); on a simulated
     # clock, a reply after the deadline counts as none (measurements/clock.py)
     served = Quorum(timed, min_replies=cfg.strategy.min_replies)
-    strategy = RoundOffset(ClockedStrategy(served, clock) if clock is not None else served, offset=done)
+    if clock is not None:  # (a late reply's telemetry is still the node's measurement: clients.csv keeps it)
+        served = ClockedStrategy(served, clock, on_hidden=measurements.take_replies)
+    strategy = RoundOffset(served, offset=done)
     after_round = checkpoints.after(evaluate)
     if cfg.checkpoint.export_every_round:
         after_round = export_after(after_round, family, run, checkpoints, label_names)

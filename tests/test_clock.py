@@ -37,11 +37,11 @@ def test_the_fleet_spec_places_nodes_by_partition_id():
         Fleet.parse("toaster=1", default_network="wifi").check(MODEL)
 
 
-def clocked(deadline, fleet="pi=1 gpu=1 gpu@5g=1"):
+def clocked(deadline, fleet="pi=1 gpu=1 gpu@5g=1", on_hidden=None):
     clock = SimulatedClock(MODEL, Fleet.parse(fleet, default_network="wifi"), steps=10, deadline=deadline)
     clock.assign({1: {keys.NODE_PARTITION_ID: 0}, 2: {keys.NODE_PARTITION_ID: 1}, 3: {keys.NODE_PARTITION_ID: 2}})
     flora = FLoRA(node_ranks={}, default_rank=2, lora_alpha=8.0, min_nodes=1)
-    return clock, ClockedStrategy(flora, clock), flora
+    return clock, ClockedStrategy(flora, clock, on_hidden=on_hidden), flora
 
 
 def play_round(strategy, fake_grid):
@@ -68,9 +68,11 @@ def test_a_round_lasts_as_long_as_its_slowest_participant(flower_identity, fake_
 
 
 def test_the_deadline_drops_late_nodes_and_cuts_the_round(flower_identity, fake_grid):
-    clock, strategy, flora = clocked(deadline=5.0)  # the Pi's 14 s is late; both GPUs are in time
+    hidden = []
+    clock, strategy, flora = clocked(deadline=5.0, on_hidden=hidden.extend)  # the Pi's 14 s is late; both GPUs are in time
     _, _, (new, metrics) = play_round(strategy, fake_grid)
     assert metrics["num-clients"] == 2
+    assert [m.metadata.src_node_id for m in hidden] == [1]  # its telemetry is still read (clients.csv keeps its measurements)
     assert flora.rounds[-1].dropped == {1: "no reply before the round timeout"}  # as a real run drops it
     assert set(clock.times(1)) == {2, 3}  # FedSpine's reward sees the in-time nodes only
     assert clock.round_s(1, server_s=0.25, cut=True) == pytest.approx(5.0 + 0.25)  # waited for the deadline
