@@ -1,7 +1,7 @@
 #!/bin/sh
 # The fleet study: FLoRA, HetLoRA and FlexLoRA on a 1,000-client simulated fleet, on the simulated
 # clock of deploy/latency-model.json; then the table (time to 80% accuracy) and the figure.
-# About 6 minutes per strategy on 2 cores.
+# About 9 minutes per strategy on 2 cores (the profile query of 1,000 virtual nodes takes 2 of them).
 #   sh conf/fleet-study/run.sh [OUTPUT_DIR]        (default runs/fleet-study)
 set -eu
 out=${1:-runs/fleet-study}
