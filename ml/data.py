@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stamen.config import ConfigError
+from stamen.config import PARTITIONERS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -94,9 +94,6 @@ def train_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
-
-
-PARTITIONERS = ("dirichlet", "iid")
 
 
 def partition_rows(

@@ -20,6 +20,7 @@ EARLY_EXIT_STRATEGIES = ("reefl", "depthfl", "inclusivefl", "exclusivefl")
 STRATEGIES = LORA_STRATEGIES + EARLY_EXIT_STRATEGIES
 TASKS = ("text-classification", "causal-lm", "image-classification")
 DATASETS = ("bbc-news", "digits")
+PARTITIONERS = ("dirichlet", "iid")  # flwr-datasets partitioners of the training split (ml/data.py)
 DATA_TASKS = {"bbc-news": ("text-classification", "causal-lm"), "digits": ("image-classification",)}
 DEVICE_CLASSES = ("raspberry-pi", "jetson", "nvidia-gpu", "cpu")
 
@@ -292,7 +293,7 @@ class StamenConfig:
                 dirichlet_alpha=r.number("data.dirichlet-alpha", low=0.0, low_open=True),
                 test_fraction=r.number("data.test-fraction", low=0.0, high=1.0, low_open=True, high_open=True),
                 seed=r.integer("data.seed", minimum=0),
-                partitioner=r.choice("data.partitioner", ("dirichlet", "iid")),
+                partitioner=r.choice("data.partitioner", PARTITIONERS),
                 min_partition_size=r.integer("data.min-partition-size", minimum=1),
             ),
             eval=EvalConfig(
