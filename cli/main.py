@@ -342,10 +342,11 @@ def _check_emulation(args: argparse.Namespace, nodes) -> None:
         model = LatencyModel.load(args.emulate_compute)
     except LatencyModelError as err:
         raise ValueError(str(err)) from None
-    missing = sorted({n.device.name for n in nodes} - set(model.devices))
-    if missing:
-        raise ValueError(f"--emulate-compute {args.emulate_compute}: no calibrated time for {', '.join(missing)} "
-                         f"(it has {', '.join(sorted(model.devices))}); calibrate from runs with those devices")
+    try:
+        for name in sorted({n.device.name for n in nodes}):
+            model.device(name)
+    except LatencyModelError as err:
+        raise ValueError(f"--emulate-compute {args.emulate_compute}: {err}; calibrate from runs with that device") from None
 
 
 def _testbed_deployment(args: argparse.Namespace, nodes, workdir: Path):

@@ -41,12 +41,9 @@ def emulated_train_s(node_config: Mapping, instruction: Mapping, local_steps: in
     path = node_config.get(keys.NODE_LATENCY_MODEL)
     if not path:
         raise ValueError(f"node-config {keys.NODE_EMULATE_DEVICE}={device!r} needs {keys.NODE_LATENCY_MODEL}=<a stamen calibrate file>")
-    model = _model(str(path))
-    if device not in model.devices:
-        raise ValueError(f"node-config {keys.NODE_EMULATE_DEVICE}={device!r}: not in {path} (it has {', '.join(sorted(model.devices))})")
     rank = float(instruction.get(keys.LORA_RANK, 0))
     prune = float(instruction.get(keys.PRUNE_RATIO, 0.0))
-    return model.devices[str(device)].train_s(local_steps, rank, prune, strategy)
+    return _model(str(path)).device(str(device)).train_s(local_steps, rank, prune, strategy)  # LatencyModelError names the devices it has
 
 
 @contextmanager

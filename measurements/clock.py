@@ -73,11 +73,12 @@ class Fleet:
 
     def check(self, model: LatencyModel) -> None:
         """Every device and network of the fleet is in the model."""
-        for device, network, _ in self.groups:
-            if device not in model.devices:
-                raise LatencyModelError(f"fleet device {device!r} is not in the latency model (it has {', '.join(sorted(model.devices))})")
-            if network not in model.down:
-                raise LatencyModelError(f"fleet network {network!r} is not in the latency model (it has {', '.join(sorted(model.down))})")
+        try:
+            for device, network, _ in self.groups:
+                model.device(device)
+                model.link(network)
+        except LatencyModelError as err:
+            raise LatencyModelError(f"fleet {err}") from None
 
 
 @dataclass

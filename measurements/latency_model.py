@@ -90,18 +90,26 @@ class LatencyModel:
     fitted_from: list[str] = field(default_factory=list)
     error: dict[str, float] = field(default_factory=dict)  # phase -> median absolute relative error on the fitting rows
 
+    def device(self, name: str) -> DeviceModel:
+        """The device's part of the model; LatencyModelError naming the devices it has."""
+        if name not in self.devices:
+            raise LatencyModelError(f"device {name!r} is not in the latency model (it has {', '.join(sorted(self.devices))})")
+        return self.devices[name]
+
+    def link(self, network: str) -> tuple[LinkModel, LinkModel]:
+        """(down, up) of the network; LatencyModelError naming the networks it has."""
+        if network not in self.down or network not in self.up:
+            raise LatencyModelError(f"network {network!r} is not in the latency model (it has {', '.join(sorted(self.down))})")
+        return self.down[network], self.up[network]
+
     def phases(self, device: str, network: str, *, steps: int, rank: float, prune: float, bytes_down: float,
                bytes_up: float, strategy: str = "") -> dict[str, float]:
         """The predicted seconds of each phase of one client-round, and ``e2e_s`` (their sum)."""
-        if device not in self.devices:
-            raise LatencyModelError(f"device {device!r} is not in the latency model (it knows {', '.join(sorted(self.devices))})")
-        if network not in self.down or network not in self.up:
-            raise LatencyModelError(f"network {network!r} is not in the latency model (it knows {', '.join(sorted(self.down))})")
-        d = self.devices[device]
+        d, (down, up) = self.device(device), self.link(network)
         out = {
-            "downlink_s": max(0.0, self.down[network].transfer_s(bytes_down) + d.downlink_extra_s),
+            "downlink_s": max(0.0, down.transfer_s(bytes_down) + d.downlink_extra_s),
             "train_s": d.train_s(steps, rank, prune, strategy),
-            "uplink_s": max(0.0, self.up[network].transfer_s(bytes_up) + d.uplink_extra_s),
+            "uplink_s": max(0.0, up.transfer_s(bytes_up) + d.uplink_extra_s),
             "wait_s": d.wait_s,
         }
         out["e2e_s"] = sum(out[p] for p in PHASES)
